@@ -1,0 +1,72 @@
+"""Server settings, read from CONDENSER_* environment variables (and a .env file).
+
+The embedded default needs no server: SQLite in WAL mode, kombu's filesystem transport as the
+Celery broker and files under a local data directory. Point CONDENSER_DATABASE_URL at PostgreSQL
+and CONDENSER_BROKER_URL at Redis and the same code runs distributed.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONDENSER_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Path(".condenser")
+    database_url: str = ""
+    broker_url: str = ""
+
+    max_upload_bytes: int = Field(default=1 << 30, gt=0)
+    # Archives are unpacked with these bounds so that a bomb is refused before it fills memory or disk.
+    max_archive_entries: int = Field(default=200_000, gt=0)
+    max_unpacked_bytes: int = Field(default=4 << 30, gt=0)
+    max_compression_ratio: int = Field(default=200, gt=0)
+    max_image_pixels: int = Field(default=4096 * 4096, gt=0)
+
+    max_attempts: int = Field(default=3, ge=1)
+    lease_seconds: int = Field(default=60, ge=2)
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    reaper_interval_seconds: float = Field(default=15.0, gt=0)
+    soft_time_limit_seconds: int = Field(default=6 * 3600, gt=0)
+    hard_time_limit_seconds: int = Field(default=6 * 3600 + 300, gt=0)
+    # Model validation runs in a short-lived child process so that the API never imports torch.
+    model_validation_timeout_seconds: float = Field(default=120.0, gt=0)
+
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> Settings:
+        if self.hard_time_limit_seconds <= self.soft_time_limit_seconds:
+            raise ValueError("hard_time_limit_seconds must be above soft_time_limit_seconds")
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'condenser.db').resolve()}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        return self
+
+    @property
+    def broker_folder(self) -> Path:
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def storage_dir(self) -> Path:
+        return (self.data_dir / "storage").resolve()
+
+    @property
+    def is_embedded_broker(self) -> bool:
+        return self.broker_url.startswith("filesystem://")
+
+    @property
+    def visibility_timeout_seconds(self) -> int:
+        # Above the hard limit, or Redis would redeliver a job that is still legitimately running.
+        return self.hard_time_limit_seconds + 600
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
