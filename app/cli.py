@@ -1,0 +1,142 @@
+"""The `condenser` command: run the service, manage keys, run the demo.
+
+Importing this module must stay cheap and torch-free; commands import what they need.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="condenser: distill, prune and quantize PyTorch vision models over HTTP.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+keys_app = typer.Typer(help="Manage API keys (run on the server: writes to its database).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@app.command()
+def migrate() -> None:
+    """Run the database migrations to head."""
+    from app.config import get_settings
+    from app.db.migrate import upgrade_to_head
+
+    upgrade_to_head(get_settings().database_url)
+    typer.echo("database at head")
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="Jobs at once on this host (one per GPU).")] = 1,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Start a Celery worker alone (more hosts, more GPUs)."""
+    from worker.celery_app import QUEUE
+    from worker.tasks import celery_app
+
+    celery_app.worker_main([
+        "worker", "--pool=prefork", f"--concurrency={concurrency}", f"--queues={QUEUE}",
+        f"--loglevel={loglevel}", f"--hostname=condenser-{os.getpid()}@{socket.gethostname()}",
+        # Gossip and mingle only slow the start down; the database coordinates workers.
+        "--without-gossip", "--without-mingle",
+    ])
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind the API to.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the API.")] = 8000,
+    concurrency: Annotated[int, typer.Option(help="Worker processes to start; 0 for none.")] = 1,
+) -> None:
+    """Start the API and a Celery worker process (the embedded default needs no other server)."""
+    import uvicorn
+
+    from app.config import get_settings
+    from app.db.migrate import upgrade_to_head
+
+    upgrade_to_head(get_settings().database_url)
+    worker_process = _start_worker(concurrency) if concurrency > 0 else None
+    try:
+        uvicorn.run("app.main:app", host=host, port=port, log_level="warning")
+    finally:
+        if worker_process is not None:
+            _stop_worker(worker_process)
+
+
+def _start_worker(concurrency: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "app.cli", "worker", f"--concurrency={concurrency}",
+                             "--loglevel=WARNING"])
+
+
+def _stop_worker(process: subprocess.Popen[bytes]) -> None:
+    # SIGTERM: a running job checkpoints and is requeued for the next start.
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@keys_app.command("create")
+def keys_create(tenant: Annotated[str, typer.Option(help="The tenant that owns what this key creates.")]) -> None:
+    """Create a key and print it once; only its hash is stored."""
+    from app.auth.service import create_key
+    from app.config import get_settings
+    from app.db.migrate import upgrade_to_head
+    from app.db.session import session_scope
+
+    upgrade_to_head(get_settings().database_url)
+    with session_scope() as session:
+        _, plaintext = create_key(session, tenant)
+    typer.echo(plaintext)
+
+
+@keys_app.command("list")
+def keys_list(tenant: Annotated[str, typer.Option(help="Tenant whose keys to list.")]) -> None:
+    """List a tenant's keys by prefix."""
+    from app.auth.service import list_keys
+    from app.db.session import session_scope
+
+    with session_scope() as session:
+        for key in list_keys(session, tenant):
+            state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
+            typer.echo(f"{key.prefix}  {key.created_at:%Y-%m-%d %H:%M}  {state}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    tenant: Annotated[str, typer.Option(help="Tenant that owns the key.")],
+    prefix: Annotated[str, typer.Argument(help="The key's prefix, as `keys list` shows it.")],
+) -> None:
+    """Revoke a key; requests with it fail at once."""
+    from app.auth.service import revoke_key
+    from app.db.session import session_scope
+
+    with session_scope() as session:
+        revoke_key(session, tenant, prefix)
+    typer.echo(f"revoked {prefix}")
+
+
+@app.command()
+def demo(
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object last.")] = False,
+    url: Annotated[str | None, typer.Option(help="Use a running server instead of starting one.")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="CONDENSER_API_KEY", help="Key for --url.")] = None,
+) -> None:
+    """Train a teacher on digits, distill it through the HTTP API, download and check the student."""
+    from app.demo import run_demo
+
+    raise typer.Exit(run_demo(json_output=json_output, url=url, api_key=api_key))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

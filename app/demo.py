@@ -1,0 +1,208 @@
+"""`condenser demo`: the whole service, end to end, as a new user would drive it.
+
+Trains a teacher on the built-in digits (or reuses the one it saved), starts the embedded server
+(unless --url is given), uploads the teacher over HTTP, distills, downloads the student, checks its
+sha256, loads it with plain torch + safetensors and measures it on the held-out split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from app.client import Client
+from app.config import get_settings
+
+
+def run_demo(json_output: bool, url: str | None, api_key: str | None) -> int:
+    console = Console(stderr=True)
+    demo_dir = get_settings().data_dir.resolve() / "demo"
+    teacher_path, teacher_spec = _teacher(demo_dir, console)
+    with _server(url, api_key, console) as (base_url, key), Client(base_url, key) as client:
+        model = client.upload_model(teacher_path, teacher_spec, name="digits-teacher")
+        console.print(f"uploaded teacher {model['id']} ({model['param_count']:,} parameters)")
+        job = client.submit(_job_spec(model["id"]))
+        console.print(f"submitted {job['id']}")
+        job = _wait_with_bar(client, job["id"], console)
+        if job["status"] != "succeeded":
+            console.print(f"[red]job {job['status']}: {job.get('error')}[/red]")
+            return 1
+        result = _download_and_check(client, job, demo_dir / "downloads" / job["id"], console)
+    _report(result, json_output, console)
+    return 0
+
+
+def _job_spec(teacher_id: str) -> dict[str, Any]:
+    from worker.engine.recipes import DIGITS_DISTILLATION, DIGITS_STUDENT
+
+    return {"kind": "distill", "teacher": teacher_id, "dataset": "digits",
+            "student": DIGITS_STUDENT.model_dump(), **DIGITS_DISTILLATION.model_dump()}
+
+
+def _teacher(demo_dir: Path, console: Console) -> tuple[Path, dict[str, Any]]:
+    """Train the demo teacher once and keep it; a second demo reuses it."""
+    from worker.engine import export
+    from worker.engine.recipes import DIGITS_TEACHER, train_digits_teacher
+
+    weights = demo_dir / "teacher.safetensors"
+    spec = DIGITS_TEACHER.model_dump(mode="json")
+    if weights.exists():
+        console.print(f"reusing the teacher in {weights}")
+        return weights, spec
+    console.print(f"training a {DIGITS_TEACHER.arch} teacher on digits (once; it is kept in {demo_dir})")
+    teacher, accuracy = train_digits_teacher()
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    export.save_safetensors(teacher, weights)
+    console.print(f"teacher trained: held-out accuracy {accuracy:.4f}")
+    return weights, spec
+
+
+@contextmanager
+def _server(url: str | None, api_key: str | None, console: Console) -> Iterator[tuple[str, str]]:
+    if url:
+        if not api_key:
+            raise SystemExit("--url needs --api-key (or CONDENSER_API_KEY)")
+        yield url, api_key
+        return
+    from app.auth.service import create_key
+    from app.db.migrate import upgrade_to_head
+    from app.db.session import session_scope
+
+    upgrade_to_head(get_settings().database_url)
+    with session_scope() as session:
+        _, key = create_key(session, "demo")
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", f"--port={port}"], env=os.environ.copy())
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(base_url, process)
+        console.print(f"embedded server up at {base_url} (SQLite + filesystem broker + a Celery worker)")
+        yield base_url, key
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(base_url: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with code {process.returncode}")
+        try:
+            if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the server did not answer on {base_url} within {timeout} s")
+
+
+def _wait_with_bar(client: Client, job_id: str, console: Console) -> dict[str, Any]:
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("queued", total=None, detail="")
+
+        def show(job: dict[str, Any]) -> None:
+            progress = job.get("progress") or {}
+            detail = ""
+            if progress.get("epoch") is not None:
+                detail = f"epoch {progress['epoch']}/{progress.get('epochs')}"
+            if progress.get("val_accuracy") is not None:
+                detail += f"  val acc {progress['val_accuracy']:.3f}"
+            bar.update(task, description=f"{job['status']}: {progress.get('stage', '')}",
+                       completed=progress.get("step") or 0, total=progress.get("total_steps"), detail=detail)
+
+        return client.wait(job_id, on_progress=show)
+
+
+def _download_and_check(client: Client, job: dict[str, Any], folder: Path, console: Console) -> dict[str, Any]:
+    """Download every artifact, verify its sha256, load the student without condenser and test it."""
+    import torch
+    from safetensors.torch import load_file
+
+    from worker.engine.data import load_builtin, stratified_split, to_model_input
+    from worker.engine.recipes import DIGITS_DISTILLATION, DIGITS_TEACHER
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    hashes: dict[str, str] = {}
+    for artifact in job["artifacts"]:
+        path = folder / artifact["filename"]
+        hashes[artifact["kind"]] = client.download(artifact["id"], path)
+        if hashes[artifact["kind"]] != artifact["sha256"]:
+            raise SystemExit(f"{artifact['filename']}: sha256 differs from the artifact record")
+        paths[artifact["kind"]] = path
+    scripted = torch.jit.load(str(paths["student_torchscript"]), map_location="cpu").eval()
+    weights = load_file(paths["student_safetensors"])
+    scripted_state = scripted.state_dict()
+    if any(not torch.equal(weights[name], scripted_state[name]) for name in weights):
+        raise SystemExit("the safetensors weights differ from the TorchScript student")
+    digits = load_builtin("digits")
+    _, val_idx = stratified_split(digits.y, DIGITS_DISTILLATION.val_fraction, DIGITS_DISTILLATION.seed)
+    x_val = to_model_input(digits.x[val_idx], DIGITS_TEACHER.input)
+    with torch.inference_mode():
+        predictions = scripted(x_val).argmax(1).numpy()
+    downloaded_accuracy = float((predictions == digits.y[val_idx]).mean())
+    console.print(f"downloaded {len(paths)} artifacts to {folder}; sha256 verified")
+    metrics = job["metrics"]
+    return {
+        "job_id": job["id"],
+        "teacher_accuracy": metrics["teacher"]["accuracy"],
+        "student_accuracy": metrics["student"]["accuracy"],
+        "downloaded_student_accuracy": downloaded_accuracy,
+        "agreement_with_teacher": metrics["student"]["agreement_with_teacher"],
+        "teacher_params": metrics["teacher"]["param_count"],
+        "student_params": metrics["student"]["param_count"],
+        "teacher_bytes": metrics["teacher"]["file_bytes"],
+        "student_bytes": metrics["student"]["file_bytes"],
+        "teacher_latency_ms": metrics["teacher"]["cpu_latency_ms_batch1"],
+        "student_latency_ms": metrics["student"]["cpu_latency_ms_batch1"],
+        "validation_samples": metrics["validation_samples"],
+        "artifact_sha256": hashes["student_safetensors"],
+        "artifact_path": str(paths["student_safetensors"]),
+        "torchscript_sha256": hashes["student_torchscript"],
+    }
+
+
+def _report(result: dict[str, Any], json_output: bool, console: Console) -> None:
+    table = Table(title=f"condenser demo: {result['job_id']} (held-out digits, n={result['validation_samples']})")
+    for column in ("", "teacher", "student"):
+        table.add_column(column, justify="right")
+    table.add_row("top-1 accuracy", f"{result['teacher_accuracy']:.4f}", f"{result['student_accuracy']:.4f}")
+    table.add_row("parameters", f"{result['teacher_params']:,}", f"{result['student_params']:,}")
+    table.add_row("file size", _size(result["teacher_bytes"]), _size(result["student_bytes"]))
+    table.add_row("CPU latency, batch 1", f"{result['teacher_latency_ms']:.2f} ms",
+                  f"{result['student_latency_ms']:.2f} ms")
+    Console().print(table)
+    print(f"downloaded student (TorchScript) accuracy: {result['downloaded_student_accuracy']:.4f}; "
+          f"agreement with teacher {result['agreement_with_teacher']:.4f}")
+    print(f"artifact sha256 {result['artifact_sha256']}  {result['artifact_path']}")
+    if json_output:
+        print(json.dumps(result))
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 1024:.1f} KiB" if num_bytes < 1 << 20 else f"{num_bytes / (1 << 20):.2f} MiB"

@@ -1,0 +1,202 @@
+"""The job state machine, owned by the database.
+
+queued -> running -> succeeded | failed | canceled, plus canceling. A worker claims a job with one
+conditional UPDATE and holds a lease that it renews; whoever finds a lease expired (the reaper)
+gives the job back or fails it. Every transition writes a job event: who, when, why.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.db.models import Job, JobEvent, utcnow
+from app.errors import Conflict
+
+log = logging.getLogger(__name__)
+
+FINISHED = frozenset({"succeeded", "failed", "canceled"})
+ACTIVE = frozenset({"running", "canceling"})
+
+
+def record_event(session: Session, job: Job, kind: str, actor: str, message: str,
+                 data: dict[str, Any] | None = None) -> JobEvent:
+    event = JobEvent(job_id=job.id, kind=kind, status=job.status, attempt=job.attempt, actor=actor,
+                     message=message, data=data or {})
+    session.add(event)
+    return event
+
+
+def _record(session: Session, job_id: str, kind: str, actor: str, message: str,
+            data: dict[str, Any] | None = None) -> None:
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is not None:
+        record_event(session, job, kind, actor, message, data)
+
+
+# ---- submission side (API) -------------------------------------------------------------------
+
+def request_cancel(session: Session, job: Job, actor: str) -> list[str]:
+    """Cancel a queued job at once; ask a running one to stop. Returns task ids to revoke."""
+    if job.status in FINISHED:
+        raise Conflict(f"job {job.id} already {job.status}; only queued or running jobs can be canceled")
+    if job.status == "queued":
+        job.status = "canceled"
+        job.finished_at = utcnow()
+        record_event(session, job, "state", actor, "canceled before it started")
+    elif job.status == "running":
+        job.status = "canceling"
+        job.cancel_requested = True
+        record_event(session, job, "state", actor, "cancel requested; the worker stops between steps")
+    return [job.id]
+
+
+def revoke_after_commit(task_ids: list[str]) -> None:
+    """Revoke queued deliveries too; a running job stops through the database flag."""
+    from worker.celery_app import get_celery
+
+    try:
+        get_celery().control.revoke(task_ids)
+    except Exception:  # the flag in the database is what stops the job; revoke is best effort
+        log.warning("could not revoke %s: broker unreachable", task_ids, exc_info=True)
+
+
+def dispatch(job_ids: list[str]) -> list[str]:
+    """Send each job's message after its row is committed (outbox). Returns the ids sent.
+
+    A broker outage is not an error here: the job stays queued with enqueued_at NULL and the
+    reaper sends it when the broker is back.
+    """
+    from app.db.session import session_scope
+    from worker.celery_app import RUN_JOB_TASK, get_celery
+
+    sent = []
+    for job_id in job_ids:
+        try:
+            get_celery().send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id,
+                                   retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
+        except Exception:
+            log.warning("broker unreachable; job %s stays in the outbox", job_id, exc_info=True)
+            continue
+        sent.append(job_id)
+    if sent:
+        with session_scope() as session:
+            session.execute(update(Job).where(Job.id.in_(sent)).values(enqueued_at=utcnow()))
+    return sent
+
+
+# ---- worker side ------------------------------------------------------------------------------
+
+def claim(session: Session, job_id: str, owner: str, lease_seconds: int) -> Job | None:
+    """Take the job if it is queued, or running under an expired lease. None: someone else has it."""
+    now = utcnow()
+    claimable = or_(
+        Job.status == "queued",
+        and_(Job.status == "running", Job.lease_expires_at < now),
+    )
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, claimable, Job.attempt < Job.max_attempts)
+        .values(status="running", attempt=Job.attempt + 1, lease_owner=owner,
+                lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return None
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    if job.started_at is None:
+        job.started_at = now
+    record_event(session, job, "state", owner, f"claimed (attempt {job.attempt} of {job.max_attempts})")
+    return job
+
+
+def renew_lease(session: Session, job_id: str, owner: str, lease_seconds: int,
+                progress: dict[str, Any] | None) -> tuple[bool, bool]:
+    """Extend our lease (and store the latest progress). Returns (still ours, cancel requested)."""
+    now = utcnow()
+    values: dict[str, Any] = {"lease_expires_at": now + timedelta(seconds=lease_seconds), "updated_at": now}
+    if progress is not None:
+        values["progress"] = progress
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(ACTIVE))
+        .values(**values).execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return False, False
+    cancel = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+    return True, bool(cancel)
+
+
+def finish(session: Session, job_id: str, owner: str, status: str, message: str,
+           error: str | None = None, metrics: dict[str, Any] | None = None) -> bool:
+    """Move our job to a final state, only while we still hold its lease."""
+    now = utcnow()
+    values: dict[str, Any] = {"status": status, "finished_at": now, "lease_owner": None,
+                              "lease_expires_at": None, "error": error, "updated_at": now}
+    if metrics is not None:
+        values["metrics"] = metrics
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(ACTIVE))
+        .values(**values).execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return False
+    _record(session, job_id, "state", owner, message, {"error": error} if error else None)
+    return True
+
+
+def release(session: Session, job_id: str, owner: str, message: str, refund_attempt: bool) -> bool:
+    """Give our job back to the queue (preemption, retryable error). Send it again after commit."""
+    now = utcnow()
+    values: dict[str, Any] = {"status": "queued", "lease_owner": None, "lease_expires_at": None,
+                              "enqueued_at": None, "updated_at": now}
+    if refund_attempt:
+        # Preemption is not the job's fault: it must not use up the attempt limit.
+        values["attempt"] = Job.attempt - 1
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running")
+        .values(**values).execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return False
+    _record(session, job_id, "state", owner, message)
+    return True
+
+
+def reap(session: Session, actor: str, redispatch_all_queued: bool) -> list[str]:
+    """Requeue jobs whose lease expired, fail those out of attempts, settle abandoned cancels.
+
+    Returns the ids of queued jobs to (re)send: those never sent (outbox), those just requeued,
+    and, when the broker lost its messages, every queued job.
+    """
+    now = utcnow()
+    stale = select(Job).where(Job.status.in_(ACTIVE), Job.lease_expires_at < now)
+    # skip_locked: two reapers (one per worker host) never settle the same job twice.
+    expired = list(session.scalars(stale.with_for_update(skip_locked=True)))
+    for job in expired:
+        _settle_expired(session, job, actor, now)
+    queued = select(Job.id).where(Job.status == "queued")
+    if not redispatch_all_queued:
+        queued = queued.where(Job.enqueued_at.is_(None))
+    return list(session.scalars(queued.order_by(Job.created_at)))
+
+
+def _settle_expired(session: Session, job: Job, actor: str, now: datetime) -> None:
+    reason = f"worker {job.lease_owner} stopped renewing its lease (attempt {job.attempt})"
+    job.lease_owner = None
+    job.lease_expires_at = None
+    if job.status == "canceling":
+        job.status, job.finished_at = "canceled", now
+        record_event(session, job, "state", actor, f"canceled; {reason}")
+    elif job.attempt >= job.max_attempts:
+        job.status, job.finished_at = "failed", now
+        job.error = f"{reason}; gave up after {job.attempt} attempts"
+        record_event(session, job, "state", actor, f"failed: {job.error}")
+    else:
+        job.status, job.enqueued_at = "queued", None
+        record_event(session, job, "state", actor, f"requeued: {reason}")

@@ -1,0 +1,189 @@
+"""Architectures and safe weight loading.
+
+Weights are only ever read as plain tensors (safetensors, or `torch.load(weights_only=True)`), so a
+hostile upload cannot run code; the architecture always comes from a spec, never from the file.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any, Literal
+
+import safetensors.torch
+import torch
+import torchvision
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from torch import nn
+
+from worker.engine.catalog import SMALL_CNN
+from worker.engine.config import ArchSpec, StudentSpec
+from worker.engine.errors import ModelLoadError, SpecError
+
+# Containers that training scripts commonly wrap a state_dict in.
+_NESTING_KEYS = ("state_dict", "model")
+# DistributedDataParallel prefixes every key with this.
+_DDP_PREFIX = "module."
+_KEYS_SHOWN = 3
+
+
+class SmallCNN(nn.Module):
+    """conv3x3-BN-ReLU blocks doubling the width, 2x2 max-pool between them, global average pool."""
+
+    def __init__(
+        self, num_classes: int, width: int = 16, depth: int = 3, in_channels: int = 3, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for index in range(depth):
+            if index > 0:
+                # ceil_mode keeps a 1x1 map at 1x1, so deep variants still run on 8x8 inputs.
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            out_channels = width * 2**index
+            layers += [
+                nn.Conv2d(channels, out_channels, 3, padding=1, bias=False),
+                nn.BatchNorm2d(out_channels),
+                nn.ReLU(inplace=True),
+            ]
+            channels = out_channels
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.features(x)).flatten(1)
+        return self.classifier(self.dropout(x))
+
+
+def build_model(arch: ArchSpec) -> nn.Module:
+    """A freshly initialised model (never pretrained weights: nothing is downloaded)."""
+    try:
+        if arch.arch == SMALL_CNN:
+            kwargs = {"in_channels": arch.input.channels, **arch.kwargs}
+            return SmallCNN(**kwargs)
+        return torchvision.models.get_model(arch.arch, weights=None, **arch.kwargs)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"cannot build {arch.arch} with kwargs {arch.kwargs}: {exc}") from exc
+
+
+def student_arch(student: StudentSpec, teacher: ArchSpec) -> ArchSpec:
+    """The student's full spec: its own architecture, the teacher's input and classes."""
+    declared = student.kwargs.get("num_classes", teacher.num_classes)
+    if declared != teacher.num_classes:
+        raise SpecError(
+            f"the student has num_classes={declared} but the teacher predicts {teacher.num_classes} classes"
+        )
+    try:
+        return ArchSpec(
+            arch=student.arch,
+            kwargs={**student.kwargs, "num_classes": teacher.num_classes},
+            input=teacher.input,
+        )
+    except ValidationError as exc:
+        raise SpecError(f"invalid student spec: {describe_validation_error(exc)}") from exc
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """Pydantic's errors as one short line: 'field.path: message; ...'."""
+    parts = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error["loc"])
+        parts.append(f"{location}: {error['msg']}" if location else error["msg"])
+    return "; ".join(parts)
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """googlenet and inception_v3 return a namedtuple with auxiliary heads in train mode."""
+    return output.logits if hasattr(output, "logits") else output
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def pick_device(preference: str) -> torch.device:
+    if preference == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if preference == "cuda":
+        raise SpecError("device 'cuda' was requested but this worker has no usable GPU; use 'auto' or 'cpu'")
+    return torch.device("cpu")
+
+
+def load_model(path: Path, fmt: Literal["safetensors", "state_dict"], arch: ArchSpec) -> nn.Module:
+    """Build `arch` and load the weights at `path` into it, refusing any mismatch."""
+    state = _read_safetensors(path) if fmt == "safetensors" else _read_state_dict(path)
+    model = build_model(arch)
+    _check_state_matches(model.state_dict(), state, arch)
+    model.load_state_dict(state)
+    return model
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path.name} is not a valid safetensors file: {exc}") from exc
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        loaded = torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, TypeError) as exc:
+        # weights_only refuses anything but tensors and plain containers; its message is pages long.
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"{path.name} is not a valid PyTorch state_dict file (only tensors are accepted, loaded with "
+            f"weights_only=True): {first_line[:300]}"
+        ) from exc
+    return _unwrap_state_dict(loaded, path.name)
+
+
+def _unwrap_state_dict(loaded: object, name: str) -> dict[str, torch.Tensor]:
+    for key in _NESTING_KEYS:
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+    if not isinstance(loaded, dict) or not loaded:
+        raise ModelLoadError(f"{name} does not hold a state_dict (a dict of parameter name to tensor)")
+    not_tensors = [key for key, value in loaded.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise ModelLoadError(f"{name}: entries {not_tensors[:_KEYS_SHOWN]} are not tensors")
+    if all(key.startswith(_DDP_PREFIX) for key in loaded):
+        return {key.removeprefix(_DDP_PREFIX): value for key, value in loaded.items()}
+    return loaded
+
+
+def _check_state_matches(
+    expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], arch: ArchSpec
+) -> None:
+    problems = []
+    missing = [key for key in expected if key not in given]
+    unexpected = [key for key in given if key not in expected]
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({_first(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({_first(unexpected)})")
+    # Every torchvision classifier and SmallCNN registers its output layer last.
+    head_keys = set(list(expected)[-2:])
+    problems += [
+        _shape_problem(key, list(expected[key].shape), list(given[key].shape), arch.num_classes, key in head_keys)
+        for key in expected
+        if key in given and expected[key].shape != given[key].shape
+    ][:_KEYS_SHOWN]
+    if problems:
+        raise ModelLoadError(f"the weights do not match the {arch.arch} spec: " + "; ".join(problems))
+
+
+def _shape_problem(key: str, expected: list[int], given: list[int], num_classes: int, is_head: bool) -> str:
+    if is_head and given and given[0] != num_classes:
+        return f"the spec says num_classes={num_classes} but {key} has shape {given}"
+    return f"{key} has shape {given} but the spec's model expects {expected}"
+
+
+def _first(keys: list[str]) -> str:
+    more = f", ... {len(keys) - _KEYS_SHOWN} more" if len(keys) > _KEYS_SHOWN else ""
+    return ", ".join(keys[:_KEYS_SHOWN]) + more

@@ -1,0 +1,71 @@
+"""The reaper: settles jobs whose worker vanished and (re)sends queued jobs.
+
+It runs in every worker's main process, at start and then every reaper_interval_seconds. Several
+reapers at once are safe: each transition is a conditional UPDATE and a duplicate message is
+dropped by the claim.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+
+from celery import Celery
+
+from app.config import get_settings
+from app.db.session import session_scope
+from app.jobs import lifecycle
+from worker.celery_app import get_celery
+
+log = logging.getLogger(__name__)
+
+# A key the broker keeps for as long as it keeps our messages: if it is gone (Redis restarted
+# without persistence, or flushed), every queued job's message may be gone too.
+BROKER_MARKER = "condenser:broker-marker"
+
+
+def broker_lost_messages(app: Celery) -> bool:
+    with app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1)
+        client = getattr(connection.default_channel, "client", None)
+        if client is None or not hasattr(client, "set"):
+            # The filesystem broker keeps messages on disk; only a killed worker's unacked
+            # message is lost, and its job's lease expiry covers that.
+            return False
+        return bool(client.set(BROKER_MARKER, "1", nx=True))
+
+
+def reap_once() -> list[str]:
+    actor = f"reaper@{socket.gethostname()}"
+    try:
+        redispatch_all = broker_lost_messages(get_celery())
+    except Exception:
+        log.warning("broker unreachable; reaper will retry", exc_info=True)
+        return []
+    if redispatch_all:
+        log.info("broker marker missing: re-sending every queued job")
+    with session_scope() as session:
+        to_send = lifecycle.reap(session, actor, redispatch_all_queued=redispatch_all)
+    return lifecycle.dispatch(to_send) if to_send else []
+
+
+class ReaperThread(threading.Thread):
+    def __init__(self, interval: float) -> None:
+        super().__init__(name="condenser-reaper", daemon=True)
+        self.interval = interval
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                reap_once()
+            except Exception:  # a database outage must not kill the reaper; try again next tick
+                log.warning("reaper pass failed", exc_info=True)
+            self.stopped.wait(self.interval)
+
+
+def start_reaper() -> ReaperThread:
+    thread = ReaperThread(get_settings().reaper_interval_seconds)
+    thread.start()
+    return thread

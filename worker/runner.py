@@ -1,0 +1,223 @@
+"""Runs one job: claim it, train with progress, evaluate and export, publish. Job <-> engine glue.
+
+The engine knows nothing of jobs; this module knows nothing of HTTP. Every outcome ends in exactly
+one lifecycle transition, made only while this process still holds the job's lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from celery.exceptions import SoftTimeLimitExceeded
+
+from app.config import Settings, get_settings
+from app.db.models import Artifact, Dataset, Job, Model
+from app.db.session import session_scope
+from app.jobs import lifecycle
+from app.storage import BlobStore, atomic_write, get_store
+from worker.engine.distill import Progress
+from worker.engine.errors import Canceled, EngineError
+from worker.heartbeat import Heartbeat
+from worker.jobs.distill import run_distill
+from worker.preemption import PREEMPTED
+
+log = logging.getLogger(__name__)
+
+
+class LeaseLost(Exception):
+    """Another worker owns the job now; stop without touching it."""
+
+
+class Preempted(Exception):
+    """SIGTERM or the soft time limit: checkpoint and give the job back."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    path: Path
+    format: str
+    arch: dict[str, Any]
+    input_spec: dict[str, Any]
+    bytes: int
+
+
+@dataclass(frozen=True)
+class JobContext:
+    job_id: str
+    owner: str
+    attempt: int
+    max_attempts: int
+    spec: dict[str, Any]
+    teacher: ModelSource
+    dataset_path: Path | None  # None: the built-in dataset named in spec["dataset"]
+    work_dir: Path
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    kind: str
+    path: Path
+    filename: str
+    media_type: str
+    runtime: str
+
+
+@dataclass
+class JobOutcome:
+    files: list[OutputFile]
+    metrics: dict[str, Any]
+
+
+class Checkpoints:
+    """The job's single checkpoint file, replaced atomically so a crash never leaves half of one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def save(self, state: dict[str, Any]) -> None:
+        atomic_write(self.path, lambda handle: torch.save(state, handle))
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        return torch.load(self.path, weights_only=True, map_location="cpu")
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class JobGuard:
+    """The engine's progress callback: publishes progress, stops the loop when it must."""
+
+    def __init__(self, heartbeat: Heartbeat, checkpoints: Checkpoints, ctx: JobContext) -> None:
+        self.heartbeat = heartbeat
+        self.checkpoints = checkpoints
+        self.ctx = ctx
+
+    def stage(self, name: str) -> None:
+        self.heartbeat.progress = {**(self.heartbeat.progress or {}), "stage": name}
+        self.check()
+
+    def on_progress(self, progress: Progress) -> None:
+        self.heartbeat.progress = asdict(progress)
+        self.check()
+
+    def on_epoch_end(self, state: dict[str, Any]) -> None:
+        self.checkpoints.save(state)
+        latest = state["history"][-1] if state.get("history") else {}
+        with session_scope() as session:
+            job = session.get(Job, self.ctx.job_id)
+            if job is not None:
+                lifecycle.record_event(session, job, "progress", self.ctx.owner,
+                                       f"epoch {state['epoch']} done; checkpoint written", latest)
+
+    def check(self) -> None:
+        if self.heartbeat.cancel_requested.is_set():
+            raise Canceled("canceled by request")
+        if self.heartbeat.lease_lost.is_set():
+            raise LeaseLost(self.ctx.job_id)
+        if PREEMPTED.is_set():
+            raise Preempted("worker shutting down")
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def run(job_id: str) -> None:
+    settings = get_settings()
+    owner = worker_identity()
+    with session_scope() as session:
+        job = lifecycle.claim(session, job_id, owner, settings.lease_seconds)
+        if job is None:
+            log.info("job %s not claimable here (held by a live lease, finished, or out of attempts)", job_id)
+            return
+        ctx = _context(session, job, owner, settings)
+    heartbeat = Heartbeat(job_id, owner, settings.lease_seconds, settings.heartbeat_seconds)
+    heartbeat.start()
+    try:
+        _run_claimed(ctx, heartbeat, settings)
+    finally:
+        heartbeat.stop()
+
+
+def _context(session: Any, job: Job, owner: str, settings: Settings) -> JobContext:
+    store = get_store()
+    teacher = session.get(Model, job.teacher_id)
+    dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
+    return JobContext(
+        job_id=job.id, owner=owner, attempt=job.attempt, max_attempts=job.max_attempts, spec=dict(job.spec),
+        teacher=ModelSource(path=store.path_for(teacher.sha256), format=teacher.format, arch=teacher.arch,
+                            input_spec=teacher.input_spec, bytes=teacher.bytes),
+        dataset_path=store.path_for(dataset.canonical_sha256) if dataset else None,
+        work_dir=settings.data_dir.resolve() / "jobs" / job.id,
+    )
+
+
+def _run_claimed(ctx: JobContext, heartbeat: Heartbeat, settings: Settings) -> None:
+    checkpoints = Checkpoints(ctx.work_dir / "checkpoint.pt")
+    guard = JobGuard(heartbeat, checkpoints, ctx)
+    try:
+        outcome = run_distill(ctx, guard, checkpoints)
+        _publish(ctx, outcome, get_store())
+    except Canceled:
+        _end(ctx, "canceled", "canceled between steps; no artifact published")
+        checkpoints.remove()
+    except (Preempted, SoftTimeLimitExceeded) as stop:
+        _give_back(ctx, f"preempted ({stop or 'soft time limit'}); resumes from its last checkpoint")
+    except LeaseLost:
+        log.warning("job %s: lease lost to another worker; stopping without changes", ctx.job_id)
+    except EngineError as error:
+        # The input cannot work (bad weights, data that does not fit): retrying would not help.
+        _end(ctx, "failed", f"failed: {error}", error=str(error))
+        checkpoints.remove()
+    except Exception as error:
+        log.exception("job %s attempt %d crashed", ctx.job_id, ctx.attempt)
+        _retry_or_fail(ctx, f"{type(error).__name__}: {error}", checkpoints)
+
+
+def _end(ctx: JobContext, status: str, message: str, error: str | None = None) -> None:
+    with session_scope() as session:
+        lifecycle.finish(session, ctx.job_id, ctx.owner, status, message, error=error)
+
+
+def _give_back(ctx: JobContext, message: str) -> None:
+    with session_scope() as session:
+        released = lifecycle.release(session, ctx.job_id, ctx.owner, message, refund_attempt=True)
+    if released:
+        lifecycle.dispatch([ctx.job_id])
+
+
+def _retry_or_fail(ctx: JobContext, reason: str, checkpoints: Checkpoints) -> None:
+    if ctx.attempt >= ctx.max_attempts:
+        _end(ctx, "failed", f"failed after {ctx.attempt} attempts: {reason}", error=reason)
+        checkpoints.remove()
+        return
+    with session_scope() as session:
+        released = lifecycle.release(session, ctx.job_id, ctx.owner, f"attempt {ctx.attempt} crashed: {reason}",
+                                     refund_attempt=False)
+    if released:
+        lifecycle.dispatch([ctx.job_id])
+
+
+def _publish(ctx: JobContext, outcome: JobOutcome, store: BlobStore) -> None:
+    """Store the files, then in one transaction add their rows and mark the job succeeded."""
+    blobs = [(output, store.put_file(output.path)) for output in outcome.files]
+    with session_scope() as session:
+        tenant = session.get(Job, ctx.job_id).tenant
+        for output, blob in blobs:
+            session.add(Artifact(tenant=tenant, job_id=ctx.job_id, kind=output.kind, filename=output.filename,
+                                 media_type=output.media_type, runtime=output.runtime, sha256=blob.sha256,
+                                 bytes=blob.bytes))
+        if not lifecycle.finish(session, ctx.job_id, ctx.owner, "succeeded", "succeeded; artifacts published",
+                                metrics=outcome.metrics):
+            # Someone else owns the job now: roll back so that only one attempt ever publishes.
+            raise LeaseLost(ctx.job_id)
+    Checkpoints(ctx.work_dir / "checkpoint.pt").remove()

@@ -1,0 +1,61 @@
+"""Celery tasks (thin: take an id, hand it to the runner) and the worker's process hooks."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from typing import Any
+
+from celery import signals
+
+from app.db.session import get_engine
+from worker.celery_app import RUN_JOB_TASK, get_celery
+from worker.preemption import PREEMPTED
+
+log = logging.getLogger(__name__)
+celery_app = get_celery()
+_worker: Any = None
+
+
+@celery_app.task(name=RUN_JOB_TASK)
+def run_job(job_id: str) -> None:
+    from worker.runner import run
+
+    run(job_id)
+
+
+@signals.worker_init.connect
+def _preload(sender: Any = None, **_: Any) -> None:
+    global _worker
+    _worker = sender
+    # Import torch once in the parent so each fresh child (one per job) forks with it loaded.
+    # Importing starts no thread pools, so forking afterwards is safe.
+    import worker.runner  # noqa: F401
+
+
+@signals.worker_ready.connect
+def _start_reaper(**_: Any) -> None:
+    from worker.reaper import start_reaper
+
+    start_reaper()
+
+
+@signals.worker_process_init.connect
+def _child_init(**_: Any) -> None:
+    # Connections inherited from the parent must not be shared with it.
+    get_engine().dispose(close=False)
+    # SIGTERM asks the running job to checkpoint and give itself back, not to die mid-write.
+    signal.signal(signal.SIGTERM, lambda *_: PREEMPTED.set())
+
+
+@signals.worker_shutting_down.connect
+def _preempt_children(**_: Any) -> None:
+    """On warm shutdown Celery would wait for hours-long jobs; ask them to checkpoint instead."""
+    if _worker is None or _worker.pool is None:
+        return
+    with contextlib.suppress(Exception):
+        for pid in _worker.pool.info.get("processes", []):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
