@@ -157,12 +157,10 @@ def _unwrap_state_dict(loaded: object, name: str) -> dict[str, torch.Tensor]:
     return loaded
 
 
-def _check_state_matches(
-    expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], arch: ArchSpec
-) -> None:
+def _check_state_matches(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], arch: ArchSpec) -> None:
     problems = []
     missing = [key for key in expected if key not in given]
-    unexpected = [key for key in given if key not in expected]
+    unexpected = sorted(key for key in given if key not in expected)
     if missing:
         problems.append(f"{len(missing)} missing keys ({_first(missing)})")
     if unexpected:

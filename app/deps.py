@@ -1,0 +1,69 @@
+"""Request-scoped dependencies: one database session per request, the caller's identity, settings, store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Header, Response, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from app.auth.service import Principal, authenticate
+from app.config import Settings, get_settings
+from app.db.session import session_scope
+from app.idempotency import REPLAYED_HEADER
+from app.storage import BlobStore, get_store
+
+
+def get_session() -> Iterator[Session]:
+    """The request's unit of work: committed after the handler returns, rolled back if it raises."""
+    with session_scope() as session:
+        yield session
+
+
+# scope="function": commit before the response is sent, so a failed commit is an error response
+# rather than a 201 for a row that does not exist.
+DbSession = Annotated[Session, Depends(get_session, scope="function")]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[BlobStore, Depends(get_store)]
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    bearerFormat="cnd_<prefix>_<secret>",
+    description="An API key created on the server with `condenser keys create --tenant NAME`.",
+)
+
+
+def require_principal(
+    session: DbSession, credentials: HTTPAuthorizationCredentials | None = Security(_bearer)
+) -> Principal:
+    return authenticate(session, credentials.credentials if credentials else None)
+
+
+CurrentPrincipal = Annotated[Principal, Depends(require_principal)]
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=200,
+        description="Any unique string (a UUID). Retrying with the same key and the same request returns the "
+        "first result (with header Idempotent-Replayed: true) instead of creating a second resource; "
+        "the same key with a different request is a 409.",
+        examples=["5f2b7c1e-8d4a-4e0b-9a57-0c6f3e2d1b9a"],
+    ),
+]
+
+
+def release_connection(session: Session) -> None:
+    """End the (read-only) transaction so far and return its pooled connection; the session opens a new
+    one on next use. Called before streaming an upload, which may take minutes."""
+    session.close()
+
+
+def mark_replayed(response: Response, replayed: bool) -> None:
+    if replayed:
+        response.headers[REPLAYED_HEADER] = "true"

@@ -1,0 +1,74 @@
+"""/v1/jobs: submit, list, inspect and cancel compression jobs; list a job's artifacts."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Request, Response, status
+
+from app.artifacts.schemas import ArtifactOut
+from app.artifacts.service import artifacts_of_job
+from app.deps import CurrentPrincipal, DbSession, IdempotencyKey, SettingsDep, mark_replayed
+from app.idempotency import CREATED_RESPONSE
+from app.jobs import service
+from app.jobs.schemas import JobCreate, JobDetail, JobOut, JobPage, JobStatus
+from app.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, PageRequest, next_link
+from app.routing import BoundedBodyRoute
+from app.schemas import error_responses
+
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=BoundedBodyRoute)
+
+
+def _detail(view: service.JobView) -> JobDetail:
+    return JobDetail.build(view.job, [ArtifactOut.from_row(row) for row in view.artifacts], view.events)
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobDetail, summary="Submit a job",
+             responses={**CREATED_RESPONSE, **error_responses(404, 409, 422)})
+def submit_job(body: JobCreate, response: Response, principal: CurrentPrincipal, session: DbSession,
+               settings: SettingsDep, idempotency_key: IdempotencyKey = None) -> JobDetail:
+    """Queue a distillation job: the teacher model's knowledge is distilled into the student architecture
+    on the dataset, with the teacher's input spec.
+
+    Everything is checked before the job is queued: the teacher and dataset exist for this tenant, the
+    student spec is valid, classes agree, and the dataset's images can be brought to the teacher's input.
+    Then poll GET /v1/jobs/{id} for progress, metrics and artifacts.
+    """
+    outcome = service.submit_job(session, principal, body, idempotency_key, settings)
+    mark_replayed(response, outcome.replayed)
+    return _detail(service.describe_job(session, principal.tenant, outcome.resource.id))
+
+
+@router.get("", response_model=JobPage, summary="List jobs", responses=error_responses())
+def list_jobs(
+    request: Request,
+    principal: CurrentPrincipal,
+    session: DbSession,
+    status_filter: JobStatus | None = Query(default=None, alias="status", description="Only jobs in this state."),
+    limit: LimitQuery = DEFAULT_LIMIT,
+    cursor: CursorQuery = None,
+) -> JobPage:
+    """The tenant's jobs, newest first, optionally only those in one state."""
+    rows, next_cursor = service.list_jobs(session, principal.tenant, status_filter, PageRequest(limit, cursor))
+    return JobPage(items=[JobOut.from_row(row) for row in rows], next_cursor=next_cursor,
+                   next=next_link(request, next_cursor))
+
+
+@router.get("/{job_id}", response_model=JobDetail, summary="Get a job", responses=error_responses(404))
+def get_job(job_id: str, principal: CurrentPrincipal, session: DbSession) -> JobDetail:
+    """State, attempt, progress, metrics, error, timestamps, artifacts and the latest events of one job."""
+    return _detail(service.describe_job(session, principal.tenant, job_id))
+
+
+@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobDetail,
+             summary="Cancel a job", responses=error_responses(404, 409))
+def cancel_job(job_id: str, principal: CurrentPrincipal, session: DbSession) -> JobDetail:
+    """A queued job is canceled at once; a running one becomes `canceling` and stops between training steps.
+    409 if the job already finished."""
+    job = service.cancel_job(session, principal, job_id)
+    return _detail(service.describe_job(session, principal.tenant, job.id))
+
+
+@router.get("/{job_id}/artifacts", response_model=list[ArtifactOut], summary="List a job's artifacts",
+            responses=error_responses(404))
+def list_job_artifacts(job_id: str, principal: CurrentPrincipal, session: DbSession) -> list[ArtifactOut]:
+    """The files a job produced (empty until it succeeds)."""
+    return [ArtifactOut.from_row(row) for row in artifacts_of_job(session, principal.tenant, job_id)]

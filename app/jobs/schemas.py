@@ -1,0 +1,126 @@
+"""Schemas of compression jobs: the submission, its state, progress, outputs and history."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.artifacts.schemas import ArtifactOut
+from app.db.models import Job, JobEvent
+from app.schemas import OutModel, Page, UtcDatetime
+from worker.engine.config import BUILTIN_DATASETS, DistillConfig, StudentSpec
+
+JobStatus = Literal["queued", "running", "canceling", "succeeded", "failed", "canceled"]
+
+JOB_EXAMPLE: dict[str, Any] = {
+    "kind": "distill",
+    "teacher": "mdl_4f0c2a9e1b7d3c5a6e8f0b1d",
+    "dataset": "digits",
+    "student": {"arch": "small_cnn", "kwargs": {"width": 8, "depth": 2}},
+    "epochs": 10,
+    "batch_size": 64,
+    "lr": 0.003,
+    "temperature": 4.0,
+    "alpha": 0.9,
+}
+
+
+class JobCreate(DistillConfig):
+    """A distillation job: teacher, data, student architecture, and the training settings (all optional)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={"examples": [JOB_EXAMPLE]})
+
+    kind: Literal["distill"] = Field(default="distill", description="The job type; only 'distill' for now.")
+    teacher: str = Field(min_length=1, max_length=64, description="Id of an uploaded model (mdl_...).",
+                         examples=["mdl_4f0c2a9e1b7d3c5a6e8f0b1d"])
+    dataset: str = Field(
+        min_length=1, max_length=64,
+        description=f"Id of an uploaded dataset (dst_...) or a built-in name ({', '.join(BUILTIN_DATASETS)}). "
+        "Its classes must be the teacher's classes.",
+        examples=["digits"],
+    )
+    student: StudentSpec = Field(
+        description="The student architecture. Its input is the teacher's; kwargs.num_classes defaults to the "
+        "teacher's and must equal it.",
+        examples=[JOB_EXAMPLE["student"]],
+    )
+
+
+class JobProgress(BaseModel):
+    """Where a running job is; fields are null until the worker reports them."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    stage: str | None = Field(default=None, examples=["train"])
+    epoch: int | None = Field(default=None, examples=[3])
+    epochs: int | None = Field(default=None, examples=[10])
+    step: int | None = Field(default=None, description="Steps done in this job so far.", examples=[120])
+    total_steps: int | None = Field(default=None, examples=[400])
+    eta_seconds: float | None = Field(default=None, examples=[42.5])
+    train_loss: float | None = Field(default=None, examples=[0.41])
+    val_accuracy: float | None = Field(default=None, examples=[0.93])
+
+
+class JobEventOut(OutModel):
+    """One entry of a job's history: who did what, when and why."""
+
+    at: UtcDatetime
+    kind: str = Field(description="state (a transition), progress or log.", examples=["state"])
+    status: str | None = Field(description="The job's status after the event.", examples=["queued"])
+    attempt: int
+    actor: str = Field(description="api-key:<prefix> for API calls, the worker or reaper otherwise.",
+                       examples=["api-key:3f9a1c0b"])
+    message: str = Field(examples=["submitted"])
+    data: dict[str, Any]
+
+
+class JobOut(OutModel):
+    id: str = Field(examples=["job_5e6f7a8b9c0d1e2f3a4b5c6d"])
+    kind: str = Field(examples=["distill"])
+    status: JobStatus
+    attempt: int = Field(description="Attempts started so far (a job is retried after a lost worker).")
+    max_attempts: int
+    cancel_requested: bool
+    teacher: str = Field(examples=["mdl_4f0c2a9e1b7d3c5a6e8f0b1d"])
+    dataset: str | None = Field(description="Dataset id, or the built-in's name.", examples=["digits"])
+    spec: dict[str, Any] = Field(description="The submission as stored, with every default filled in.")
+    progress: JobProgress
+    metrics: dict[str, Any] = Field(description="Measured results (accuracy, size, latency) once finished.")
+    error: str | None = Field(description="Why the job failed, when it did.")
+    created_at: UtcDatetime
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
+    updated_at: UtcDatetime
+
+    @classmethod
+    def from_row(cls, job: Job) -> JobOut:
+        return cls(**_job_fields(job))
+
+
+class JobDetail(JobOut):
+    """A job with its outputs and its most recent history."""
+
+    artifacts: list[ArtifactOut]
+    events: list[JobEventOut] = Field(description="The latest events, oldest first.")
+
+    @classmethod
+    def build(cls, job: Job, artifacts: list[ArtifactOut], events: list[JobEvent]) -> JobDetail:
+        return cls(**_job_fields(job), artifacts=artifacts,
+                   events=[JobEventOut.model_validate(event) for event in events])
+
+
+def _job_fields(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id, "kind": job.kind, "status": job.status, "attempt": job.attempt,
+        "max_attempts": job.max_attempts, "cancel_requested": job.cancel_requested, "teacher": job.teacher_id,
+        "dataset": job.dataset_id or job.spec.get("dataset"), "spec": job.spec,
+        "progress": JobProgress.model_validate(job.progress or {}), "metrics": job.metrics or {},
+        "error": job.error, "created_at": job.created_at, "started_at": job.started_at,
+        "finished_at": job.finished_at, "updated_at": job.updated_at,
+    }
+
+
+
+class JobPage(Page[JobOut]):
+    """One page of jobs, newest first (without events and artifacts: GET the job for those)."""

@@ -1,0 +1,79 @@
+"""The FastAPI application: `create_app()` for tests and embedding, `app` for uvicorn (app.main:app)."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from app import health
+from app.artifacts.router import router as artifacts_router
+from app.auth.router import router as auth_router
+from app.datasets.router import router as datasets_router
+from app.errors import DomainError
+from app.jobs.router import router as jobs_router
+from app.models.router import router as models_router
+from app.schemas import ErrorOut, field_problems, summarize
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/v1"
+
+DESCRIPTION = """
+Turn a trained PyTorch classifier (the *teacher*) into a smaller, faster one (the *student*) by knowledge
+distillation.
+
+1. `POST /v1/models`: upload the teacher's weights (safetensors or a state_dict) with its architecture spec.
+2. `POST /v1/datasets`: upload labelled images (.npz, or a zip/tar of class folders), or use the built-in `digits`.
+3. `POST /v1/jobs`: submit a distillation job; poll `GET /v1/jobs/{id}` for progress and metrics.
+4. `GET /v1/artifacts/{id}/download`: download the student (resumable with Range; check the sha256).
+
+Every route except `/healthz` and `/readyz` needs `Authorization: Bearer <API key>`. Errors are JSON:
+`{"detail": "what went wrong and how to fix it"}`. Creating routes accept an `Idempotency-Key` header so that
+retries are safe.
+"""
+
+TAGS = [
+    {"name": "models", "description": "Teacher models: weights plus the architecture they load into."},
+    {"name": "datasets", "description": "Labelled image datasets, uploaded or built in."},
+    {"name": "jobs", "description": "Compression jobs: submit, follow, cancel."},
+    {"name": "artifacts", "description": "Files produced by jobs, with checksums and resumable downloads."},
+    {"name": "auth", "description": "Check an API key (keys are created on the server with the CLI)."},
+    {"name": "health", "description": "Probes for load balancers; no key needed."},
+]
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="condenser", version="0.1.0", summary="Model compression as a service.",
+                  description=DESCRIPTION, openapi_tags=TAGS)
+    app.add_exception_handler(DomainError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    app.include_router(health.router)
+    for router in (models_router, datasets_router, jobs_router, artifacts_router, auth_router):
+        app.include_router(router, prefix=API_PREFIX)
+    return app
+
+
+async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DomainError)
+    return JSONResponse(ErrorOut(detail=exc.message).model_dump(exclude_none=True), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = field_problems(exc.errors())
+    body = ErrorOut(detail=f"invalid request: {summarize(problems)}", errors=problems)
+    return JSONResponse(body.model_dump(), status_code=422)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    # The traceback goes to the log, never to the client.
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"detail": "internal error"}, status_code=500)
+
+
+app = create_app()

@@ -1,0 +1,69 @@
+"""Schemas of uploaded teacher models."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import Field
+
+from app.db.models import Model
+from app.schemas import OutModel, Page, UtcDatetime
+from app.uploads import multipart_openapi
+
+WeightsFormat = Literal["safetensors", "state_dict"]
+WEIGHTS_FORMATS: tuple[str, ...] = ("safetensors", "state_dict")
+
+SPEC_EXAMPLE: dict[str, Any] = {
+    "arch": "small_cnn",
+    "kwargs": {"num_classes": 10, "width": 16, "depth": 3},
+    "input": {"image_size": 8, "channels": 1, "mean": [0.5], "std": [0.5], "resize": "resize"},
+}
+
+
+class ModelOut(OutModel):
+    """A teacher model: its weights (content-addressed by sha256) and the architecture they fit."""
+
+    id: str = Field(examples=["mdl_4f0c2a9e1b7d3c5a6e8f0b1d"])
+    name: str = Field(examples=["digits-teacher"])
+    format: WeightsFormat
+    sha256: str = Field(description="sha256 of the weights file as uploaded.")
+    bytes: int = Field(description="Size of the weights file.")
+    arch: str = Field(examples=["small_cnn"], description="'small_cnn' or a torchvision classification model.")
+    kwargs: dict[str, Any] = Field(examples=[SPEC_EXAMPLE["kwargs"]], description="Constructor arguments.")
+    input: dict[str, Any] = Field(examples=[SPEC_EXAMPLE["input"]],
+                                  description="The input the model expects (InputSpec); students inherit it.")
+    num_classes: int = Field(examples=[10])
+    param_count: int = Field(examples=[23466])
+    created_at: UtcDatetime
+
+    @classmethod
+    def from_row(cls, row: Model) -> ModelOut:
+        return cls(id=row.id, name=row.name, format=row.format, sha256=row.sha256, bytes=row.bytes,
+                   arch=row.arch["arch"], kwargs=row.arch["kwargs"], input=row.input_spec,
+                   num_classes=row.num_classes, param_count=row.param_count, created_at=row.created_at)
+
+
+class ModelPage(Page[ModelOut]):
+    """One page of models, newest first."""
+
+UPLOAD_OPENAPI = multipart_openapi(
+    {
+        "spec": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": "The architecture as a JSON string: {\"arch\", \"kwargs\" (num_classes required), "
+            "\"input\": {\"image_size\", \"channels\" (1 or 3), \"mean\", \"std\", \"resize\" "
+            "(resize | resize_center_crop | pad)}}. The weights must load into exactly this model.",
+            "examples": [json.dumps(SPEC_EXAMPLE)],
+        },
+        "name": {"type": "string", "maxLength": 200, "description": "Display name; defaults to the file name."},
+        "format": {
+            "type": "string",
+            "enum": list(WEIGHTS_FORMATS),
+            "description": "safetensors, or a plain state_dict saved with torch.save (loaded with weights_only). "
+            "Detected from the file's first bytes when omitted.",
+        },
+    },
+    required=["spec"],
+)

@@ -1,0 +1,73 @@
+"""Probes, the OpenAPI document and error shapes."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import AppEnv
+
+API_METHODS = {"get", "post", "put", "patch", "delete"}
+
+
+def test_healthz_needs_no_key(client: TestClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+def test_readyz_checks_database_and_broker(client: TestClient) -> None:
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "checks": {"database": "ok", "broker": "ok"}}
+
+
+@pytest.mark.redis
+def test_readyz_reaches_a_real_redis_broker(client: TestClient, app_env: AppEnv,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(app_env.settings, "broker_url", "redis://127.0.0.1:6379/0")
+    response = client.get("/readyz")
+    if response.status_code == 503:
+        pytest.skip("Redis is not running at 127.0.0.1:6379")
+    assert response.json()["checks"]["broker"] == "ok"
+
+
+def test_readyz_is_503_when_the_broker_is_unreachable(client: TestClient, app_env: AppEnv,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Port 1 on loopback: connection refused at once.
+    monkeypatch.setattr(app_env.settings, "broker_url", "redis://127.0.0.1:1/0")
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json() == {"status": "unavailable", "checks": {"database": "ok", "broker": "unavailable"}}
+
+
+def test_openapi_documents_every_operation(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    assert "ApiKey" in document["components"]["securitySchemes"]
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            if method not in API_METHODS:
+                continue
+            where = f"{method.upper()} {path}"
+            assert operation.get("summary"), f"{where} has no summary"
+            assert operation.get("description"), f"{where} has no description"
+            if path.startswith("/v1/"):
+                assert operation.get("security") == [{"ApiKey": []}], f"{where} is not marked as needing a key"
+                assert "401" in operation["responses"], f"{where} does not document 401"
+
+
+def test_openapi_describes_upload_bodies_and_job_examples(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    for path, fields in (("/v1/models", {"file", "spec", "name", "format"}), ("/v1/datasets", {"file", "name"})):
+        schema = document["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert set(schema["properties"]) == fields
+        assert "file" in schema["required"]
+    job_schema = document["components"]["schemas"]["JobCreate"]
+    assert job_schema["additionalProperties"] is False
+    assert job_schema["examples"][0]["dataset"] == "digits"
+
+
+def test_unknown_route_is_json_404(client: TestClient) -> None:
+    response = client.get("/v1/nothing-here")
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Not Found"}

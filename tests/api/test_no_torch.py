@@ -1,0 +1,52 @@
+"""The API process must never import torch: it is slow to load, large in memory, and runs user models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from tests.support import REPO
+
+# Runs in a fresh interpreter: builds the app, imports every app module, serves the routes that touch
+# the engine's torch-free side (built-in datasets, job checks, dispatch), then reports torch's absence.
+SCRIPT = textwrap.dedent(
+    """
+    import importlib, pkgutil, sys
+    import app
+    from app.main import create_app
+    from app.db.migrate import upgrade_to_head
+    from app.config import get_settings
+    from app.db.session import session_scope
+    from app.db.models import Model
+    from app.auth.service import create_key
+    from fastapi.testclient import TestClient
+
+    test_client = TestClient(create_app())
+    for module in pkgutil.walk_packages(app.__path__, "app."):
+        importlib.import_module(module.name)
+
+    upgrade_to_head(get_settings().database_url)
+    with session_scope() as session:
+        key = create_key(session, "no-torch")[1]
+        teacher = Model(tenant="no-torch", name="t", format="safetensors", sha256="0" * 64, bytes=0,
+                        arch={"arch": "small_cnn", "kwargs": {"num_classes": 10}},
+                        input_spec={"image_size": 8, "channels": 1}, num_classes=10, param_count=1)
+        session.add(teacher)
+    headers = {"Authorization": "Bearer " + key}
+    assert test_client.get("/v1/datasets/builtin", headers=headers).status_code == 200
+    job = {"teacher": teacher.id, "dataset": "digits", "student": {"arch": "small_cnn"}}
+    response = test_client.post("/v1/jobs", headers=headers, json=job)
+    assert response.status_code == 201, response.text
+    print("torch loaded:", sorted(name for name in sys.modules if name == "torch" or name.startswith("torch.")))
+    """
+)
+
+
+def test_api_never_imports_torch(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "CONDENSER_DATA_DIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "torch loaded: []"

@@ -1,0 +1,100 @@
+"""End to end: a teacher uploaded over HTTP, distilled by a real Celery worker process, the
+artifact downloaded and loaded with plain torch + safetensors, its accuracy checked on the
+held-out split. On PostgreSQL + Redis, and on the embedded default."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+
+from tests.harness import Service
+from tests.support import wait_for
+from worker.engine import data, export, models
+from worker.engine.config import ArchSpec, DistillConfig
+from worker.engine.distill import distill
+
+pytestmark = pytest.mark.slow
+
+TEACHER_SPEC: dict[str, Any] = {"arch": "small_cnn", "kwargs": {"num_classes": 10, "width": 32, "depth": 2},
+                                "input": {"image_size": 8, "channels": 1, "mean": [0.5], "std": [0.5]}}
+SEED, VAL_FRACTION = 3, 0.25
+
+
+@pytest.fixture(scope="module")
+def trained_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real teacher: trained on the training part of the same split the job will use."""
+    arch = ArchSpec.model_validate(TEACHER_SPEC)
+    digits = data.load_builtin("digits")
+    train_idx, val_idx = data.stratified_split(digits.y, VAL_FRACTION, SEED)
+
+    def part(idx: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return data.to_model_input(digits.x[idx], arch.input), torch.from_numpy(digits.y[idx]).long()
+
+    torch.manual_seed(0)
+    teacher = models.build_model(arch)
+    config = DistillConfig(epochs=6, batch_size=32, lr=3e-3, seed=0)
+    distill(None, teacher, part(train_idx), part(val_idx), config, on_progress=lambda _: None)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    export.save_safetensors(teacher, path)
+    return path
+
+
+def download(service: Service, artifact: dict[str, Any]) -> bytes:
+    response = service.client.get(artifact["download_url"], headers=service.headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-content-sha256"] == artifact["sha256"]
+    assert hashlib.sha256(response.content).hexdigest() == artifact["sha256"]
+    return response.content
+
+
+@pytest.mark.parametrize("backend", ["distributed", pytest.param("embedded", marks=pytest.mark.embedded)])
+def test_distill_over_http_and_load_the_artifact_independently(service_factory: Any, backend: str,
+                                                                trained_teacher: Path) -> None:
+    service = service_factory(backend)
+    service.start_worker()
+    teacher_id = service.upload_teacher(trained_teacher, TEACHER_SPEC)
+    job_id = service.submit({
+        "kind": "distill", "teacher": teacher_id, "dataset": "digits", "epochs": 8, "batch_size": 32,
+        "lr": 5e-3, "temperature": 4, "alpha": 0.9, "seed": SEED, "val_fraction": VAL_FRACTION,
+        "student": {"arch": "small_cnn", "kwargs": {"width": 8, "depth": 2}},
+    })
+
+    seen: list[dict[str, Any]] = []
+
+    def finished() -> bool:
+        job = service.api_job(job_id)
+        seen.append(job.get("progress") or {})
+        return job["status"] in ("succeeded", "failed", "canceled")
+
+    try:
+        wait_for(finished, timeout=300, interval=0.2, what="the job to finish")
+    except AssertionError:
+        raise AssertionError(service.worker_logs()) from None
+    job = service.api_job(job_id)
+    assert job["status"] == "succeeded", job.get("error")
+    assert any(p.get("epoch") and p.get("total_steps") and p.get("eta_seconds") is not None for p in seen), seen
+
+    by_kind = {a["kind"]: a for a in job["artifacts"]}
+    weights = safetensors.torch.load(download(service, by_kind["student_safetensors"]))
+    scripted = torch.jit.load(io.BytesIO(download(service, by_kind["student_torchscript"])))
+    assert all(torch.equal(weights[name], scripted.state_dict()[name]) for name in weights)
+
+    digits = data.load_builtin("digits")
+    _, val_idx = data.stratified_split(digits.y, VAL_FRACTION, SEED)
+    x_val = data.to_model_input(digits.x[val_idx], ArchSpec.model_validate(TEACHER_SPEC).input)
+    with torch.inference_mode():
+        predictions = scripted(x_val).argmax(1).numpy()
+    accuracy = float((predictions == digits.y[val_idx]).mean())
+    metrics = job["metrics"]
+    assert accuracy >= 0.85
+    assert accuracy == pytest.approx(metrics["student"]["accuracy"], abs=1e-9)
+    assert metrics["teacher"]["accuracy"] >= 0.9
+    assert metrics["student"]["param_count"] * 10 <= metrics["teacher"]["param_count"]
+    assert metrics["student"]["cpu_latency_ms_batch1"] > 0 and metrics["teacher"]["cpu_latency_ms_batch1"] > 0
+    assert job["attempt"] == 1

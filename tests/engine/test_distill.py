@@ -1,0 +1,120 @@
+"""distill(): learning on real digits, seeded determinism, exact resume, progress and cancel."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from tests.engine.conftest import small_cnn
+from worker.engine import evaluate, models
+from worker.engine.config import DistillConfig
+from worker.engine.distill import Progress, distill
+from worker.engine.errors import Canceled
+
+QUICK = DistillConfig(epochs=3, batch_size=64, lr=1e-2, seed=0, device="cpu")
+
+
+def _build(width: int, seed: int = 0, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return models.build_model(small_cnn(width, **kwargs))
+
+
+@pytest.fixture(scope="module")
+def teacher(digits_splits) -> torch.nn.Module:
+    train, val = digits_splits
+    model = _build(32)
+    distill(None, model, train, val, QUICK.model_copy(update={"epochs": 6}), lambda _: None)
+    return model
+
+
+def test_teacher_learns_digits_from_labels(teacher, digits_splits) -> None:
+    assert evaluate.accuracy(teacher, *digits_splits[1]) >= 0.9
+
+
+def test_student_distilled_on_digits_far_above_chance(teacher, digits_splits) -> None:
+    train, val = digits_splits
+    student = _build(8)
+    assert models.param_count(student) * 10 <= models.param_count(teacher)
+    teacher_before = {key: value.clone() for key, value in teacher.state_dict().items()}
+    events: list[Progress] = []
+
+    result = distill(teacher, student, train, val, QUICK.model_copy(update={"epochs": 8}), events.append)
+
+    assert result.final_val_accuracy >= 0.85  # chance is 0.1
+    assert result.epochs_run == 8 and [entry["epoch"] for entry in result.history] == list(range(1, 9))
+    assert result.best_val_accuracy == max(entry["val_accuracy"] for entry in result.history)
+    total = events[0].total_steps
+    assert total == 8 * (len(train[0]) // 64)
+    assert [event.step for event in events if event.val_accuracy is None] == list(range(1, total + 1))
+    assert {event.stage for event in events} == {"distill"}
+    assert [event.val_accuracy for event in events if event.val_accuracy is not None] == [
+        entry["val_accuracy"] for entry in result.history
+    ]
+    assert events[-1].eta_seconds == 0
+    assert all(torch.equal(value, teacher_before[key]) for key, value in teacher.state_dict().items())
+    assert not teacher.training
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_same_seed_gives_identical_weights(teacher, digits_splits) -> None:
+    runs = []
+    for _ in range(2):
+        student = _build(8, dropout=0.3)
+        distill(teacher, student, *digits_splits, QUICK.model_copy(update={"epochs": 2}), lambda _: None)
+        runs.append(_weights(student))
+    _assert_same_weights(*runs)
+
+
+@pytest.mark.parametrize(("optimizer", "scheduler"), [("adamw", "cosine"), ("sgd", "onecycle"), ("adamw", "none")])
+def test_resume_from_checkpoint_equals_uninterrupted_run(teacher, digits_splits, optimizer, scheduler) -> None:
+    config = QUICK.model_copy(update={"optimizer": optimizer, "scheduler": scheduler})
+    checkpoints: list[dict] = []
+    straight = _build(8, dropout=0.3)
+    uninterrupted = distill(teacher, straight, *digits_splits, config, lambda _: None, checkpoints.append)
+
+    # The checkpoint goes through the same trip as on a worker: torch.save, then a weights_only load.
+    buffer = io.BytesIO()
+    torch.save(checkpoints[0], buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed = _build(8, seed=123, dropout=0.3)
+    steps: list[int] = []
+    result = distill(teacher, resumed, *digits_splits, config, lambda p: steps.append(p.step), resume=checkpoint)
+
+    _assert_same_weights(_weights(straight), _weights(resumed))
+    assert result.history == uninterrupted.history
+    assert checkpoint["epoch"] == 1 and steps[0] == len(digits_splits[0][0]) // 64 + 1
+
+
+def test_checkpoints_are_snapshots(teacher, digits_splits) -> None:
+    checkpoints: list[dict] = []
+    student = _build(8)
+    distill(
+        teacher, student, *digits_splits, QUICK.model_copy(update={"epochs": 2}), lambda _: None, checkpoints.append
+    )
+    first, last = (checkpoint["student"]["classifier.weight"] for checkpoint in checkpoints)
+    assert not torch.equal(first, last)
+    assert torch.equal(last, student.state_dict()["classifier.weight"])
+
+
+def test_cancel_from_the_progress_callback_stops_between_steps(digits_splits) -> None:
+    seen: list[int] = []
+
+    def cancel_at_five(progress: Progress) -> None:
+        seen.append(progress.step)
+        if progress.step == 5:
+            raise Canceled("canceled by request")
+
+    with pytest.raises(Canceled):
+        distill(None, _build(8), *digits_splits, QUICK, cancel_at_five)
+    assert seen == [1, 2, 3, 4, 5]

@@ -1,0 +1,125 @@
+"""The job state machine on a real database (SQLite and PostgreSQL): claims, leases, the reaper."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from app.db.models import Job, JobEvent, Model, utcnow
+from app.db.session import session_scope
+from app.errors import Conflict
+from app.jobs import lifecycle
+
+
+@pytest.fixture
+def job_id(app_env: object) -> str:
+    with session_scope() as session:
+        teacher = Model(tenant="t1", name="m", format="safetensors", sha256="0" * 64, bytes=1,
+                        arch={"arch": "small_cnn", "kwargs": {"num_classes": 10}}, input_spec={"image_size": 8},
+                        num_classes=10, param_count=1)
+        session.add(teacher)
+        session.flush()
+        job = Job(tenant="t1", kind="distill", spec={}, teacher_id=teacher.id, max_attempts=2)
+        session.add(job)
+        session.flush()
+        return job.id
+
+
+def _job(job_id: str) -> Job:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def _expire_lease(job_id: str) -> None:
+    with session_scope() as session:
+        session.get(Job, job_id).lease_expires_at = utcnow() - timedelta(seconds=1)
+
+
+def test_only_one_of_two_claims_wins(job_id: str) -> None:
+    with session_scope() as session:
+        first = lifecycle.claim(session, job_id, "w1", lease_seconds=60)
+    with session_scope() as session:
+        second = lifecycle.claim(session, job_id, "w2", lease_seconds=60)
+    assert first is not None and second is None
+    job = _job(job_id)
+    assert (job.status, job.attempt, job.lease_owner) == ("running", 1, "w1")
+
+
+def test_expired_lease_is_claimable_and_old_owner_loses_it(job_id: str) -> None:
+    with session_scope() as session:
+        lifecycle.claim(session, job_id, "w1", lease_seconds=60)
+    _expire_lease(job_id)
+    with session_scope() as session:
+        assert lifecycle.claim(session, job_id, "w2", lease_seconds=60) is not None
+    with session_scope() as session:
+        assert lifecycle.renew_lease(session, job_id, "w1", 60, None) == (False, False)
+        assert not lifecycle.finish(session, job_id, "w1", "succeeded", "late")
+    job = _job(job_id)
+    assert (job.status, job.attempt, job.lease_owner) == ("running", 2, "w2")
+
+
+def test_reaper_requeues_then_fails_after_the_attempt_limit(job_id: str) -> None:
+    for attempt in (1, 2):
+        with session_scope() as session:
+            assert lifecycle.claim(session, job_id, f"w{attempt}", lease_seconds=60) is not None
+        _expire_lease(job_id)
+        with session_scope() as session:
+            resend = lifecycle.reap(session, "reaper", redispatch_all_queued=False)
+        job = _job(job_id)
+        if attempt == 1:
+            assert job.status == "queued" and job_id in resend
+        else:
+            assert job.status == "failed" and job_id not in resend
+            assert "gave up after 2 attempts" in job.error
+    with session_scope() as session:
+        assert lifecycle.claim(session, job_id, "w3", lease_seconds=60) is None
+        messages = [e.message for e in session.scalars(select(JobEvent).where(JobEvent.job_id == job_id))]
+    assert any(m.startswith("requeued") for m in messages) and any(m.startswith("failed") for m in messages)
+
+
+def test_preemption_refunds_the_attempt(job_id: str) -> None:
+    with session_scope() as session:
+        lifecycle.claim(session, job_id, "w1", lease_seconds=60)
+    with session_scope() as session:
+        assert lifecycle.release(session, job_id, "w1", "preempted", refund_attempt=True)
+    job = _job(job_id)
+    assert (job.status, job.attempt, job.enqueued_at) == ("queued", 0, None)
+
+
+def test_cancel_running_job_sets_flag_seen_by_heartbeat(job_id: str) -> None:
+    with session_scope() as session:
+        lifecycle.claim(session, job_id, "w1", lease_seconds=60)
+    with session_scope() as session:
+        lifecycle.request_cancel(session, session.get(Job, job_id), "api:t1")
+    with session_scope() as session:
+        assert lifecycle.renew_lease(session, job_id, "w1", 60, {"epoch": 1}) == (True, True)
+        assert lifecycle.finish(session, job_id, "w1", "canceled", "stopped")
+    job = _job(job_id)
+    assert job.status == "canceled" and job.progress == {"epoch": 1}
+    with session_scope() as session, pytest.raises(Conflict):
+        lifecycle.request_cancel(session, session.get(Job, job_id), "api:t1")
+
+
+def test_abandoned_cancel_is_settled_by_the_reaper(job_id: str) -> None:
+    with session_scope() as session:
+        lifecycle.claim(session, job_id, "w1", lease_seconds=60)
+    with session_scope() as session:
+        lifecycle.request_cancel(session, session.get(Job, job_id), "api:t1")
+    _expire_lease(job_id)
+    with session_scope() as session:
+        lifecycle.reap(session, "reaper", redispatch_all_queued=False)
+    assert _job(job_id).status == "canceled"
+
+
+def test_outbox_resends_only_unsent_unless_broker_lost_messages(job_id: str) -> None:
+    # The module shares one database, so look only at this test's job.
+    with session_scope() as session:
+        assert job_id in lifecycle.reap(session, "reaper", redispatch_all_queued=False)
+        session.get(Job, job_id).enqueued_at = utcnow()
+    with session_scope() as session:
+        assert job_id not in lifecycle.reap(session, "reaper", redispatch_all_queued=False)
+        assert job_id in lifecycle.reap(session, "reaper", redispatch_all_queued=True)
