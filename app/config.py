@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(default=60, ge=2)
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     reaper_interval_seconds: float = Field(default=15.0, gt=0)
+    # A failed job's work dir (its last checkpoint) is kept this long for inspection.
+    work_dir_retention_hours: float = Field(default=24.0, ge=0)
     soft_time_limit_seconds: int = Field(default=6 * 3600, gt=0)
     hard_time_limit_seconds: int = Field(default=6 * 3600 + 300, gt=0)
     # Model validation runs in a short-lived child process so that the API never imports torch.

@@ -8,12 +8,15 @@ dropped by the claim.
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import threading
+from datetime import timedelta
 
 from celery import Celery
 
 from app.config import get_settings
+from app.db.models import utcnow
 from app.db.session import session_scope
 from app.jobs import lifecycle
 from worker.celery_app import get_celery
@@ -34,6 +37,21 @@ def broker_lost_messages(app: Celery) -> bool:
             # message is lost, and its job's lease expiry covers that.
             return False
         return bool(client.set(BROKER_MARKER, "1", nx=True))
+
+
+def collect_work_dirs() -> list[str]:
+    """Remove the work dirs (checkpoints, exports) of jobs finished longer ago than the retention."""
+    settings = get_settings()
+    root = settings.data_dir.resolve() / "jobs"
+    if not root.is_dir():
+        return []
+    names = [entry.name for entry in root.iterdir() if entry.is_dir()]
+    cutoff = utcnow() - timedelta(hours=settings.work_dir_retention_hours)
+    with session_scope() as session:
+        done = lifecycle.finished_before(session, names, cutoff)
+    for job_id in done:
+        shutil.rmtree(root / job_id, ignore_errors=True)
+    return done
 
 
 def reap_once() -> list[str]:
@@ -60,6 +78,7 @@ class ReaperThread(threading.Thread):
         while not self.stopped.is_set():
             try:
                 reap_once()
+                collect_work_dirs()
             except Exception:  # a database outage must not kill the reaper; try again next tick
                 log.warning("reaper pass failed", exc_info=True)
             self.stopped.wait(self.interval)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -89,9 +90,6 @@ class Checkpoints:
             return None
         return torch.load(self.path, weights_only=True, map_location="cpu")
 
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-
 
 class JobGuard:
     """The engine's progress callback: publishes progress, stops the loop when it must."""
@@ -127,6 +125,10 @@ class JobGuard:
             raise Preempted("worker shutting down")
 
 
+def job_work_dir(settings: Settings, job_id: str) -> Path:
+    return settings.data_dir.resolve() / "jobs" / job_id
+
+
 def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
@@ -157,7 +159,7 @@ def _context(session: Any, job: Job, owner: str, settings: Settings) -> JobConte
         teacher=ModelSource(path=store.path_for(teacher.sha256), format=teacher.format, arch=teacher.arch,
                             input_spec=teacher.input_spec, bytes=teacher.bytes),
         dataset_path=store.path_for(dataset.canonical_sha256) if dataset else None,
-        work_dir=settings.data_dir.resolve() / "jobs" / job.id,
+        work_dir=job_work_dir(settings, job.id),
     )
 
 
@@ -169,7 +171,7 @@ def _run_claimed(ctx: JobContext, heartbeat: Heartbeat, settings: Settings) -> N
         _publish(ctx, outcome, get_store())
     except Canceled:
         _end(ctx, "canceled", "canceled between steps; no artifact published")
-        checkpoints.remove()
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)
     except (Preempted, SoftTimeLimitExceeded) as stop:
         _give_back(ctx, f"preempted ({stop or 'soft time limit'}); resumes from its last checkpoint")
     except LeaseLost:
@@ -177,10 +179,9 @@ def _run_claimed(ctx: JobContext, heartbeat: Heartbeat, settings: Settings) -> N
     except EngineError as error:
         # The input cannot work (bad weights, data that does not fit): retrying would not help.
         _end(ctx, "failed", f"failed: {error}", error=str(error))
-        checkpoints.remove()
     except Exception as error:
         log.exception("job %s attempt %d crashed", ctx.job_id, ctx.attempt)
-        _retry_or_fail(ctx, f"{type(error).__name__}: {error}", checkpoints)
+        _retry_or_fail(ctx, f"{type(error).__name__}: {error}")
 
 
 def _end(ctx: JobContext, status: str, message: str, error: str | None = None) -> None:
@@ -195,10 +196,10 @@ def _give_back(ctx: JobContext, message: str) -> None:
         lifecycle.dispatch([ctx.job_id])
 
 
-def _retry_or_fail(ctx: JobContext, reason: str, checkpoints: Checkpoints) -> None:
+def _retry_or_fail(ctx: JobContext, reason: str) -> None:
     if ctx.attempt >= ctx.max_attempts:
+        # The work dir (last checkpoint) stays for inspection; the reaper removes it after the retention.
         _end(ctx, "failed", f"failed after {ctx.attempt} attempts: {reason}", error=reason)
-        checkpoints.remove()
         return
     with session_scope() as session:
         released = lifecycle.release(session, ctx.job_id, ctx.owner, f"attempt {ctx.attempt} crashed: {reason}",
@@ -220,4 +221,4 @@ def _publish(ctx: JobContext, outcome: JobOutcome, store: BlobStore) -> None:
                                 metrics=outcome.metrics):
             # Someone else owns the job now: roll back so that only one attempt ever publishes.
             raise LeaseLost(ctx.job_id)
-    Checkpoints(ctx.work_dir / "checkpoint.pt").remove()
+    shutil.rmtree(ctx.work_dir, ignore_errors=True)

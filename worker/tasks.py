@@ -46,7 +46,12 @@ def _start_reaper(**_: Any) -> None:
 def _child_init(**_: Any) -> None:
     # Connections inherited from the parent must not be shared with it.
     get_engine().dispose(close=False)
+
+
+@signals.task_prerun.connect
+def _preemptible(**_: Any) -> None:
     # SIGTERM asks the running job to checkpoint and give itself back, not to die mid-write.
+    # Installed here, not at process init: billiard resets SIGTERM after its initializer runs.
     signal.signal(signal.SIGTERM, lambda *_: PREEMPTED.set())
 
 

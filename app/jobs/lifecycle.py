@@ -186,6 +186,14 @@ def reap(session: Session, actor: str, redispatch_all_queued: bool) -> list[str]
     return list(session.scalars(queued.order_by(Job.created_at)))
 
 
+def finished_before(session: Session, job_ids: list[str], cutoff: datetime) -> list[str]:
+    """Those of job_ids that ended before cutoff (their files may go)."""
+    if not job_ids:
+        return []
+    query = select(Job.id).where(Job.id.in_(job_ids), Job.status.in_(FINISHED), Job.finished_at < cutoff)
+    return list(session.scalars(query))
+
+
 def _settle_expired(session: Session, job: Job, actor: str, now: datetime) -> None:
     reason = f"worker {job.lease_owner} stopped renewing its lease (attempt {job.attempt})"
     job.lease_owner = None

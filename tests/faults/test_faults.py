@@ -217,8 +217,10 @@ def test_disk_full_keeps_previous_checkpoint_and_publishes_nothing(service_facto
     job = service.wait_status(job_id, ("failed",), timeout=120)
     assert "No space left on device" in job.error
     assert job.attempt == 3
+    # The failed write left the previous checkpoint whole and no partial temp file beside it.
     state = torch.load(checkpoint, weights_only=True)
     assert state["epoch"] >= 1
+    assert [p.name for p in checkpoint.parent.iterdir()] == ["checkpoint.pt"]
     assert service.artifacts(job_id) == []
     blobs = [p for p in (small_disk / "storage" / "blobs").rglob("*") if p.is_file()]
     assert all(sha256_file(p) == p.name for p in blobs), "a truncated blob was published"
@@ -245,7 +247,7 @@ def test_cancel_during_training(service_factory: Any, backend: str, teacher_spec
     assert job.status == "canceled"
     assert service.artifacts(job_id) == []
     wait_for(lambda: not any(_alive(pid) for pid in child), timeout=30, what="the job's process to exit")
-    assert not (service.app_env.data_dir / "jobs" / job_id / "checkpoint.pt").exists()
+    assert not (service.app_env.data_dir / "jobs" / job_id).exists()
 
 
 def _alive(pid: int) -> bool:

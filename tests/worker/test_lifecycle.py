@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
+from app.config import get_settings
 from app.db.models import Job, JobEvent, Model, utcnow
 from app.db.session import session_scope
 from app.errors import Conflict
@@ -123,3 +124,17 @@ def test_outbox_resends_only_unsent_unless_broker_lost_messages(job_id: str) -> 
     with session_scope() as session:
         assert job_id not in lifecycle.reap(session, "reaper", redispatch_all_queued=False)
         assert job_id in lifecycle.reap(session, "reaper", redispatch_all_queued=True)
+
+
+def test_work_dirs_of_jobs_finished_before_the_retention_are_collected(job_id: str) -> None:
+    from worker.reaper import collect_work_dirs
+
+    work_dir = get_settings().data_dir.resolve() / "jobs" / job_id
+    (work_dir / "checkpoint.pt").parent.mkdir(parents=True)
+    (work_dir / "checkpoint.pt").write_bytes(b"state")
+    assert job_id not in collect_work_dirs() and work_dir.exists()  # still queued
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        job.status, job.finished_at = "failed", utcnow() - timedelta(hours=25)
+    assert job_id in collect_work_dirs()
+    assert not work_dir.exists()

@@ -43,7 +43,8 @@ _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 _COMPRESSED_TAR_MAGICS = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 _LAYOUT_HELP = "expected class_name/image.png, or one top folder: root/class_name/image.png"
 
-Files = Iterable[tuple[tuple[str, ...], bytes]]
+# Archive members as (path components, content), read one at a time.
+Member = tuple[tuple[str, ...], bytes]
 
 
 @dataclass(frozen=True)
@@ -210,9 +211,7 @@ class _ByteBudget:
         return b"".join(chunks)
 
 
-def _zip_files(
-    archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo], limits: IngestLimits
-) -> Iterator[tuple[tuple[str, ...], bytes]]:
+def _zip_files(archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo], limits: IngestLimits) -> Iterator[Member]:
     budget = _ByteBudget(limits.max_unpacked_bytes)
     for info in infos:
         parts = _member_parts(info.filename)
@@ -225,7 +224,7 @@ def _zip_files(
             raise DataError(f"'{info.filename}' cannot be read from the zip archive: {exc}") from exc
 
 
-def _tar_files(src: Path, filename: str, limits: IngestLimits) -> Iterator[tuple[tuple[str, ...], bytes]]:
+def _tar_files(src: Path, filename: str, limits: IngestLimits) -> Iterator[Member]:
     """Members in streaming mode: each header is checked before its data is read."""
     budget = _ByteBudget(limits.max_unpacked_bytes)
     archive_bytes = src.stat().st_size
@@ -357,7 +356,7 @@ def _class_names(names: np.ndarray, num_classes: int) -> list[str]:
 # --- image folders --------------------------------------------------------------------------------
 
 
-def _image_folder(files: Files, limits: IngestLimits) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _image_folder(files: Iterable[Member], limits: IngestLimits) -> tuple[np.ndarray, np.ndarray, list[str]]:
     samples = []
     decoded_bytes = 0
     for parts, data in files:

@@ -65,7 +65,8 @@ def build_model(arch: ArchSpec) -> nn.Module:
             kwargs = {"in_channels": arch.input.channels, **arch.kwargs}
             return SmallCNN(**kwargs)
         return torchvision.models.get_model(arch.arch, weights=None, **arch.kwargs)
-    except (TypeError, ValueError) as exc:
+    # Unknown kwargs raise TypeError; torchvision checks values with ValueError or torch._assert.
+    except (TypeError, ValueError, AssertionError) as exc:
         raise SpecError(f"cannot build {arch.arch} with kwargs {arch.kwargs}: {exc}") from exc
 
 
