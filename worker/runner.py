@@ -26,7 +26,7 @@ from app.storage import BlobStore, atomic_write, get_store
 from worker.engine.distill import Progress
 from worker.engine.errors import Canceled, EngineError
 from worker.heartbeat import Heartbeat
-from worker.jobs.distill import run_distill
+from worker.jobs import job_function
 from worker.preemption import PREEMPTED
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class ModelSource:
 @dataclass(frozen=True)
 class JobContext:
     job_id: str
+    kind: str
     owner: str
     attempt: int
     max_attempts: int
@@ -155,7 +156,8 @@ def _context(session: Any, job: Job, owner: str, settings: Settings) -> JobConte
     teacher = session.get(Model, job.teacher_id)
     dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
     return JobContext(
-        job_id=job.id, owner=owner, attempt=job.attempt, max_attempts=job.max_attempts, spec=dict(job.spec),
+        job_id=job.id, kind=job.kind, owner=owner, attempt=job.attempt, max_attempts=job.max_attempts,
+        spec=dict(job.spec),
         teacher=ModelSource(path=store.path_for(teacher.sha256), format=teacher.format, arch=teacher.arch,
                             input_spec=teacher.input_spec, bytes=teacher.bytes),
         dataset_path=store.path_for(dataset.canonical_sha256) if dataset else None,
@@ -167,7 +169,7 @@ def _run_claimed(ctx: JobContext, heartbeat: Heartbeat, settings: Settings) -> N
     checkpoints = Checkpoints(ctx.work_dir / "checkpoint.pt")
     guard = JobGuard(heartbeat, checkpoints, ctx)
     try:
-        outcome = run_distill(ctx, guard, checkpoints)
+        outcome = job_function(ctx.kind)(ctx, guard, checkpoints)
         _publish(ctx, outcome, get_store())
     except Canceled:
         _end(ctx, "canceled", "canceled between steps; no artifact published")
