@@ -34,6 +34,7 @@ def migrate() -> None:
 def worker(
     concurrency: Annotated[int, typer.Option(help="Jobs at once on this host (one per GPU).")] = 1,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    quiet: Annotated[bool, typer.Option(help="No start-up banner.")] = False,
 ) -> None:
     """Start a Celery worker alone (more hosts, more GPUs)."""
     from worker.celery_app import QUEUE
@@ -43,7 +44,7 @@ def worker(
         "worker", "--pool=prefork", f"--concurrency={concurrency}", f"--queues={QUEUE}",
         f"--loglevel={loglevel}", f"--hostname=condenser-{os.getpid()}@{socket.gethostname()}",
         # Gossip and mingle only slow the start down; the database coordinates workers.
-        "--without-gossip", "--without-mingle",
+        "--without-gossip", "--without-mingle", *(["--quiet"] if quiet else []),
     ])
 
 
@@ -70,7 +71,7 @@ def serve(
 
 def _start_worker(concurrency: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "app.cli", "worker", f"--concurrency={concurrency}",
-                             "--loglevel=WARNING"])
+                             "--loglevel=WARNING", "--quiet"])
 
 
 def _stop_worker(process: subprocess.Popen[bytes]) -> None:

@@ -37,7 +37,9 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
 
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    app = Celery("condenser", broker=settings.broker_url, set_as_current=False)
+    # kombu warns on every connection to a URL without a host; the filesystem transport ignores it.
+    broker = "filesystem://localhost//" if settings.is_embedded_broker else settings.broker_url
+    app = Celery("condenser", broker=broker, set_as_current=False)
     transport_options = broker_transport_options(settings)
     app.conf.update(
         broker_transport_options=transport_options,

@@ -18,13 +18,7 @@ def small_cnn(width: int = 8, num_classes: int = 10, input_spec: InputSpec = DIG
 
 @pytest.fixture(scope="session")
 def digits_splits() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    dataset = data.load_builtin("digits")
-    train_idx, val_idx = data.stratified_split(dataset.y, 0.2, seed=0)
-
-    def part(indices):
-        return data.to_model_input(dataset.x[indices], DIGITS_8X8), torch.from_numpy(dataset.y[indices])
-
-    return part(train_idx), part(val_idx)
+    return data.train_val_tensors(data.load_builtin("digits"), DIGITS_8X8, val_fraction=0.2, seed=0)
 
 
 @pytest.fixture

@@ -126,3 +126,86 @@ def check_dataset_fits(image_shape: list[int] | tuple[int, ...], input_spec: Inp
             f"images are {height}x{width} but resize policy 'pad' cannot shrink them to "
             f"{input_spec.image_size}; use 'resize' or 'resize_center_crop'"
         )
+
+
+# Fields of DistillConfig that only matter when a job trains (recovery fine-tuning or QAT).
+TRAINING_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "temperature", "alpha", "optimizer", "scheduler")
+
+
+class PruneConfig(DistillConfig):
+    """Pruning, then recovery fine-tuning with the unpruned model as the distillation teacher.
+
+    structured: whole channels removed with Torch-Pruning (the model gets really smaller and faster);
+    unstructured: single weights zeroed by global magnitude (sparsity only: dense latency does not change).
+    """
+
+    method: Literal["structured", "unstructured"] = "structured"
+    importance: Literal["magnitude", "taylor", "lamp"] = Field(
+        default="magnitude", description="How channels are ranked (structured): L2 magnitude, first-order "
+        "Taylor (gradient x weight on the calibration batch) or LAMP.")
+    channel_ratio: float | None = Field(
+        default=None, gt=0, le=0.9, description="Fraction of each layer's channels removed (structured).")
+    target_macs_reduction: float | None = Field(
+        default=None, gt=1, le=50, description="Prune until the model needs this many times fewer MACs, "
+        "e.g. 2.0 (structured; instead of channel_ratio).")
+    sparsity: float | None = Field(
+        default=None, gt=0, le=0.99, description="Fraction of the weights zeroed (unstructured).")
+    iterative_steps: int = Field(default=1, ge=1, le=32, description="Prune in this many equal steps.")
+    global_pruning: bool = Field(
+        default=False, description="Rank channels across layers instead of removing channel_ratio of each.")
+    round_to: int | None = Field(
+        default=None, ge=2, le=128, description="Keep channel counts multiples of this (faster kernels).")
+    keep_layers: tuple[Annotated[str, Field(min_length=1, max_length=200)], ...] = Field(
+        default=(), max_length=512, description="Module names whose output channels are never pruned; the "
+        "classifier is always kept.")
+    calibration_samples: int = Field(
+        default=128, ge=1, le=4096, description="Training images used to rank channels (taylor needs gradients).")
+    epochs: int = Field(default=3, ge=0, le=1000, description="Recovery fine-tuning epochs; 0 skips it.")
+    lr: float = Field(default=1e-3, gt=0, le=10)
+
+    @model_validator(mode="after")
+    def _check_method(self) -> PruneConfig:
+        given = self.model_fields_set
+        if self.method == "structured":
+            if (self.channel_ratio is None) == (self.target_macs_reduction is None):
+                raise ValueError("structured pruning needs exactly one of channel_ratio (e.g. 0.5: half of each "
+                                 "layer's channels removed) or target_macs_reduction (e.g. 2.0)")
+            _reject_unused(given, ("sparsity",), "method 'unstructured'")
+        else:
+            if self.sparsity is None:
+                raise ValueError("unstructured pruning needs sparsity, e.g. 0.5: half of the weights zeroed")
+            _reject_unused(given, ("channel_ratio", "target_macs_reduction", "importance", "global_pruning",
+                                   "round_to", "iterative_steps"), "method 'structured'")
+        return self
+
+
+class QuantizeConfig(DistillConfig):
+    """int8 quantization: dynamic (Linear layers), static post-training (calibrated), or quantization-aware
+    training (distilled from the float model). The training fields apply to 'qat' only."""
+
+    method: Literal["dynamic", "static", "qat"] = Field(
+        default="static", description="dynamic: Linear weights int8, activations quantized on the fly; static: "
+        "weights and activations int8, calibrated on training images; qat: static, fine-tuned with fake "
+        "quantization.")
+    backend: Literal["x86", "qnnpack"] = Field(
+        default="x86", description="The CPU the model will run on: x86 (fbgemm/oneDNN) or ARM (qnnpack).")
+    calibration_samples: int = Field(
+        default=256, ge=1, le=10_000, description="Training images used to calibrate activation ranges.")
+    epochs: int = Field(default=2, ge=1, le=1000, description="QAT epochs.")
+    lr: float = Field(default=1e-4, gt=0, le=10)
+
+    @model_validator(mode="after")
+    def _check_method(self) -> QuantizeConfig:
+        given = self.model_fields_set
+        if self.method != "qat":
+            _reject_unused(given, TRAINING_FIELDS, "method 'qat'")
+        if self.method == "dynamic":
+            _reject_unused(given, ("calibration_samples",), "methods 'static' and 'qat'")
+        return self
+
+
+def _reject_unused(given: set[str], fields: tuple[str, ...], applies_to: str) -> None:
+    """A field set for a method that ignores it is a misunderstanding worth a 422, not a silent no-op."""
+    unused = [name for name in fields if name in given]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} only apply to {applies_to}; remove them or change method")

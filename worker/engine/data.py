@@ -59,6 +59,18 @@ def stratified_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
+def train_val_tensors(
+    dataset: ArrayDataset, input_spec: InputSpec, val_fraction: float, seed: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The stratified split as ((x_train, y_train), (x_val, y_val)), ready for distill()."""
+
+    def part(indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return to_model_input(dataset.x[indices], input_spec), torch.from_numpy(dataset.y[indices])
+
+    train_idx, val_idx = stratified_split(dataset.y, val_fraction, seed)
+    return part(train_idx), part(val_idx)
+
+
 def to_model_input(x: np.ndarray, input_spec: InputSpec) -> torch.Tensor:
     """uint8 NxHxWxC images -> normalized float NxCxSxS, as the model was trained to see them."""
     check_dataset_fits(list(x.shape[1:]), input_spec)
