@@ -17,7 +17,7 @@ from torch import nn
 
 from worker.engine import evaluate
 from worker.engine.config import DistillConfig
-from worker.engine.errors import DataError
+from worker.engine.errors import DataError, SpecError
 from worker.engine.models import logits_of, pick_device
 
 # Reading the loss forces a device sync, so the running value is refreshed only this often.
@@ -84,6 +84,9 @@ def distill(
     torch.load(weights_only=True)); passing it back as `resume` continues exactly where it stopped.
     Seed the global RNG before building the student for a reproducible initialisation.
     """
+    if config.epochs < 1:
+        # Subclassed configs (prune's recovery fine-tuning) allow 0 epochs: their caller skips training.
+        raise SpecError("training needs at least one epoch")
     if len(train[0]) == 0 or len(val[0]) == 0:
         raise DataError("training needs at least one training and one validation image; add more images")
     run = _Run(teacher, student, train, config)

@@ -87,12 +87,36 @@ def _prune_channels_(model: nn.Module, config: PruneConfig, ratio: float, calibr
             if config.importance == "taylor":
                 _gradients_on(model, x, y)
             pruner.step()
-    # Torch-Pruning reports layers it cannot follow with a variety of exception types.
-    except (RuntimeError, ValueError, KeyError, AssertionError, NotImplementedError, TypeError) as exc:
-        raise SpecError(f"Torch-Pruning cannot prune this model: {type(exc).__name__}: {exc}; add the layer it "
-                        f"names to keep_layers, or use method 'unstructured'") from exc
+    # Torch-Pruning fails on graphs it cannot follow with arbitrary exception types (ZeroDivisionError for
+    # a channel shuffle); all of them mean the same to the user.
+    except Exception as exc:
+        raise SpecError(f"Torch-Pruning cannot prune this model at {_failing_operator(exc, model)}: "
+                        f"{type(exc).__name__}: {exc}; this architecture cannot be pruned by channels, use "
+                        "method 'unstructured'") from exc
     finally:
         model.zero_grad(set_to_none=True)
+
+
+def _failing_operator(exc: BaseException, model: nn.Module) -> str:
+    """The dependency-graph node Torch-Pruning was handling, named by the nearest layer feeding it."""
+    node = None
+    frame = exc.__traceback__
+    while frame is not None:
+        candidate = frame.tb_frame.f_locals.get("node")
+        node = candidate if isinstance(candidate, tp.dependency.Node) else node
+        frame = frame.tb_next
+    if node is None:
+        return "an unsupported operator"
+    names = {id(module): name for name, module in model.named_modules() if name}
+    queue, seen = [node], set()
+    while queue:
+        current = queue.pop(0)
+        if id(current.module) in names:
+            layer = names[id(current.module)]
+            return f"layer '{layer}'" if current is node else f"operator {node.name} after layer '{layer}'"
+        seen.add(id(current))
+        queue += [parent for parent in current.inputs if id(parent) not in seen]
+    return f"operator {node.name}"
 
 
 def _gradients_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
