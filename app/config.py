@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     model_validation_timeout_seconds: float = Field(default=120.0, gt=0)
 
     device: str = "auto"
+    # Torch threads per job process; 0: the host's cores divided by the worker's concurrency.
+    torch_threads: int = Field(default=0, ge=0, le=512)
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:

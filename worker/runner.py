@@ -16,18 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import OperationalError
 
 from app.config import Settings, get_settings
 from app.db.models import Artifact, Dataset, Job, Model
 from app.db.session import session_scope
 from app.jobs import lifecycle
-from app.storage import BlobStore, atomic_write, get_store
+from app.storage import BlobStore, get_store
 from worker.engine.distill import Progress
-from worker.engine.errors import Canceled, EngineError
+from worker.engine.errors import Canceled, EngineError, Interrupted
+from worker.engine.fileio import atomic_write
 from worker.heartbeat import Heartbeat
 from worker.jobs import job_function
-from worker.preemption import PREEMPTED
+from worker.preemption import stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,8 @@ class LeaseLost(Exception):
     """Another worker owns the job now; stop without touching it."""
 
 
-class Preempted(Exception):
-    """SIGTERM or the soft time limit: checkpoint and give the job back."""
+class Preempted(Interrupted):
+    """SIGTERM or the soft time limit: the engine checkpoints, then the job is given back."""
 
 
 @dataclass(frozen=True)
@@ -108,22 +109,26 @@ class JobGuard:
         self.heartbeat.progress = asdict(progress)
         self.check()
 
-    def on_epoch_end(self, state: dict[str, Any]) -> None:
+    def on_checkpoint(self, state: dict[str, Any]) -> None:
         self.checkpoints.save(state)
-        latest = state["history"][-1] if state.get("history") else {}
-        with session_scope() as session:
-            job = session.get(Job, self.ctx.job_id)
-            if job is not None:
+        if state.get("step_in_epoch") or not state.get("history"):
+            return  # a mid-epoch checkpoint on the way out: the give-back event says why
+        try:
+            with session_scope() as session:
+                job = session.get(Job, self.ctx.job_id)
                 lifecycle.record_event(session, job, "progress", self.ctx.owner,
-                                       f"epoch {state['epoch']} done; checkpoint written", latest)
+                                       f"epoch {state['epoch']} done; checkpoint written", state["history"][-1])
+        except OperationalError:
+            # The checkpoint is on disk; a database blip must not cost the epoch.
+            log.warning("job %s: could not record epoch %s", self.ctx.job_id, state["epoch"], exc_info=True)
 
     def check(self) -> None:
         if self.heartbeat.cancel_requested.is_set():
             raise Canceled("canceled by request")
         if self.heartbeat.lease_lost.is_set():
             raise LeaseLost(self.ctx.job_id)
-        if PREEMPTED.is_set():
-            raise Preempted("worker shutting down")
+        if request := stop_requested():
+            raise Preempted(request.reason)
 
 
 def job_work_dir(settings: Settings, job_id: str) -> Path:
@@ -174,8 +179,11 @@ def _run_claimed(ctx: JobContext, heartbeat: Heartbeat, settings: Settings) -> N
     except Canceled:
         _end(ctx, "canceled", "canceled between steps; no artifact published")
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
-    except (Preempted, SoftTimeLimitExceeded) as stop:
-        _give_back(ctx, f"preempted ({stop or 'soft time limit'}); resumes from its last checkpoint")
+    except Preempted as stop:
+        if stop_requested().counts_as_attempt:
+            _retry_or_fail(ctx, f"{stop}; checkpointed")
+        else:
+            _requeue(ctx, f"preempted: {stop}; checkpointed, resumes on the next worker", refund_attempt=True)
     except LeaseLost:
         log.warning("job %s: lease lost to another worker; stopping without changes", ctx.job_id)
     except EngineError as error:
@@ -191,9 +199,9 @@ def _end(ctx: JobContext, status: str, message: str, error: str | None = None) -
         lifecycle.finish(session, ctx.job_id, ctx.owner, status, message, error=error)
 
 
-def _give_back(ctx: JobContext, message: str) -> None:
+def _requeue(ctx: JobContext, message: str, refund_attempt: bool) -> None:
     with session_scope() as session:
-        released = lifecycle.release(session, ctx.job_id, ctx.owner, message, refund_attempt=True)
+        released = lifecycle.release(session, ctx.job_id, ctx.owner, message, refund_attempt=refund_attempt)
     if released:
         lifecycle.dispatch([ctx.job_id])
 
@@ -203,11 +211,7 @@ def _retry_or_fail(ctx: JobContext, reason: str) -> None:
         # The work dir (last checkpoint) stays for inspection; the reaper removes it after the retention.
         _end(ctx, "failed", f"failed after {ctx.attempt} attempts: {reason}", error=reason)
         return
-    with session_scope() as session:
-        released = lifecycle.release(session, ctx.job_id, ctx.owner, f"attempt {ctx.attempt} crashed: {reason}",
-                                     refund_attempt=False)
-    if released:
-        lifecycle.dispatch([ctx.job_id])
+    _requeue(ctx, f"attempt {ctx.attempt} stopped: {reason}; retrying", refund_attempt=False)
 
 
 def _publish(ctx: JobContext, outcome: JobOutcome, store: BlobStore) -> None:

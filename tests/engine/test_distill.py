@@ -11,7 +11,7 @@ from tests.engine.conftest import small_cnn
 from worker.engine import evaluate, models
 from worker.engine.config import DistillConfig
 from worker.engine.distill import Progress, distill
-from worker.engine.errors import Canceled
+from worker.engine.errors import Canceled, Interrupted
 
 QUICK = DistillConfig(epochs=3, batch_size=64, lr=1e-2, seed=0, device="cpu")
 
@@ -94,6 +94,35 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(teacher, digits_splits,
     _assert_same_weights(_weights(straight), _weights(resumed))
     assert result.history == uninterrupted.history
     assert checkpoint["epoch"] == 1 and steps[0] == len(digits_splits[0][0]) // 64 + 1
+
+
+def test_interrupted_mid_epoch_resumes_at_the_next_step_with_identical_results(teacher, digits_splits) -> None:
+    straight = _build(8, dropout=0.3)
+    uninterrupted = distill(teacher, straight, *digits_splits, QUICK, lambda _: None)
+    steps_per_epoch = len(digits_splits[0][0]) // QUICK.batch_size
+    stop_at = steps_per_epoch + 3  # three steps into the second epoch
+
+    def interrupt(progress) -> None:
+        if progress.step == stop_at:
+            raise Interrupted
+
+    checkpoints: list[dict] = []
+    interrupted = _build(8, dropout=0.3)
+    with pytest.raises(Interrupted):
+        distill(teacher, interrupted, *digits_splits, QUICK, interrupt, checkpoints.append)
+    mid_epoch = checkpoints[-1]
+    assert (mid_epoch["epoch"], mid_epoch["step_in_epoch"]) == (1, 3)
+
+    buffer = io.BytesIO()
+    torch.save(mid_epoch, buffer)
+    buffer.seek(0)
+    steps: list[int] = []
+    resumed = _build(8, seed=123, dropout=0.3)
+    result = distill(teacher, resumed, *digits_splits, QUICK, lambda p: steps.append(p.step),
+                     resume=torch.load(buffer, weights_only=True))
+    assert steps[0] == stop_at + 1
+    _assert_same_weights(_weights(straight), _weights(resumed))
+    assert result.history == uninterrupted.history
 
 
 def test_checkpoints_are_snapshots(teacher, digits_splits) -> None:

@@ -4,6 +4,7 @@ count, that it resumed from a checkpoint, and that exactly one set of artifacts 
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import time
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+from app.config import get_settings
 from app.storage import sha256_file
 from tests.harness import Service
 from tests.support import TcpProxy, wait_for
@@ -137,6 +139,24 @@ def test_broker_losing_its_messages_loses_no_job(service_factory: Any, teacher_s
         assert service.wait_status(job_id, ("succeeded", "failed"), timeout=120).status == "succeeded"
 
 
+def test_job_submitted_while_broker_is_down_is_kept_and_sent_later(service_factory: Any, teacher_spec: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    service = service_factory("distributed")
+    teacher = service.upload_teacher(*teacher_spec)
+    # The API loses the broker (nothing listens on port 1); the database is still there.
+    monkeypatch.setenv("CONDENSER_BROKER_URL", "redis://127.0.0.1:1/0")
+    get_settings.cache_clear()
+    get_celery.cache_clear()
+    response = service.client.post("/v1/jobs", headers=service.headers, json=long_job(teacher, epochs=1))
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    job = service.job(job_id)
+    assert (job.status, job.enqueued_at) == ("queued", None)
+    # A worker that reaches the broker finds the unsent job in the outbox and sends it.
+    service.start_worker(CONDENSER_BROKER_URL=service.broker_url)
+    assert service.wait_status(job_id, ("succeeded", "failed"), timeout=120).status == "succeeded"
+
+
 def restart_redis(client: Any) -> None:
     """Stop the Redis server (no save) and start it again the way .ci/run does."""
     import contextlib
@@ -165,12 +185,32 @@ def test_sigterm_checkpoints_and_next_worker_resumes(service_factory: Any, teach
     assert worker.terminate(timeout=60) == 0
     job = service.job(job_id)
     assert job.status == "queued", job.status
+    assert job.attempt == 0, "a preemption must not use up an attempt"
     assert any("preempted" in e.message for e in service.events(job_id))
+    # The checkpoint was written on the way out, at or after the last completed epoch.
+    state = torch.load(service.app_env.data_dir / "jobs" / job_id / "checkpoint.pt", weights_only=True)
+    done = max(e.data["epoch"] for e in service.events(job_id) if e.kind == "progress")
+    assert (state["epoch"], state["step_in_epoch"]) >= (done, 0)
     service.start_worker()
     job = service.wait_status(job_id, ("succeeded", "failed"), timeout=180)
     assert job.status == "succeeded", job.error
     assert_resumed_from_checkpoint(service, job_id)
     assert_one_set_of_artifacts(service, job_id)
+
+
+def test_soft_time_limit_checkpoints_and_counts_as_an_attempt(service_factory: Any, teacher_spec: Any) -> None:
+    service = service_factory("distributed", CONDENSER_SOFT_TIME_LIMIT_SECONDS="4",
+                              CONDENSER_HARD_TIME_LIMIT_SECONDS="60")
+    service.start_worker()
+    job_id = started(service, teacher_spec, epochs=500)
+    job = service.wait_status(job_id, ("failed", "succeeded"), timeout=120)
+    assert job.status == "failed" and "soft time limit of 4 s reached" in job.error
+    assert job.attempt == 3
+    # Each attempt went on from where the previous one stopped.
+    events = service.events(job_id)
+    claims = [i for i, e in enumerate(events) if e.message.startswith("claimed")]
+    firsts = [next((e.data["epoch"] for e in events[i:] if e.kind == "progress"), None) for i in claims]
+    assert all(a is not None and b is not None and b > a for a, b in itertools.pairwise(firsts)), firsts
 
 
 def test_database_unreachable_mid_job_loses_nothing(service_factory: Any, teacher_spec: Any) -> None:

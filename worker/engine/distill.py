@@ -17,7 +17,7 @@ from torch import nn
 
 from worker.engine import evaluate
 from worker.engine.config import DistillConfig
-from worker.engine.errors import DataError, SpecError
+from worker.engine.errors import DataError, Interrupted, SpecError
 from worker.engine.models import logits_of, pick_device
 
 # Reading the loss forces a device sync, so the running value is refreshed only this often.
@@ -74,14 +74,16 @@ def distill(
     val: TensorPair,
     config: DistillConfig,
     on_progress: Callable[[Progress], None],
-    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     resume: dict[str, Any] | None = None,
 ) -> DistillResult:
     """Train `student` in place, from the teacher's soft targets, or from labels alone if teacher is None.
 
-    `on_progress` runs after every step and may raise (e.g. Canceled) to stop between steps.
-    `on_epoch_end` receives a checkpoint of plain tensors and primitives (safe for
-    torch.load(weights_only=True)); passing it back as `resume` continues exactly where it stopped.
+    `on_progress` runs after every step and may raise (e.g. Canceled) to stop between steps; if it
+    raises Interrupted, a checkpoint of the position mid-epoch is taken first.
+    `on_checkpoint` receives checkpoints (after every epoch, and on Interrupted) of plain tensors and
+    primitives (safe for torch.load(weights_only=True)); passing one back as `resume` continues
+    exactly where it stopped, mid-epoch included.
     Seed the global RNG before building the student for a reproducible initialisation.
     """
     if config.epochs < 1:
@@ -93,13 +95,13 @@ def distill(
     if resume is not None:
         run.restore(resume)
     for epoch in range(run.completed_epochs, config.epochs):
-        train_loss = run.train_epoch(epoch, on_progress)
+        train_loss = run.train_epoch(epoch, on_progress, on_checkpoint)
         val_accuracy = evaluate.accuracy(student, *val)
         run.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_accuracy": val_accuracy})
         run.completed_epochs = epoch + 1
         on_progress(run.progress(epoch, run.steps_per_epoch * (epoch + 1), train_loss, val_accuracy))
-        if on_epoch_end is not None:
-            on_epoch_end(run.checkpoint())
+        if on_checkpoint is not None:
+            on_checkpoint(run.checkpoint())
     accuracies = [entry["val_accuracy"] for entry in run.history]
     return DistillResult(
         history=run.history,
@@ -131,6 +133,11 @@ class _Run:
         self.optimizer = _optimizer(student, config)
         self.scheduler = _scheduler(self.optimizer, config, self.total_steps)
         self.completed_epochs = 0
+        # Position inside the epoch in progress, so that an interrupted epoch resumes at its next step:
+        # the shuffling generator's state before this epoch's permutation, the steps done, their loss.
+        self.epoch_generator_state = self.generator.get_state()
+        self.step_in_epoch = 0
+        self.epoch_loss_sum = torch.zeros((), device=self.device)
         self.history: list[dict[str, float]] = []
         self.started = time.monotonic()
         self.first_step = 0
@@ -140,19 +147,31 @@ class _Run:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.on_cuda):
             return evaluate.logits(teacher, self.x_train)  # sets eval(): no dropout, frozen BN statistics
 
-    def train_epoch(self, epoch: int, on_progress: Callable[[Progress], None]) -> float:
+    def train_epoch(self, epoch: int, on_progress: Callable[[Progress], None],
+                    on_checkpoint: Callable[[dict[str, Any]], None] | None) -> float:
         self.student.train()
+        if self.step_in_epoch == 0:
+            self.epoch_generator_state = self.generator.get_state()
+            self.epoch_loss_sum = torch.zeros((), device=self.device)
+        else:  # resumed mid-epoch: draw this epoch's permutation again, then skip the steps done
+            self.generator.set_state(self.epoch_generator_state)
         order = torch.randperm(len(self.x_train), generator=self.generator)
-        loss_sum = torch.zeros((), device=self.device)
         running_loss = None
-        for index in range(self.steps_per_epoch):
+        for index in range(self.step_in_epoch, self.steps_per_epoch):
             batch = order[index * self.batch_size : (index + 1) * self.batch_size]
-            loss_sum += self._step(batch)
+            self.epoch_loss_sum += self._step(batch)
+            self.step_in_epoch = index + 1
             if (index + 1) % LOSS_REFRESH_STEPS == 0:
-                running_loss = (loss_sum / (index + 1)).item()
+                running_loss = (self.epoch_loss_sum / (index + 1)).item()
             step = epoch * self.steps_per_epoch + index + 1
-            on_progress(self.progress(epoch, step, running_loss, None))
-        return (loss_sum / self.steps_per_epoch).item()
+            try:
+                on_progress(self.progress(epoch, step, running_loss, None))
+            except Interrupted:
+                if on_checkpoint is not None:
+                    on_checkpoint(self.checkpoint())
+                raise
+        self.step_in_epoch = 0
+        return (self.epoch_loss_sum / self.steps_per_epoch).item()
 
     def _step(self, batch: torch.Tensor) -> torch.Tensor:
         inputs = self.x_train[batch].to(self.device, non_blocking=True)
@@ -193,6 +212,9 @@ class _Run:
         return _detached_cpu_copy(
             {
                 "epoch": self.completed_epochs,
+                "step_in_epoch": self.step_in_epoch,
+                "epoch_generator": self.epoch_generator_state,
+                "epoch_loss_sum": self.epoch_loss_sum,
                 "student": self.student.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
@@ -215,8 +237,11 @@ class _Run:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.generator.set_state(rng["generator"])
         self.completed_epochs = checkpoint["epoch"]
+        self.step_in_epoch = checkpoint["step_in_epoch"]
+        self.epoch_generator_state = checkpoint["epoch_generator"]
+        self.epoch_loss_sum = checkpoint["epoch_loss_sum"].to(self.device)
         self.history = [dict(entry) for entry in checkpoint["history"]]
-        self.first_step = self.completed_epochs * self.steps_per_epoch
+        self.first_step = self.completed_epochs * self.steps_per_epoch + self.step_in_epoch
 
 
 def _optimizer(model: nn.Module, config: DistillConfig) -> torch.optim.Optimizer:

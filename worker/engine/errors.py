@@ -19,3 +19,11 @@ class DataError(EngineError):
 
 class Canceled(EngineError):
     """Raised from a progress callback to stop training between steps."""
+
+
+class Interrupted(Exception):
+    """Raised from a progress callback to stop between steps after a checkpoint is taken.
+
+    Not an EngineError: nothing is wrong with the job (the worker is shutting down, a time limit
+    was reached); it resumes from that checkpoint.
+    """
