@@ -31,7 +31,7 @@ def run_distill(ctx: JobContext, guard: JobGuard, checkpoints: Checkpoints) -> J
 
     guard.stage("training")
     result = distill(teacher, student, train, val, config, on_progress=guard.on_progress,
-                     on_epoch_end=guard.on_epoch_end, resume=checkpoints.load())
+                     on_checkpoint=guard.on_checkpoint, resume=checkpoints.load())
 
     guard.stage("exporting")
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
