@@ -40,11 +40,13 @@ def worker(
     from worker.celery_app import QUEUE
     from worker.tasks import celery_app
 
+    # --quiet is an option of the `celery` command itself, so it goes before the sub-command.
     celery_app.worker_main([
-        "worker", "--pool=prefork", f"--concurrency={concurrency}", f"--queues={QUEUE}",
+        *(["--quiet"] if quiet else []), "worker", "--pool=prefork", f"--concurrency={concurrency}",
+        f"--queues={QUEUE}",
         f"--loglevel={loglevel}", f"--hostname=condenser-{os.getpid()}@{socket.gethostname()}",
         # Gossip and mingle only slow the start down; the database coordinates workers.
-        "--without-gossip", "--without-mingle", *(["--quiet"] if quiet else []),
+        "--without-gossip", "--without-mingle",
     ])
 
 

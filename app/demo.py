@@ -26,6 +26,9 @@ from rich.table import Table
 from app.client import Client
 from app.config import get_settings
 
+# Far above the ~1 minute the demo's job takes on 2 cores: a stuck job fails the demo instead of hanging it.
+DEMO_TIMEOUT_SECONDS = 1800
+
 
 def run_demo(json_output: bool, url: str | None, api_key: str | None) -> int:
     console = Console(stderr=True)
@@ -135,7 +138,7 @@ def _wait_with_bar(client: Client, job_id: str, console: Console) -> dict[str, A
             bar.update(task, description=f"{job['status']}: {progress.get('stage', '')}",
                        completed=progress.get("step") or 0, total=progress.get("total_steps"), detail=detail)
 
-        return client.wait(job_id, on_progress=show)
+        return client.wait(job_id, on_progress=show, timeout=DEMO_TIMEOUT_SECONDS)
 
 
 def _download_and_check(client: Client, job: dict[str, Any], folder: Path, console: Console) -> dict[str, Any]:
