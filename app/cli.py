@@ -5,6 +5,7 @@ Importing this module must stay cheap and torch-free; commands import what they 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -73,7 +74,16 @@ def serve(
 
 def _start_worker(concurrency: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "app.cli", "worker", f"--concurrency={concurrency}",
-                             "--loglevel=WARNING", "--quiet"])
+                             "--loglevel=WARNING", "--quiet"], preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the worker when `serve` dies, even by kill -9, so no orphan keeps running."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _stop_worker(process: subprocess.Popen[bytes]) -> None:
