@@ -88,11 +88,18 @@ def _server(url: str | None, api_key: str | None, console: Console) -> Iterator[
     with session_scope() as session:
         _, key = create_key(session, "demo")
     port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", f"--port={port}"], env=os.environ.copy())
+    log_path = get_settings().data_dir.resolve() / "demo" / "server.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    # The server's and worker's logs go to a file: the demo's own output stays readable (and its
+    # --json line stays last), and no server process holds the caller's pipes open.
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", f"--port={port}"],
+                                   env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(base_url, process)
-        console.print(f"embedded server up at {base_url} (SQLite + filesystem broker + a Celery worker)")
+        console.print(f"embedded server up at {base_url} (SQLite + filesystem broker + a Celery worker; "
+                      f"log: {log_path})")
         yield base_url, key
     finally:
         process.terminate()
