@@ -58,28 +58,21 @@ def assert_resumed_from_checkpoint(service: Service, job_id: str) -> None:
     assert after and after[0] == max(before) + 1, (before, after)
 
 
-@pytest.mark.parametrize("backend", BOTH)
-def test_kill_worker_child_mid_epoch_resumes_from_checkpoint(service_factory: Any, backend: str,
-                                                             teacher_spec: Any) -> None:
+@pytest.mark.parametrize(("backend", "victim"), [
+    ("distributed", "child"),
+    pytest.param("embedded", "child", marks=pytest.mark.embedded),
+    ("distributed", "whole worker"),
+])
+def test_kill_9_mid_epoch_then_a_new_worker_resumes_from_checkpoint(service_factory: Any, backend: str,
+                                                                     victim: str, teacher_spec: Any) -> None:
     service = service_factory(backend)
     worker = service.start_worker()
     job_id = started(service, teacher_spec)
     service.wait_epoch(job_id, 2, timeout=120)
-    assert worker.kill_children(), "no worker child was running the job"
-    service.start_worker()
-    job = service.wait_status(job_id, ("succeeded", "failed"), timeout=180)
-    assert job.status == "succeeded", job.error
-    assert job.attempt == 2
-    assert_resumed_from_checkpoint(service, job_id)
-    assert_one_set_of_artifacts(service, job_id)
-
-
-def test_kill_whole_worker_then_restart_resumes(service_factory: Any, teacher_spec: Any) -> None:
-    service = service_factory("distributed")
-    worker = service.start_worker()
-    job_id = started(service, teacher_spec)
-    service.wait_epoch(job_id, 2, timeout=120)
-    worker.kill_all()
+    if victim == "child":
+        assert worker.kill_children(), "no worker child was running the job"
+    else:
+        worker.kill_all()
     service.start_worker()
     job = service.wait_status(job_id, ("succeeded", "failed"), timeout=180)
     assert job.status == "succeeded", job.error
