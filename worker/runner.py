@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from app.config import Settings, get_settings
-from app.db.models import Artifact, Dataset, Job, Model
+from app.db.models import Artifact, Dataset, Job, JobEvent, Model
 from app.db.session import session_scope
 from app.jobs import lifecycle
 from app.storage import BlobStore, get_store
@@ -93,6 +94,20 @@ class Checkpoints:
         return torch.load(self.path, weights_only=True, map_location="cpu")
 
 
+def record_epochs(session: Any, ctx: JobContext, history: list[dict[str, Any]]) -> None:
+    """Add a progress event for each finished epoch of `history` that the job's events lack.
+
+    The checkpoint's history is the truth: epochs that ended while the database was unreachable, or in an
+    attempt that died before recording them, are filled in by the next write that gets through."""
+    recorded = {event.data.get("epoch") for event in session.scalars(
+        select(JobEvent).where(JobEvent.job_id == ctx.job_id, JobEvent.kind == "progress"))}
+    job = session.get(Job, ctx.job_id)
+    for entry in history:
+        if entry["epoch"] not in recorded:
+            lifecycle.record_event(session, job, "progress", ctx.owner,
+                                   f"epoch {entry['epoch']} done; checkpoint written", entry)
+
+
 class JobGuard:
     """The engine's progress callback: publishes progress, stops the loop when it must."""
 
@@ -115,12 +130,10 @@ class JobGuard:
             return  # a mid-epoch checkpoint on the way out: the give-back event says why
         try:
             with session_scope() as session:
-                job = session.get(Job, self.ctx.job_id)
-                lifecycle.record_event(session, job, "progress", self.ctx.owner,
-                                       f"epoch {state['epoch']} done; checkpoint written", state["history"][-1])
+                record_epochs(session, self.ctx, state["history"])
         except OperationalError:
-            # The checkpoint is on disk; a database blip must not cost the epoch.
-            log.warning("job %s: could not record epoch %s", self.ctx.job_id, state["epoch"], exc_info=True)
+            # The checkpoint (and its history) is on disk: the next checkpoint or the publish records the epoch.
+            log.warning("job %s: could not record epoch %s yet", self.ctx.job_id, state["epoch"], exc_info=True)
 
     def check(self) -> None:
         if self.heartbeat.cancel_requested.is_set():
@@ -215,9 +228,11 @@ def _retry_or_fail(ctx: JobContext, reason: str) -> None:
 
 
 def _publish(ctx: JobContext, outcome: JobOutcome, store: BlobStore) -> None:
-    """Store the files, then in one transaction add their rows and mark the job succeeded."""
+    """Store the files, then in one transaction add their rows (and any epoch events not yet recorded)
+    and mark the job succeeded."""
     blobs = [(output, store.put_file(output.path)) for output in outcome.files]
     with session_scope() as session:
+        record_epochs(session, ctx, outcome.metrics.get("history", []))
         tenant = session.get(Job, ctx.job_id).tenant
         for output, blob in blobs:
             session.add(Artifact(tenant=tenant, job_id=ctx.job_id, kind=output.kind, filename=output.filename,
