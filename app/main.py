@@ -22,13 +22,16 @@ log = logging.getLogger(__name__)
 API_PREFIX = "/v1"
 
 DESCRIPTION = """
-Turn a trained PyTorch classifier (the *teacher*) into a smaller, faster one (the *student*) by knowledge
-distillation.
+Turn a trained PyTorch classifier into a smaller, faster one: knowledge distillation into a smaller student
+architecture, structured channel pruning (or unstructured sparsity) with recovery fine-tuning, and int8
+quantization (dynamic, static, quantization-aware training) to TorchScript and ONNX. Every size, accuracy and
+latency figure is measured on the file you download, run as you will run it.
 
-1. `POST /v1/models`: upload the teacher's weights (safetensors or a state_dict) with its architecture spec.
+1. `POST /v1/models`: upload the model's weights (safetensors or a state_dict) with its architecture spec.
 2. `POST /v1/datasets`: upload labelled images (.npz, or a zip/tar of class folders), or use the built-in `digits`.
-3. `POST /v1/jobs`: submit a distillation job; poll `GET /v1/jobs/{id}` for progress and metrics.
-4. `GET /v1/artifacts/{id}/download`: download the student (resumable with Range; check the sha256).
+3. `POST /v1/jobs`: submit a job (`kind`: distill, prune or quantize); poll `GET /v1/jobs/{id}` for progress
+   and metrics.
+4. `GET /v1/artifacts/{id}/download`: download the result (resumable with Range; check the sha256).
 
 Every route except `/healthz` and `/readyz` needs `Authorization: Bearer <API key>`. Errors are JSON:
 `{"detail": "what went wrong and how to fix it"}`. Creating routes accept an `Idempotency-Key` header so that
@@ -36,7 +39,7 @@ retries are safe.
 """
 
 TAGS = [
-    {"name": "models", "description": "Teacher models: weights plus the architecture they load into."},
+    {"name": "models", "description": "Input models (teachers): weights plus the architecture they load into."},
     {"name": "datasets", "description": "Labelled image datasets, uploaded or built in."},
     {"name": "jobs", "description": "Compression jobs: submit, follow, cancel."},
     {"name": "artifacts", "description": "Files produced by jobs, with checksums and resumable downloads."},

@@ -9,7 +9,7 @@ from app.artifacts.service import artifacts_of_job
 from app.deps import CurrentPrincipal, DbSession, IdempotencyKey, SettingsDep, mark_replayed
 from app.idempotency import CREATED_RESPONSE
 from app.jobs import service
-from app.jobs.schemas import JobCreate, JobDetail, JobOut, JobPage, JobStatus
+from app.jobs.schemas import JobDetail, JobOut, JobPage, JobStatus, JobSubmission
 from app.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, PageRequest, next_link
 from app.routing import BoundedBodyRoute
 from app.schemas import error_responses
@@ -23,14 +23,20 @@ def _detail(view: service.JobView) -> JobDetail:
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobDetail, summary="Submit a job",
              responses={**CREATED_RESPONSE, **error_responses(404, 409, 422)})
-def submit_job(body: JobCreate, response: Response, principal: CurrentPrincipal, session: DbSession,
+def submit_job(body: JobSubmission, response: Response, principal: CurrentPrincipal, session: DbSession,
                settings: SettingsDep, idempotency_key: IdempotencyKey = None) -> JobDetail:
-    """Queue a distillation job: the teacher model's knowledge is distilled into the student architecture
-    on the dataset, with the teacher's input spec.
+    """Queue a compression job; `kind` selects the body's shape:
 
-    Everything is checked before the job is queued: the teacher and dataset exist for this tenant, the
-    student spec is valid, classes agree, and the dataset's images can be brought to the teacher's input.
-    Then poll GET /v1/jobs/{id} for progress, metrics and artifacts.
+    - `distill` (the default): the teacher model's knowledge is distilled into the student architecture.
+    - `prune`: structured channel pruning (or unstructured sparsity) of `model`, then recovery fine-tuning
+      with the unpruned model as the teacher; artifacts: safetensors + arch spec, TorchScript, ONNX.
+    - `quantize`: int8 (dynamic, static or quantization-aware training) of `model`; artifacts: TorchScript
+      (int8 kernels of the chosen backend) and ONNX (QDQ int8 for ONNX Runtime).
+
+    Everything is checked before the job is queued: the model and dataset exist for this tenant, the
+    settings are valid for the kind and method, classes agree, and the dataset's images can be brought to
+    the model's input. Then poll GET /v1/jobs/{id} for progress, metrics (accuracy, size, latency of each
+    artifact against the input model measured the same way) and artifacts.
     """
     outcome = service.submit_job(session, principal, body, idempotency_key, settings)
     mark_replayed(response, outcome.replayed)

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from app.artifacts.schemas import ArtifactOut
 from app.db.models import Job, JobEvent
 from app.schemas import OutModel, Page, UtcDatetime
-from worker.engine.config import BUILTIN_DATASETS, DistillConfig, StudentSpec
+from worker.engine.config import BUILTIN_DATASETS, DistillConfig, PruneConfig, QuantizeConfig, StudentSpec
 
 JobStatus = Literal["queued", "running", "canceling", "succeeded", "failed", "canceled"]
 
+JobKind = Literal["distill", "prune", "quantize"]
+KINDS: tuple[str, ...] = JobKind.__args__
+MODEL_ID_EXAMPLE = "mdl_4f0c2a9e1b7d3c5a6e8f0b1d"
+
 JOB_EXAMPLE: dict[str, Any] = {
     "kind": "distill",
-    "teacher": "mdl_4f0c2a9e1b7d3c5a6e8f0b1d",
+    "teacher": MODEL_ID_EXAMPLE,
     "dataset": "digits",
     "student": {"arch": "small_cnn", "kwargs": {"width": 8, "depth": 2}},
     "epochs": 10,
@@ -26,25 +30,83 @@ JOB_EXAMPLE: dict[str, Any] = {
 }
 
 
+PRUNE_EXAMPLE: dict[str, Any] = {
+    "kind": "prune", "model": MODEL_ID_EXAMPLE, "dataset": "digits", "method": "structured",
+    "channel_ratio": 0.5, "importance": "taylor", "epochs": 3,
+}
+QUANTIZE_EXAMPLE: dict[str, Any] = {
+    "kind": "quantize", "model": MODEL_ID_EXAMPLE, "dataset": "digits", "method": "static", "backend": "x86",
+    "calibration_samples": 256,
+}
+
+
+def _dataset_field(purpose: str) -> Any:
+    return Field(
+        min_length=1, max_length=64,
+        description=f"Id of an uploaded dataset (dst_...) or a built-in name ({', '.join(BUILTIN_DATASETS)}), "
+        f"for {purpose}. Its classes must be the model's classes; the held-out part (val_fraction, seed) is "
+        "used only for evaluation.",
+        examples=["digits"],
+    )
+
+
+def _model_field(role: str) -> Any:
+    return Field(min_length=1, max_length=64, description=f"Id of an uploaded model (mdl_...): {role}.",
+                 examples=[MODEL_ID_EXAMPLE])
+
+
 class JobCreate(DistillConfig):
     """A distillation job: teacher, data, student architecture, and the training settings (all optional)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={"examples": [JOB_EXAMPLE]})
 
-    kind: Literal["distill"] = Field(default="distill", description="The job type; only 'distill' for now.")
-    teacher: str = Field(min_length=1, max_length=64, description="Id of an uploaded model (mdl_...).",
-                         examples=["mdl_4f0c2a9e1b7d3c5a6e8f0b1d"])
-    dataset: str = Field(
-        min_length=1, max_length=64,
-        description=f"Id of an uploaded dataset (dst_...) or a built-in name ({', '.join(BUILTIN_DATASETS)}). "
-        "Its classes must be the teacher's classes.",
-        examples=["digits"],
-    )
+    kind: Literal["distill"] = Field(default="distill", description="The job type: distill (the default), prune "
+                                     "or quantize.")
+    teacher: str = _model_field("the teacher")
+    dataset: str = _dataset_field("distillation")
     student: StudentSpec = Field(
         description="The student architecture. Its input is the teacher's; kwargs.num_classes defaults to the "
         "teacher's and must equal it.",
         examples=[JOB_EXAMPLE["student"]],
     )
+
+
+class PruneJobCreate(PruneConfig):
+    """A pruning job: structured channel pruning (or unstructured sparsity) of the model, then recovery
+    fine-tuning with the unpruned model as the distillation teacher."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={"examples": [PRUNE_EXAMPLE]})
+
+    kind: Literal["prune"]
+    model: str = _model_field("the model to prune, and the teacher of its recovery fine-tuning")
+    dataset: str = _dataset_field("ranking channels (calibration_samples) and recovery fine-tuning")
+
+
+class QuantizeJobCreate(QuantizeConfig):
+    """An int8 quantization job: TorchScript and ONNX Runtime artifacts, measured as they will run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={"examples": [QUANTIZE_EXAMPLE]})
+
+    kind: Literal["quantize"]
+    model: str = _model_field("the model to quantize (and the teacher of quantization-aware training)")
+    dataset: str = _dataset_field("calibration (calibration_samples training images) and quantization-aware "
+                                  "training")
+
+
+def _kind_of(body: Any) -> str | None:
+    """The body's kind, 'distill' when absent (as before prune and quantize existed)."""
+    kind = body.get("kind", "distill") if isinstance(body, dict) else getattr(body, "kind", None)
+    return kind if kind in KINDS else None
+
+
+# One body, three shapes: each kind forbids the others' fields, so a misplaced field is a 422 naming it.
+JobSubmission = Annotated[
+    Annotated[JobCreate, Tag("distill")] | Annotated[PruneJobCreate, Tag("prune")]
+    | Annotated[QuantizeJobCreate, Tag("quantize")],
+    Discriminator(_kind_of, custom_error_type="invalid_kind",
+                  custom_error_message="kind: Input should be 'distill', 'prune' or 'quantize'"),
+]
+AnyJobCreate = JobCreate | PruneJobCreate | QuantizeJobCreate
 
 
 class JobProgress(BaseModel):
@@ -77,12 +139,15 @@ class JobEventOut(OutModel):
 
 class JobOut(OutModel):
     id: str = Field(examples=["job_5e6f7a8b9c0d1e2f3a4b5c6d"])
-    kind: str = Field(examples=["distill"])
+    kind: JobKind = Field(examples=["distill"])
     status: JobStatus
     attempt: int = Field(description="Attempts started so far (a job is retried after a lost worker).")
     max_attempts: int
     cancel_requested: bool
-    teacher: str = Field(examples=["mdl_4f0c2a9e1b7d3c5a6e8f0b1d"])
+    model: str = Field(description="The input model: the teacher of a distillation, the model pruned or "
+                       "quantized otherwise.", examples=[MODEL_ID_EXAMPLE])
+    teacher: str = Field(description="The same id as model (named for distillation, kept for compatibility).",
+                         examples=[MODEL_ID_EXAMPLE])
     dataset: str | None = Field(description="Dataset id, or the built-in's name.", examples=["digits"])
     spec: dict[str, Any] = Field(description="The submission as stored, with every default filled in.")
     progress: JobProgress
@@ -113,7 +178,8 @@ class JobDetail(JobOut):
 def _job_fields(job: Job) -> dict[str, Any]:
     return {
         "id": job.id, "kind": job.kind, "status": job.status, "attempt": job.attempt,
-        "max_attempts": job.max_attempts, "cancel_requested": job.cancel_requested, "teacher": job.teacher_id,
+        "max_attempts": job.max_attempts, "cancel_requested": job.cancel_requested, "model": job.teacher_id,
+        "teacher": job.teacher_id,
         "dataset": job.dataset_id or job.spec.get("dataset"), "spec": job.spec,
         "progress": JobProgress.model_validate(job.progress or {}), "metrics": job.metrics or {},
         "error": job.error, "created_at": job.created_at, "started_at": job.started_at,

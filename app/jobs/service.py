@@ -20,7 +20,7 @@ from app.db.models import Artifact, Job, JobEvent, Model, new_id
 from app.errors import Invalid, NotFound
 from app.idempotency import Outcome, claim, idempotent_request, previous_resource
 from app.jobs import lifecycle, repository
-from app.jobs.schemas import JobCreate
+from app.jobs.schemas import AnyJobCreate, JobCreate
 from app.models import repository as models_repository
 from app.pagination import PageRequest
 from app.schemas import invalid_from
@@ -46,25 +46,27 @@ class JobView:
     events: list[JobEvent]
 
 
-def submit_job(session: Session, principal: Principal, body: JobCreate, idempotency_key: str | None,
+def submit_job(session: Session, principal: Principal, body: AnyJobCreate, idempotency_key: str | None,
                settings: Settings) -> Outcome[Job]:
     request = idempotent_request(principal.tenant, ROUTE, idempotency_key, body.model_dump(mode="json"))
     earlier = previous_resource(session, request)
     if earlier is not None:
         return Outcome(get_job(session, principal.tenant, earlier), replayed=True)
 
-    teacher = _teacher(session, principal.tenant, body.teacher)
-    teacher_input = InputSpec.model_validate(teacher.input_spec)
+    # A distillation names its input model "teacher"; pruning and quantization name it "model".
+    field, model_id = ("teacher", body.teacher) if isinstance(body, JobCreate) else ("model", body.model)
+    source = _input_model(session, principal.tenant, model_id, field)
+    source_input = InputSpec.model_validate(source.input_spec)
     dataset_id, dataset = _dataset(session, principal.tenant, body.dataset)
-    student = _student_arch(body.student, teacher, teacher_input)
-    _check_dataset(dataset, teacher, teacher_input)
+    spec = _stored_spec(body, source, source_input)
+    _check_dataset(dataset, source, source_input, field, body.kind)
 
     job_id = new_id("job")
     winner = claim(session, request, job_id)
     if winner is not None:
         return Outcome(get_job(session, principal.tenant, winner), replayed=True)
-    spec: dict[str, Any] = {**body.model_dump(mode="json"), "student": {"arch": student.arch, "kwargs": student.kwargs}}
-    job = Job(id=job_id, tenant=principal.tenant, kind=body.kind, spec=spec, teacher_id=teacher.id,
+    # The input model goes in teacher_id whatever the kind: the worker loads it from there.
+    job = Job(id=job_id, tenant=principal.tenant, kind=body.kind, spec=spec, teacher_id=source.id,
               dataset_id=dataset_id, status="queued", max_attempts=settings.max_attempts)
     repository.add(session, job)
     lifecycle.record_event(session, job, "state", principal.actor, "submitted")
@@ -108,8 +110,18 @@ def _after_commit(session: Session, action: Callable[[], None]) -> None:
     event.listen(session, "after_commit", run)
 
 
-def _teacher(session: Session, tenant: str, model_id: str) -> Model:
-    _expect_kind(model_id, "teacher", "model", "an uploaded model's id (mdl_...)")
+def _stored_spec(body: AnyJobCreate, source: Model, source_input: InputSpec) -> dict[str, Any]:
+    """The submission with every default filled in (and a distillation student's classes taken from its
+    teacher), as the worker will read it."""
+    spec: dict[str, Any] = body.model_dump(mode="json")
+    if isinstance(body, JobCreate):
+        student = _student_arch(body.student, source, source_input)
+        spec["student"] = {"arch": student.arch, "kwargs": student.kwargs}
+    return spec
+
+
+def _input_model(session: Session, tenant: str, model_id: str, field: str) -> Model:
+    _expect_kind(model_id, field, "model", "an uploaded model's id (mdl_...)")
     model = models_repository.get(session, tenant, model_id)
     if model is None:
         raise NotFound(f"model {model_id} not found")
@@ -149,11 +161,15 @@ def _student_arch(student: StudentSpec, teacher: Model, teacher_input: InputSpec
         raise invalid_from(exc, "student") from exc
 
 
-def _check_dataset(dataset: DatasetShape, teacher: Model, teacher_input: InputSpec) -> None:
-    if dataset.num_classes != teacher.num_classes:
-        raise Invalid(f"the dataset has {dataset.num_classes} classes but the teacher {teacher.id} predicts "
-                      f"{teacher.num_classes}; distillation needs the same classes")
+_PURPOSES = {"distill": "distillation", "prune": "fine-tuning and evaluating a pruned model",
+             "quantize": "calibrating and evaluating a quantized model"}
+
+
+def _check_dataset(dataset: DatasetShape, model: Model, model_input: InputSpec, role: str, kind: str) -> None:
+    if dataset.num_classes != model.num_classes:
+        raise Invalid(f"the dataset has {dataset.num_classes} classes but the {role} {model.id} predicts "
+                      f"{model.num_classes}; {_PURPOSES[kind]} needs the same classes")
     try:
-        check_dataset_fits(dataset.image_shape, teacher_input)
+        check_dataset_fits(dataset.image_shape, model_input)
     except SpecError as exc:
         raise Invalid(str(exc)) from exc

@@ -74,7 +74,7 @@ def test_submit_with_an_uploaded_dataset(client: TestClient, auth_headers: dict[
         ({"batch_size": 10**9}, "batch_size"),
         ({"optimizer": "rmsprop"}, "optimizer: Input should be 'adamw' or 'sgd'"),
         ({"learning_rate": 0.1}, "learning_rate: unknown field"),
-        ({"kind": "prune"}, "kind: Input should be 'distill'"),
+        ({"kind": "sparsify"}, "kind: Input should be 'distill', 'prune' or 'quantize'"),
         ({"student": {"arch": "small_cnn", "kwarg": {}}}, "student.kwarg: unknown field"),
         ({"teacher": None}, "teacher"),
     ],

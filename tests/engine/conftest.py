@@ -26,3 +26,19 @@ def limits() -> IngestLimits:
     return IngestLimits(
         max_entries=200, max_unpacked_bytes=20_000_000, max_compression_ratio=50, max_image_pixels=4096 * 4096
     )
+
+
+@pytest.fixture(scope="session")
+def trained_small_cnn(digits_splits) -> tuple[ArchSpec, torch.nn.Module]:
+    """A small_cnn (width 16, 3 blocks) trained on digits to about 0.98: real weights to prune and quantize,
+    so that agreement between a model and its compressed copy means something."""
+    from worker.engine.config import DistillConfig
+    from worker.engine.distill import distill
+    from worker.engine.models import build_model
+
+    arch = small_cnn(16, depth=3)
+    torch.manual_seed(0)
+    model = build_model(arch)
+    config = DistillConfig(epochs=4, batch_size=64, lr=1e-2, seed=0, device="cpu")
+    distill(None, model, digits_splits[0], digits_splits[1], config, lambda _: None)
+    return arch, model.eval()

@@ -17,6 +17,8 @@ JobFunction = Callable[["JobContext", "JobGuard", "Checkpoints"], "JobOutcome"]
 
 def job_function(kind: str) -> JobFunction:
     from worker.jobs.distill import run_distill
+    from worker.jobs.prune import run_prune
+    from worker.jobs.quantize import run_quantize
 
-    kinds: dict[str, JobFunction] = {"distill": run_distill}
+    kinds: dict[str, JobFunction] = {"distill": run_distill, "prune": run_prune, "quantize": run_quantize}
     return kinds[kind]

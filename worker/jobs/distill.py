@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from worker.engine import data, evaluate, export, models
-from worker.engine.config import ArchSpec, DistillConfig, InputSpec
+from worker.engine import evaluate, export, models
+from worker.engine.config import ArchSpec, DistillConfig
 from worker.engine.distill import distill
+from worker.jobs import inputs, measure
 
 if TYPE_CHECKING:
     from worker.runner import Checkpoints, JobContext, JobGuard, JobOutcome
@@ -20,14 +21,11 @@ def run_distill(ctx: JobContext, guard: JobGuard, checkpoints: Checkpoints) -> J
 
     guard.stage("loading")
     spec = ctx.spec
-    config = DistillConfig(**{name: spec[name] for name in DistillConfig.model_fields if name in spec})
-    input_spec = InputSpec(**ctx.teacher.input_spec)
-    teacher_arch = ArchSpec(arch=ctx.teacher.arch["arch"], kwargs=ctx.teacher.arch["kwargs"], input=input_spec)
-    student_arch = ArchSpec(arch=spec["student"]["arch"], input=input_spec,
+    loaded = inputs.load(ctx, DistillConfig)
+    config, teacher_arch, teacher, train, val = loaded.config, loaded.arch, loaded.model, loaded.train, loaded.val
+    student_arch = ArchSpec(arch=spec["student"]["arch"], input=teacher_arch.input,
                             kwargs={"num_classes": teacher_arch.num_classes, **spec["student"].get("kwargs", {})})
-    teacher = models.load_model(ctx.teacher.path, ctx.teacher.format, teacher_arch)
     student = models.build_model(student_arch)
-    train, val = _splits(ctx, config, input_spec)
 
     guard.stage("training")
     result = distill(teacher, student, train, val, config, on_progress=guard.on_progress,
@@ -44,52 +42,47 @@ def run_distill(ctx: JobContext, guard: JobGuard, checkpoints: Checkpoints) -> J
     export.export_torchscript(student, example, scripted)
 
     guard.stage("evaluating")
-    metrics = _measure(ctx, teacher, teacher_arch, student_arch, weights, scripted, val)
+    metrics = _measure(ctx, teacher, student_arch, weights, scripted, val)
     metrics["history"] = result.history
     files = [
         OutputFile("student_safetensors", weights, "student.safetensors", "application/octet-stream",
                    "safetensors (+ student.arch.json)"),
         OutputFile("student_arch_spec", spec_file, "student.arch.json", "application/json", "spec"),
         OutputFile("student_torchscript", scripted, "student.torchscript.pt", "application/octet-stream",
-                   f"torchscript (torch {torch.__version__.split('+')[0]})"),
+                   measure.runtime_of(measure.TORCHSCRIPT)),
     ]
     return JobOutcome(files=files, metrics=metrics)
 
 
-def _splits(ctx: JobContext, config: DistillConfig, input_spec: InputSpec) -> tuple[Any, Any]:
-    dataset = data.load_canonical(ctx.dataset_path) if ctx.dataset_path else data.load_builtin(ctx.spec["dataset"])
-    train_idx, val_idx = data.stratified_split(dataset.y, config.val_fraction, config.seed)
-
-    def part(indices: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return data.to_model_input(dataset.x[indices], input_spec), torch.from_numpy(dataset.y[indices]).long()
-
-    return part(train_idx), part(val_idx)
-
-
-def _measure(ctx: JobContext, teacher: torch.nn.Module, teacher_arch: ArchSpec, student_arch: ArchSpec,
-             weights: Path, scripted: Path, val: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
-    """Measure the files the user downloads, reloaded from disk, with one method for both models."""
-    x_val, y_val = val
-    teacher = teacher.cpu().eval()
+def _measure(ctx: JobContext, teacher: torch.nn.Module, student_arch: ArchSpec, weights: Path, scripted: Path,
+             val: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """Both models measured by measure.py: the student's downloaded files reloaded from disk, the teacher
+    exported to TorchScript and reloaded the same way."""
+    held_out = measure.HeldOut.of(teacher, val)
+    teacher_summary = measure.float_model_summary(teacher, held_out)
+    teacher_script = measure.input_baseline(teacher, held_out, ctx.work_dir / "baseline", (measure.TORCHSCRIPT,))
     student = models.load_model(weights, "safetensors", student_arch)
-    student_script = export.load_torchscript(scripted)
-    shape = tuple(x_val.shape[1:])
-    teacher_script = torch.jit.trace(teacher, x_val[:1])
-    teacher_latency = evaluate.cpu_latency_ms(teacher_script, shape)
-    student_latency = evaluate.cpu_latency_ms(student_script, shape)
-    teacher_params, student_params = models.param_count(teacher), models.param_count(student)
+    student_summary = measure.float_model_summary(student, held_out)
+    student_script = measure.measure_artifact(scripted, measure.runtime_of(measure.TORCHSCRIPT), held_out,
+                                              evaluate.predict(student, held_out.x))
+    teacher_latency = {key: value for key, value in teacher_script[measure.TORCHSCRIPT].items() if "latency" in key}
+    student_latency = {key: value for key, value in student_script.items() if "latency" in key}
     student_bytes = weights.stat().st_size
     return {
-        "validation_samples": len(y_val),
-        "teacher": {"accuracy": evaluate.accuracy(teacher, x_val, y_val), "param_count": teacher_params,
-                    "file_bytes": ctx.teacher.bytes, "cpu_latency_ms_batch1": teacher_latency},
+        "validation_samples": len(held_out.y),
+        "teacher": {"accuracy": teacher_summary["accuracy"], "param_count": teacher_summary["params"],
+                    "macs": teacher_summary["macs"], "file_bytes": ctx.teacher.bytes, **teacher_latency},
         "student": {
-            "accuracy": evaluate.accuracy(student, x_val, y_val),
-            "torchscript_accuracy": evaluate.accuracy(student_script, x_val, y_val),
-            "agreement_with_teacher": evaluate.agreement(student, teacher, x_val),
-            "param_count": student_params, "file_bytes": student_bytes,
-            "torchscript_bytes": scripted.stat().st_size, "cpu_latency_ms_batch1": student_latency,
+            "accuracy": student_summary["accuracy"], "torchscript_accuracy": student_script["accuracy"],
+            "agreement_with_teacher": student_summary["agreement_with_input"],
+            "param_count": student_summary["params"], "macs": student_summary["macs"], "file_bytes": student_bytes,
+            "torchscript_bytes": student_script["file_bytes"], **student_latency,
         },
-        "ratios": {"params": teacher_params / student_params, "file_bytes": ctx.teacher.bytes / student_bytes,
-                   "cpu_latency_speedup": teacher_latency / student_latency},
+        "ratios": {"params": teacher_summary["params"] / student_summary["params"],
+                   "macs": teacher_summary["macs"] / student_summary["macs"],
+                   "file_bytes": ctx.teacher.bytes / student_bytes,
+                   "cpu_latency_speedup": teacher_latency["cpu_latency_ms_batch1"]
+                   / student_latency["cpu_latency_ms_batch1"],
+                   "cpu_latency_speedup_batch32": teacher_latency["cpu_latency_ms_batch32"]
+                   / student_latency["cpu_latency_ms_batch32"]},
     }

@@ -1,0 +1,83 @@
+"""What both benchmarks share: the trained resnet18, its digits split, and latency measured fairly.
+
+Run from a fresh clone as `.venv/bin/python bench/<script>.py`; each script prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script from a fresh clone, without installing the package
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from worker.engine import data, evaluate  # noqa: E402
+from worker.engine.recipes import DIGITS_INPUT, DIGITS_TEACHER_TRAINING, train_digits_teacher  # noqa: E402
+
+# The model is trained on digits upscaled to 32 px; it is fully convolutional with adaptive pooling, so
+# latency is measured at the ImageNet size its users would feed it.
+LATENCY_SHAPE = (3, 224, 224)
+TensorPair = tuple[torch.Tensor, torch.Tensor]
+
+
+def trained_resnet18() -> tuple[nn.Module, TensorPair, TensorPair]:
+    """resnet18 (10 classes) trained briefly on digits at 32 px, and the (train, val) split it used."""
+    model, _ = train_digits_teacher()
+    config = DIGITS_TEACHER_TRAINING
+    train, val = data.train_val_tensors(data.load_builtin("digits"), DIGITS_INPUT, config.val_fraction, config.seed)
+    return model.cpu().eval(), train, val
+
+
+def accuracy_pts(model: Callable[[torch.Tensor], torch.Tensor] | nn.Module, val: TensorPair) -> float:
+    return 100 * evaluate.accuracy(model, *val)
+
+
+def interleaved_latency_ms(models: dict[str, Any], batch_size: int = 1, rounds: int = 7,
+                           iters: int = 15) -> dict[str, float]:
+    """Median milliseconds per call of each model, measured in alternating rounds and keeping each model's
+    best round: on a shared machine, another process's burst then slows a round of every model alike, or
+    none, instead of whichever model happened to run during it."""
+    batch = torch.zeros((batch_size, *LATENCY_SHAPE))
+    best = {name: float("inf") for name in models}
+    with torch.inference_mode():
+        for model in models.values():  # warm-up: TorchScript profiling runs, oneDNN / fbgemm packing
+            for _ in range(3):
+                model(batch)
+        for _ in range(rounds):
+            for name, model in models.items():
+                timings = []
+                for _ in range(iters):
+                    start = time.perf_counter()
+                    model(batch)
+                    timings.append((time.perf_counter() - start) * 1000)
+                best[name] = min(best[name], statistics.median(timings))
+    return best
+
+
+def environment() -> dict[str, Any]:
+    return {"torch": torch.__version__.split("+")[0], "cpu": _cpu_name(), "threads": torch.get_num_threads(),
+            "latency_input": list(LATENCY_SHAPE)}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def print_result(result: dict[str, Any]) -> None:
+    print(json.dumps({key: round(value, 4) if isinstance(value, float) else value for key, value in result.items()}))

@@ -1,0 +1,114 @@
+"""The pruning job: model + dataset -> pruned model, fine-tuned from the unpruned one, measured and exported.
+
+Pruning is deterministic (fixed calibration batch, eval-mode ranking), so a retried attempt re-prunes to
+the same structure and then resumes fine-tuning from the checkpoint of the attempt before.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from worker.engine import evaluate, export, onnxio, prune
+from worker.engine.config import ArchSpec, PruneConfig
+from worker.engine.distill import distill
+from worker.jobs import inputs, measure
+
+if TYPE_CHECKING:
+    from worker.runner import Checkpoints, JobContext, JobGuard, JobOutcome, OutputFile
+
+DENSE_NOTE = ("unstructured pruning only zeroes weights: shapes, file size and dense latency are those of the "
+              "input model; the zeros pay off only with a sparse runtime or compression")
+
+
+def run_prune(ctx: JobContext, guard: JobGuard, checkpoints: Checkpoints) -> JobOutcome:
+    from worker.runner import JobOutcome
+
+    guard.stage("loading")
+    loaded = inputs.load(ctx, PruneConfig)
+    config, arch, model, train, val = loaded.config, loaded.arch, loaded.model, loaded.train, loaded.val
+
+    guard.stage("pruning")
+    pruned, details = _pruned(model, config, train, arch)
+    history: list[dict[str, float]] = []
+    if config.epochs > 0:
+        guard.stage("fine-tuning")
+        history = distill(model, pruned, train, val, inputs.training_config(config), on_progress=guard.on_progress,
+                          on_checkpoint=guard.on_checkpoint, resume=checkpoints.load()).history
+    if config.method == "unstructured":
+        prune.make_permanent_(pruned)
+        details["sparsity"] = prune.weight_sparsity(pruned, config.keep_layers, arch.num_classes)
+
+    guard.stage("exporting")
+    files = _export(pruned, prune.pruned_arch_document(arch, details["pruned_shapes"]), val[0][:1], ctx.work_dir)
+
+    guard.stage("evaluating")
+    metrics = _measure(ctx, model, arch, files, val)
+    notes = [DENSE_NOTE] if config.method == "unstructured" else []
+    return JobOutcome(files=files, metrics={**metrics, "pruning": details, "history": history, "notes": notes})
+
+
+def _pruned(model: nn.Module, config: PruneConfig, train: inputs.TensorPair, arch: ArchSpec) -> (
+        tuple[nn.Module, dict[str, Any]]):
+    """A pruned copy of `model`, and what was done to it."""
+    pruned = copy.deepcopy(model)
+    if config.method == "unstructured":
+        assert config.sparsity is not None  # the config validates it
+        prune.prune_unstructured_(pruned, config.sparsity, config.keep_layers, arch.num_classes)
+        return pruned, {"method": "unstructured", "requested_sparsity": config.sparsity, "pruned_shapes": {}}
+    calibration = inputs.calibration_subset(train, config.calibration_samples, config.seed)
+    result = prune.prune_structured_(pruned, config, calibration, arch.num_classes)
+    # Recorded (and checked to rebuild) before fine-tuning, so an unloadable result fails fast.
+    shapes = prune.pruned_shapes(pruned, model)
+    return pruned, {"method": "structured", "importance": config.importance, "channel_ratio": result.channel_ratio,
+                    "macs_before": result.macs_before, "macs_after": result.macs_after, "pruned_shapes": shapes}
+
+
+_FILES = {  # kind: (file name, media type)
+    "pruned_safetensors": ("pruned.safetensors", "application/octet-stream"),
+    "pruned_arch_spec": ("pruned.arch.json", "application/json"),
+    "pruned_torchscript": ("pruned" + measure.SUFFIXES[measure.TORCHSCRIPT], "application/octet-stream"),
+    "pruned_onnx": ("pruned" + measure.SUFFIXES[measure.ONNX], "application/octet-stream"),
+}
+
+
+def _export(pruned: nn.Module, arch_document: dict[str, Any], example: Any, folder: Path) -> list[OutputFile]:
+    from worker.runner import OutputFile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {kind: folder / filename for kind, (filename, _) in _FILES.items()}
+    export.save_safetensors(pruned, paths["pruned_safetensors"])
+    export.save_json(arch_document, paths["pruned_arch_spec"])
+    export.export_torchscript(pruned, example, paths["pruned_torchscript"])
+    onnxio.export_onnx(pruned, example, paths["pruned_onnx"])
+    runtimes = {"pruned_safetensors": "safetensors (+ pruned.arch.json)", "pruned_arch_spec": "spec",
+                "pruned_torchscript": measure.runtime_of(measure.TORCHSCRIPT),
+                "pruned_onnx": measure.runtime_of(measure.ONNX)}
+    return [OutputFile(kind, paths[kind], filename, media_type, runtimes[kind])
+            for kind, (filename, media_type) in _FILES.items()]
+
+
+def _measure(ctx: JobContext, model: nn.Module, arch: ArchSpec, files: list[OutputFile],
+             val: inputs.TensorPair) -> dict[str, Any]:
+    """The engine model is the one rebuilt from the downloaded weights and arch spec, so the measurement
+    also proves that those two files load; TorchScript and ONNX are compared with it."""
+    paths = {output.kind: output.path for output in files}
+    runtimes = {output.kind: output.runtime for output in files}
+    held_out = measure.HeldOut.of(model, val)
+    shapes = json.loads(paths["pruned_arch_spec"].read_text())["pruned_shapes"]
+    engine_model = prune.load_pruned(paths["pruned_safetensors"], arch, shapes)
+    engine_predictions = evaluate.predict(engine_model, held_out.x)
+    output_artifacts = {fmt: measure.measure_artifact(paths[f"pruned_{fmt}"], runtimes[f"pruned_{fmt}"], held_out,
+                                                      engine_predictions)
+                        for fmt in (measure.TORCHSCRIPT, measure.ONNX)}
+    return measure.compression_metrics(
+        input_summary={**measure.float_model_summary(model, held_out), "file_bytes": ctx.teacher.bytes},
+        output_summary={**measure.float_model_summary(engine_model, held_out),
+                        "file_bytes": paths["pruned_safetensors"].stat().st_size},
+        input_artifacts=measure.input_baseline(model, held_out, ctx.work_dir / "baseline"),
+        output_artifacts=output_artifacts, held_out=held_out,
+    )

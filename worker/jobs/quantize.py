@@ -1,0 +1,149 @@
+"""The quantization job: model + dataset -> int8 TorchScript and int8 ONNX, measured as they will run.
+
+QAT fine-tunes with the float model as the distillation teacher and checkpoints like any training, so a
+retried attempt prepares the same fake-quantized graph and resumes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from worker.engine import evaluate, export, onnxio, quantize
+from worker.engine.config import ArchSpec, QuantizeConfig
+from worker.engine.distill import distill
+from worker.jobs import inputs, measure
+
+if TYPE_CHECKING:
+    from worker.runner import Checkpoints, JobContext, JobGuard, JobOutcome, OutputFile
+
+TORCHSCRIPT_FILE = "quantized" + measure.SUFFIXES[measure.TORCHSCRIPT]
+ONNX_FILE = "quantized" + measure.SUFFIXES[measure.ONNX]
+INFO_FILE = "quantized.json"
+NOT_EXPORTED = ("no ExportedProgram (.pt2): torch.export cannot serialize the packed int8 weights of "
+                "PyTorch's int8 CPU kernels; use the TorchScript file with plain torch")
+QNNPACK_ON_X86 = ("backend 'qnnpack' targets ARM CPUs; its TorchScript latency here was measured with QNNPACK's "
+                  "kernels on x86, which says little about ARM: measure on the target device")
+
+
+def run_quantize(ctx: JobContext, guard: JobGuard, checkpoints: Checkpoints) -> JobOutcome:
+    from worker.runner import JobOutcome
+
+    guard.stage("loading")
+    loaded = inputs.load(ctx, QuantizeConfig)
+    config, arch, model, train, val = loaded.config, loaded.arch, loaded.model, loaded.train, loaded.val
+    calibration = inputs.calibration_subset(train, config.calibration_samples, config.seed)[0]
+
+    history: list[dict[str, float]] = []
+    if config.method == "qat":
+        guard.stage("training")
+        prepared = quantize.prepare_qat(model, config.backend, calibration[:1])
+        # Fake quantization trains eagerly (QuantizeConfig refuses compile 'on'): compiling observers is untested.
+        training = inputs.training_config(config).model_copy(update={"compile": "off"})
+        history = distill(model, prepared, train, val, training, on_progress=guard.on_progress,
+                          on_checkpoint=guard.on_checkpoint, resume=checkpoints.load()).history
+        guard.stage("converting")
+        int8 = quantize.convert_qat(prepared, config.backend)
+        float_source = quantize.trained_float_model(prepared, model)
+    else:
+        guard.stage("quantizing")
+        int8 = (quantize.quantize_static(model, config.backend, calibration) if config.method == "static"
+                else quantize.quantize_dynamic_linear(model))
+        float_source = model
+
+    guard.stage("exporting")
+    files = _export(int8, float_source, config, arch, calibration, ctx.work_dir)
+
+    guard.stage("evaluating")
+    metrics = _measure(ctx, model, int8, config, files, val)
+    details = {"method": config.method, "backend": config.backend, **quantize.layer_report(int8),
+               "calibration_samples": 0 if config.method == "dynamic" else len(calibration)}
+    notes = [NOT_EXPORTED] + ([QNNPACK_ON_X86] if config.backend == "qnnpack" and _on_x86() else [])
+    metrics.update(quantization=details, history=history, notes=notes,
+                   gpu=quantize.torchao_gpu_variants(model, val[0]))
+    return JobOutcome(files=files, metrics=metrics)
+
+
+def _export(int8: nn.Module, float_source: nn.Module, config: QuantizeConfig, arch: ArchSpec,
+            calibration: torch.Tensor, folder: Path) -> list[OutputFile]:
+    """int8 TorchScript from the engine's model; int8 ONNX by ONNX Runtime from the same float weights and
+    calibration images; a JSON document saying how to run each."""
+    from worker.runner import OutputFile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    example = calibration[:1]
+    with quantize.quantized_engine(config.backend):
+        quantize.export_quantized_torchscript(int8, example, folder / TORCHSCRIPT_FILE)
+    float_onnx = folder / "float-source.onnx"
+    onnxio.export_onnx(float_source, example, float_onnx)
+    if config.method == "dynamic":
+        quantize.quantize_onnx_dynamic(float_onnx, folder / ONNX_FILE)
+    else:
+        quantize.quantize_onnx_static(float_onnx, folder / ONNX_FILE, calibration)
+    float_onnx.unlink()
+    runtimes = _runtimes(config)
+    export.save_json(_info_document(config, arch, runtimes), folder / INFO_FILE)
+    return [
+        OutputFile("quantized_torchscript", folder / TORCHSCRIPT_FILE, TORCHSCRIPT_FILE, "application/octet-stream",
+                   runtimes[measure.TORCHSCRIPT]),
+        OutputFile("quantized_onnx", folder / ONNX_FILE, ONNX_FILE, "application/octet-stream",
+                   runtimes[measure.ONNX]),
+        OutputFile("quantized_info", folder / INFO_FILE, INFO_FILE, "application/json", "spec"),
+    ]
+
+
+def _runtimes(config: QuantizeConfig) -> dict[str, str]:
+    onnx_detail = "dynamic int8" if config.method == "dynamic" else "QDQ int8"
+    return {measure.TORCHSCRIPT: measure.runtime_of(measure.TORCHSCRIPT, f"{quantize.KERNELS[config.backend]} int8"),
+            measure.ONNX: measure.runtime_of(measure.ONNX, onnx_detail)}
+
+
+def _info_document(config: QuantizeConfig, arch: ArchSpec, runtimes: dict[str, str]) -> dict[str, Any]:
+    """The input spec (preprocessing) and, per file, its runtime and the lines that run it."""
+    document = export.arch_spec_document(arch)
+    dynamic = config.method == "dynamic"
+    document["quantization"] = {
+        "method": config.method, "backend": config.backend,
+        "weights": "int8, per output channel" + (" (Linear layers only)" if dynamic else ""),
+        "activations": "quantized at run time per batch" if dynamic else "uint8, per tensor, calibrated",
+    }
+    spec = arch.input
+    document["how_to_load"] = {
+        TORCHSCRIPT_FILE: {"runtime": runtimes[measure.TORCHSCRIPT],
+                           "code": f"torch.backends.quantized.engine = '{config.backend}'; "
+                                   f"model = torch.jit.load('{TORCHSCRIPT_FILE}'); logits = model(x)"},
+        ONNX_FILE: {"runtime": runtimes[measure.ONNX],
+                    "code": f"session = onnxruntime.InferenceSession('{ONNX_FILE}', providers=['CPUExecutionProvider'])"
+                            f"; logits = session.run(None, {{'{onnxio.INPUT_NAME}': x.numpy()}})[0]"},
+        "input": f"x: float32 N x {spec.channels} x {spec.image_size} x {spec.image_size} (resize policy "
+                 f"'{spec.resize}'), pixel values / 255, then (x - mean) / std with the input's mean and std",
+    }
+    return document
+
+
+def _measure(ctx: JobContext, model: nn.Module, int8: nn.Module, config: QuantizeConfig, files: list[OutputFile],
+             val: inputs.TensorPair) -> dict[str, Any]:
+    """The int8 files against the input model exported to the same formats; parameters and MACs are the
+    float model's (quantization changes their width, not their number)."""
+    paths = {output.kind: output.path for output in files}
+    runtimes = {output.kind: output.runtime for output in files}
+    held_out = measure.HeldOut.of(model, val)
+    input_summary = {**measure.float_model_summary(model, held_out), "file_bytes": ctx.teacher.bytes}
+    with quantize.quantized_engine(config.backend):
+        engine_predictions = evaluate.predict(int8, held_out.x)
+        output_artifacts = {fmt: measure.measure_artifact(paths[f"quantized_{fmt}"], runtimes[f"quantized_{fmt}"],
+                                                          held_out, engine_predictions)
+                            for fmt in (measure.TORCHSCRIPT, measure.ONNX)}
+    output_summary = {**held_out.scores(engine_predictions), "params": input_summary["params"],
+                      "macs": input_summary["macs"]}
+    return measure.compression_metrics(input_summary, output_summary,
+                                       measure.input_baseline(model, held_out, ctx.work_dir / "baseline"),
+                                       output_artifacts, held_out)
+
+
+def _on_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
