@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
+import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,23 +33,45 @@ FAST_RECOVERY = {
 
 
 def fresh_redis_url() -> Iterator[str]:
-    """A Redis database of this test alone, flushed before and after."""
+    """A Redis database of this test alone, flushed before and after.
+
+    Databases 1-15 are reserved with a key in database 0, so that test runs side by side on one Redis
+    (two checkouts, CI beside a developer) never flush or consume each other's queues."""
     import redis
 
-    url = f"{REDIS_SERVER}/{secrets.randbelow(14) + 1}"
-    client = redis.Redis.from_url(url)
+    registry = redis.Redis.from_url(f"{REDIS_SERVER}/0")
     try:
-        client.flushdb()
+        number = _reserve_database(registry)
     except redis.RedisError as exc:
         reason = f"Redis unreachable at {REDIS_SERVER}: {exc}"
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)
+    url = f"{REDIS_SERVER}/{number}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
     try:
         yield url
     finally:
         client.flushdb()
         client.close()
+        registry.delete(_reservation(number))
+        registry.close()
+
+
+def _reservation(number: int) -> str:
+    return f"condenser-tests:redis-db:{number}"
+
+
+def _reserve_database(registry: Any, wait_seconds: float = 600) -> int:
+    """The number of a free database, held for an hour at most (a killed run's reservation expires)."""
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        for number in random.sample(range(1, 16), 15):
+            if registry.set(_reservation(number), os.getpid(), nx=True, ex=3600):
+                return number
+        time.sleep(0.5)
+    pytest.fail(f"no free Redis database on {REDIS_SERVER} in {wait_seconds:.0f} s: other test runs hold all 15")
 
 
 @dataclass
