@@ -74,10 +74,10 @@ def serve(
 
 def _start_worker(concurrency: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "app.cli", "worker", f"--concurrency={concurrency}",
-                             "--loglevel=WARNING", "--quiet"], preexec_fn=_die_with_parent)
+                             "--loglevel=WARNING", "--quiet"], preexec_fn=die_with_parent)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: SIGTERM the worker when `serve` dies, even by kill -9, so no orphan keeps running."""
     import ctypes
 

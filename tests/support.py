@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from app.cli import die_with_parent
+
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,6 +63,8 @@ class WorkerProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "worker", f"--concurrency={self.concurrency}", "--loglevel=INFO"],
             env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # A pytest run that is killed takes its workers along: an orphan would consume a later run's jobs.
+            preexec_fn=die_with_parent,
         )
         return self
 
