@@ -31,5 +31,9 @@ class Unauthorized(DomainError):
     status_code = 401
 
 
+class TooManyRequests(DomainError):
+    status_code = 429
+
+
 class Unavailable(DomainError):
     status_code = 503

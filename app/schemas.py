@@ -52,19 +52,21 @@ class Page(BaseModel, Generic[T]):
 
 
 _ERROR_DESCRIPTIONS = {
-    400: "Malformed request (for example a broken multipart body).",
+    400: "Malformed request: a broken multipart body, or a URL holding a NUL byte or a '.' or '..' segment.",
     401: "Missing, malformed, unknown or revoked API key.",
     404: "No such resource for this tenant (another tenant's ids are 404 too).",
     409: "Conflict with the resource's state, or an Idempotency-Key reused with a different request.",
-    413: "Upload larger than the server's limit.",
+    413: "Upload larger than the server's limit, or the tenant's storage quota would be exceeded.",
     415: "Wrong Content-Type.",
     422: "The request is well-formed but invalid; `detail` says what to fix.",
+    429: "The tenant already has as many unfinished jobs as the server allows; retry when one finishes.",
 }
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` entries for the error codes a route can return (401 and 422 always can)."""
-    return {code: {"model": ErrorOut, "description": _ERROR_DESCRIPTIONS[code]} for code in sorted({401, 422, *codes})}
+    """OpenAPI `responses` entries for the error codes a route can return (400, 401 and 422 always can)."""
+    return {code: {"model": ErrorOut, "description": _ERROR_DESCRIPTIONS[code]}
+            for code in sorted({400, 401, 422, *codes})}
 
 
 _ROOT = "(root)"

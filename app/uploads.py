@@ -23,10 +23,14 @@ from starlette.requests import ClientDisconnect, Request
 
 from app.errors import DomainError, Invalid, TooLarge
 from app.filenames import MAX_NAME, safe_filename, stem
+from app.metrics import UPLOADED_BYTES
 from app.storage import BlobStore
 
 FILE_FIELD = "file"
 MAX_FIELD_BYTES = 64 * 1024
+# Each part's header block is bounded, so a part that never ends its headers cannot keep the parser busy.
+MAX_PART_HEADERS = 8
+MAX_PART_HEADER_BYTES = 4096
 # Room in the body for part headers, boundaries and text fields besides the file itself. The number of
 # parts is bounded too: each must carry a known name, at most once.
 MULTIPART_OVERHEAD_BYTES = 1 << 20
@@ -75,6 +79,7 @@ async def receive_upload(request: Request, store: BlobStore, limit: int,
         finally:
             reader.close()
         yield upload
+        UPLOADED_BYTES.inc(upload.bytes)  # reached only when the route accepted the upload
 
 
 def _boundary(request: Request) -> bytes:
@@ -130,7 +135,7 @@ class _FormReader:
             "on_part_data": self._part_data,
             "on_part_end": self._part_end,
             "on_end": self._end,
-        })
+        }, max_header_count=MAX_PART_HEADERS, max_header_size=MAX_PART_HEADER_BYTES)
 
     def feed(self, chunk: bytes) -> None:
         self.body_bytes += len(chunk)
@@ -207,9 +212,13 @@ class _FormReader:
             self.close()
         elif self.part.name != FILE_FIELD:
             try:
-                self.fields[self.part.name] = self.part.text.decode("utf-8")
+                text = self.part.text.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise Invalid(f"form field '{self.part.name}' is not valid UTF-8 text") from exc
+            # PostgreSQL refuses NUL in text columns: a 422 here rather than a 500 at the insert.
+            if "\x00" in text:
+                raise Invalid(f"form field '{self.part.name}' must not contain NUL characters")
+            self.fields[self.part.name] = text
         self.part = None
 
     def _end(self) -> None:

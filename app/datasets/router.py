@@ -7,6 +7,7 @@ from dataclasses import asdict
 from fastapi import APIRouter, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
+from app import quotas
 from app.datasets import service
 from app.datasets.schemas import BUILTIN_DESCRIPTIONS, UPLOAD_OPENAPI, BuiltinDatasetOut, DatasetOut, DatasetPage
 from app.deps import (
@@ -19,6 +20,7 @@ from app.deps import (
     release_connection,
 )
 from app.idempotency import CREATED_RESPONSE
+from app.ids import DatasetId
 from app.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, PageRequest, next_link
 from app.routing import BoundedBodyRoute
 from app.schemas import error_responses
@@ -47,6 +49,7 @@ async def upload_dataset(request: Request, response: Response, principal: Curren
 
     Example: `curl -H "Authorization: Bearer $KEY" -F file=@flowers.zip http://localhost:8000/v1/datasets`
     """
+    quotas.check_storage(session, principal.tenant, settings)
     release_connection(session)
     async with receive_upload(request, store, settings.max_upload_bytes, service.TEXT_FIELDS) as upload:
         outcome = await run_in_threadpool(service.register_dataset, session, principal.tenant, upload,
@@ -75,6 +78,6 @@ def list_builtin_datasets(_: CurrentPrincipal) -> list[BuiltinDatasetOut]:
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, summary="Get a dataset", responses=error_responses(404))
-def get_dataset(dataset_id: str, principal: CurrentPrincipal, session: DbSession) -> DatasetOut:
+def get_dataset(dataset_id: DatasetId, principal: CurrentPrincipal, session: DbSession) -> DatasetOut:
     """One uploaded dataset by id (404 if it does not exist or belongs to another tenant)."""
     return DatasetOut.from_row(service.get_dataset(session, principal.tenant, dataset_id))

@@ -6,6 +6,7 @@ from functools import lru_cache
 
 from sqlalchemy.orm import Session
 
+from app import quotas
 from app.config import Settings
 from app.datasets import repository
 from app.db.models import Dataset, new_id
@@ -29,6 +30,7 @@ def register_dataset(session: Session, tenant: str, upload: Upload, idempotency_
     if earlier is not None:
         return Outcome(get_dataset(session, tenant, earlier), replayed=True)
 
+    quotas.check_storage(session, tenant, settings, upload.bytes)
     name = upload.display_name(fallback="dataset")
     with store.temp_path(".npz") as canonical:
         try:

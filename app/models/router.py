@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
+from app import quotas
 from app.deps import (
     CurrentPrincipal,
     DbSession,
@@ -15,6 +16,7 @@ from app.deps import (
     release_connection,
 )
 from app.idempotency import CREATED_RESPONSE
+from app.ids import ModelId
 from app.models import service
 from app.models.schemas import UPLOAD_OPENAPI, ModelOut, ModelPage
 from app.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, PageRequest, next_link
@@ -45,6 +47,7 @@ async def upload_model(request: Request, response: Response, principal: CurrentP
     -F 'spec={"arch":"small_cnn","kwargs":{"num_classes":10},"input":{"image_size":8,"channels":1}}'
     http://localhost:8000/v1/models`
     """
+    quotas.check_storage(session, principal.tenant, settings)
     release_connection(session)
     async with receive_upload(request, store, settings.max_upload_bytes, service.TEXT_FIELDS) as upload:
         outcome = await run_in_threadpool(service.register_model, session, principal.tenant, upload,
@@ -63,6 +66,6 @@ def list_models(request: Request, principal: CurrentPrincipal, session: DbSessio
 
 
 @router.get("/{model_id}", response_model=ModelOut, summary="Get a model", responses=error_responses(404))
-def get_model(model_id: str, principal: CurrentPrincipal, session: DbSession) -> ModelOut:
+def get_model(model_id: ModelId, principal: CurrentPrincipal, session: DbSession) -> ModelOut:
     """One model by id (404 if it does not exist or belongs to another tenant)."""
     return ModelOut.from_row(service.get_model(session, principal.tenant, model_id))

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 
 from app.db.models import Model
 from app.schemas import OutModel, Page, UtcDatetime
 from app.uploads import multipart_openapi
-
-WeightsFormat = Literal["safetensors", "state_dict"]
-WEIGHTS_FORMATS: tuple[str, ...] = ("safetensors", "state_dict")
+from worker.engine.config import CODE_FORMATS, TENSOR_FORMATS, WeightsFormat
 
 SPEC_EXAMPLE: dict[str, Any] = {
     "arch": "small_cnn",
@@ -34,14 +32,16 @@ class ModelOut(OutModel):
     input: dict[str, Any] = Field(examples=[SPEC_EXAMPLE["input"]],
                                   description="The input the model expects (InputSpec); students inherit it.")
     num_classes: int = Field(examples=[10])
-    param_count: int = Field(examples=[23466])
+    param_count: int | None = Field(examples=[23466], description="null for TorchScript and .pt2 uploads, "
+                                    "which only workers load (the API never runs their code).")
     created_at: UtcDatetime
 
     @classmethod
     def from_row(cls, row: Model) -> ModelOut:
         return cls(id=row.id, name=row.name, format=row.format, sha256=row.sha256, bytes=row.bytes,
                    arch=row.arch["arch"], kwargs=row.arch["kwargs"], input=row.input_spec,
-                   num_classes=row.num_classes, param_count=row.param_count, created_at=row.created_at)
+                   num_classes=row.num_classes, param_count=None if row.format in CODE_FORMATS else row.param_count,
+                   created_at=row.created_at)
 
 
 class ModelPage(Page[ModelOut]):
@@ -60,9 +60,11 @@ UPLOAD_OPENAPI = multipart_openapi(
         "name": {"type": "string", "maxLength": 200, "description": "Display name; defaults to the file name."},
         "format": {
             "type": "string",
-            "enum": list(WEIGHTS_FORMATS),
+            "enum": [*TENSOR_FORMATS, *CODE_FORMATS],
             "description": "safetensors, or a plain state_dict saved with torch.save (loaded with weights_only). "
-            "Detected from the file's first bytes when omitted.",
+            "torchscript and pt2 (torch.export) carry code: refused unless the server allows them, and then loaded "
+            "only by workers, which keep their tensors for the spec's architecture. Detected from the file when "
+            "omitted.",
         },
     },
     required=["spec"],

@@ -3,28 +3,32 @@
 from __future__ import annotations
 
 import struct
+import zipfile
 from pathlib import Path
 
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
+from app import quotas
 from app.config import Settings
 from app.db.models import Model, new_id
 from app.errors import Invalid, NotFound
 from app.idempotency import Outcome, claim, idempotent_request, previous_resource
 from app.models import repository
-from app.models.schemas import WEIGHTS_FORMATS
-from app.models.validator import check_weights
+from app.models.validator import WeightsReport, check_weights
 from app.pagination import PageRequest
 from app.schemas import invalid_from
 from app.storage import BlobStore
 from app.uploads import Upload
-from worker.engine.config import ArchSpec
+from worker.engine.config import CODE_FORMATS, TENSOR_FORMATS, ArchSpec
 
 ROUTE = "POST /v1/models"
 TEXT_FIELDS = ("spec", "name", "format")
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTOCOL_OPCODE = 0x80
+_FORMATS = (*TENSOR_FORMATS, *CODE_FORMATS)
+# Stored for TorchScript and .pt2 uploads, whose parameters only a worker counts (the API shows null).
+_UNCOUNTED_PARAMS = 0
 
 
 def register_model(session: Session, tenant: str, upload: Upload, idempotency_key: str | None,
@@ -34,12 +38,13 @@ def register_model(session: Session, tenant: str, upload: Upload, idempotency_ke
     if earlier is not None:
         return Outcome(get_model(session, tenant, earlier), replayed=True)
 
+    quotas.check_storage(session, tenant, settings, upload.bytes)
     spec = parse_arch_spec(upload.fields.get("spec"))
     name = upload.display_name(fallback="model")
     weights_format = upload.fields.get("format") or detect_format(upload.path)
-    if weights_format not in WEIGHTS_FORMATS:
-        raise Invalid(f"format must be one of {', '.join(WEIGHTS_FORMATS)}, got '{weights_format}'")
-    report = check_weights(upload.path, weights_format, spec, settings.model_validation_timeout_seconds)
+    if weights_format not in _FORMATS:
+        raise Invalid(f"format must be one of {', '.join(_FORMATS)}, got '{weights_format}'")
+    report = _check_weights(upload.path, weights_format, spec, settings)
 
     # Publish before the claim: hashing and fsyncing a large file must not hold SQLite's write lock.
     blob = store.put_file(upload.path)
@@ -78,6 +83,19 @@ def parse_arch_spec(raw: str | None) -> ArchSpec:
         raise invalid_from(exc, "spec") from exc
 
 
+def _check_weights(path: Path, weights_format: str, spec: ArchSpec, settings: Settings) -> WeightsReport:
+    """Tensors are loaded into the spec's model (in a child process); code formats are never loaded here."""
+    if weights_format in TENSOR_FORMATS:
+        return check_weights(path, weights_format, spec, settings.model_validation_timeout_seconds)
+    if not settings.allow_code_checkpoints:
+        raise Invalid(f"{weights_format} files carry code, and this server does not accept them (setting "
+                      "CONDENSER_ALLOW_CODE_CHECKPOINTS is off): upload the weights as safetensors or a state_dict")
+    # Only the archive's table of contents is read; whether the tensors fit the spec shows when a worker loads them.
+    if _torch_archive_format(path) != weights_format:
+        raise Invalid(f"the file is not a {weights_format} archive")
+    return WeightsReport(param_count=_UNCOUNTED_PARAMS, num_classes=spec.num_classes)
+
+
 def detect_format(path: Path) -> str:
     """safetensors: 8-byte little-endian header length, then the JSON header; torch.save: zip or pickle."""
     with open(path, "rb") as handle:
@@ -86,8 +104,24 @@ def detect_format(path: Path) -> str:
         (header_length,) = struct.unpack("<Q", head[:8])
         if 0 < header_length < path.stat().st_size:
             return "safetensors"
-    if head.startswith(_ZIP_MAGIC) or head[:1] == bytes([_PICKLE_PROTOCOL_OPCODE]):
+    if head.startswith(_ZIP_MAGIC):
+        return _torch_archive_format(path) or "state_dict"
+    if head[:1] == bytes([_PICKLE_PROTOCOL_OPCODE]):
         return "state_dict"
     raise Invalid("could not tell the weights format from the file's first bytes: send format=safetensors "
                   "or format=state_dict, or upload a file saved by safetensors or torch.save")
 
+
+
+def _torch_archive_format(path: Path) -> str | None:
+    """Which kind of torch zip archive `path` is, from its member names alone (nothing in it is unpickled)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+    if any(name.endswith("/constants.pkl") for name in names) and any("/code/" in name for name in names):
+        return "torchscript"
+    if any(name.endswith("/archive_format") for name in names):
+        return "pt2"
+    return None

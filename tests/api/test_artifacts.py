@@ -127,5 +127,8 @@ def test_missing_blob_is_404_not_500(client: TestClient, app_env: AppEnv, auth_h
 
 
 def test_unknown_artifact(client: TestClient, auth_headers: dict[str, str]) -> None:
-    assert client.get("/v1/artifacts/art_nope", headers=auth_headers).status_code == 404
-    assert client.get("/v1/artifacts/art_nope/download", headers=auth_headers).status_code == 404
+    unknown = "art_" + "0" * 24
+    assert client.get(f"/v1/artifacts/{unknown}", headers=auth_headers).status_code == 404
+    assert client.get(f"/v1/artifacts/{unknown}/download", headers=auth_headers).status_code == 404
+    # Not even shaped like an id: refused before any query.
+    assert client.get("/v1/artifacts/art_nope", headers=auth_headers).status_code == 422

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import struct
 import tarfile
 import time
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.hostile import png_claiming
 from worker.engine.data import load_canonical
 from worker.engine.errors import DataError
 from worker.engine.ingest import DatasetSummary, IngestLimits, ingest_dataset, load_builtin_summary
@@ -26,16 +25,6 @@ def _png(size: tuple[int, int] = (8, 8), mode: str = "L", value: int | tuple = 0
     buffer = io.BytesIO()
     Image.new(mode, size, value).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    """A valid PNG header for a huge image, with almost no pixel data behind it."""
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def _zip(path: Path, members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> Path:
@@ -271,5 +260,5 @@ def test_total_unpacked_size_is_capped(tmp_path: Path, limits: IngestLimits) -> 
     ("width", "message"), [(5000, r"5000x5000 pixels, above the limit"), (100_000, "far too many pixels")]
 )
 def test_image_bomb_is_refused_from_its_header(tmp_path: Path, limits: IngestLimits, width: int, message: str):
-    members = {"cat/a.png": _png(), "dog/bomb.png": _png_claiming(width, width)}
+    members = {"cat/a.png": _png(), "dog/bomb.png": png_claiming(width, width)}
     _refused(_zip(tmp_path / "u.zip", members), limits, message)

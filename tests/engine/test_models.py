@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import builtins
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.engine.conftest import small_cnn
+from tests.hostile import PickleCanary
 from worker.engine import models
 from worker.engine.config import ArchSpec, InputSpec, StudentSpec
 from worker.engine.errors import ModelLoadError, SpecError
@@ -112,17 +112,9 @@ def test_state_dict_of_non_tensors_is_refused(tmp_path: Path) -> None:
         models.load_model(tmp_path / "m.pt", "state_dict", small_cnn(8))
 
 
-class _Exploit:
-    def __init__(self, canary: Path) -> None:
-        self.canary = canary
-
-    def __reduce__(self):
-        return builtins.open, (str(self.canary), "w")
-
-
 def test_malicious_pickle_is_refused_without_running(tmp_path: Path) -> None:
     canary = tmp_path / "canary"
-    torch.save({"classifier.weight": _Exploit(canary)}, tmp_path / "evil.pt")
+    torch.save({"classifier.weight": PickleCanary(canary)}, tmp_path / "evil.pt")
 
     with pytest.raises(ModelLoadError, match="weights_only"):
         models.load_model(tmp_path / "evil.pt", "state_dict", small_cnn(8))
@@ -130,6 +122,31 @@ def test_malicious_pickle_is_refused_without_running(tmp_path: Path) -> None:
 
     torch.load(tmp_path / "evil.pt", weights_only=False)  # proves the payload is live
     assert canary.exists()
+
+
+def _save_code_checkpoint(model: torch.nn.Module, fmt: str, path: Path) -> Path:
+    if fmt == "torchscript":
+        torch.jit.save(torch.jit.script(model.eval()), path)
+    else:
+        torch.export.save(torch.export.export(model.eval(), (torch.zeros(1, 1, 8, 8),)), path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
+def test_code_checkpoints_are_read_only_when_allowed_and_only_for_their_tensors(tmp_path: Path, fmt: str) -> None:
+    arch = small_cnn(8)
+    model = _seeded(arch)
+    path = _save_code_checkpoint(model, fmt, tmp_path / f"m.{fmt}")
+    with pytest.raises(ModelLoadError, match="carries code"):
+        models.load_model(path, fmt, arch)
+    loaded = models.load_model(path, fmt, arch, allow_code=True)
+    # The spec's own architecture, with the file's tensors: the file's code is not what runs afterwards.
+    assert type(loaded) is models.SmallCNN
+    _assert_same_state(model, loaded)
+    broken = tmp_path / "broken"
+    broken.write_bytes(b"PK\x03\x04 not really an archive")
+    with pytest.raises(ModelLoadError, match=f"not a loadable {fmt} file"):
+        models.load_model(broken, fmt, arch, allow_code=True)
 
 
 def test_student_arch_takes_the_teachers_input_and_classes() -> None:

@@ -8,15 +8,57 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from worker.engine.catalog import SMALL_CNN, TORCHVISION_CLASSIFIERS
 
 BUILTIN_DATASETS = ("digits",)
 
+WeightsFormat = Literal["safetensors", "state_dict", "torchscript", "pt2"]
+# Plain tensors: read without running anything from the file (safetensors, torch.load with weights_only).
+TENSOR_FORMATS: tuple[str, ...] = ("safetensors", "state_dict")
+# TorchScript programs and torch.export archives carry code: read only where a server setting allows it.
+CODE_FORMATS: tuple[str, ...] = ("torchscript", "pt2")
+
 
 class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Constructor arguments are passed on to torchvision as they are: plain values only, and numbers small
+# enough that no argument alone can ask for a model that fills the worker's memory (num_classes, checked
+# on its own, may go higher).
+_MAX_KWARGS = 32
+_MAX_KWARG_NUMBER = 4096
+_MAX_KWARG_TEXT = 200
+_MAX_KWARG_LIST = 64
+
+
+def _check_model_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    if len(kwargs) > _MAX_KWARGS:
+        raise ValueError(f"at most {_MAX_KWARGS} kwargs")
+    for name, value in kwargs.items():
+        items = value if isinstance(value, list) else [value]
+        if len(items) > _MAX_KWARG_LIST or not all(_plain_bounded(item, name) for item in items):
+            raise ValueError(f"kwargs.{name} must be a number from -{_MAX_KWARG_NUMBER} to {_MAX_KWARG_NUMBER}, "
+                             f"a boolean, null, a string of up to {_MAX_KWARG_TEXT} characters, or a list of up to "
+                             f"{_MAX_KWARG_LIST} of those")
+    return kwargs
+
+
+def _plain_bounded(value: Any, name: str) -> bool:
+    if value is None or isinstance(value, bool):
+        return True
+    if isinstance(value, int | float):
+        return name == "num_classes" or abs(value) <= _MAX_KWARG_NUMBER
+    return isinstance(value, str) and len(value) <= _MAX_KWARG_TEXT
+
+
+ModelKwargs = Annotated[dict[str, Any], AfterValidator(_check_model_kwargs)]
+
+
+# Normalization statistics of images scaled to [0, 1] (or 0-255 by some conventions): finite and modest.
+_Statistic = Annotated[float, Field(ge=-1000, le=1000)]
 
 
 class InputSpec(Spec):
@@ -24,8 +66,8 @@ class InputSpec(Spec):
 
     image_size: int = Field(ge=8, le=1024, description="Square side in pixels fed to the model.")
     channels: Literal[1, 3] = 3
-    mean: tuple[float, ...] = Field(default=(0.5,), description="Per channel, or one value for all.")
-    std: tuple[float, ...] = Field(default=(0.5,))
+    mean: tuple[_Statistic, ...] = Field(default=(0.5,), max_length=3, description="Per channel, or one value for all.")
+    std: tuple[_Statistic, ...] = Field(default=(0.5,), max_length=3)
     resize: Literal["resize", "resize_center_crop", "pad"] = Field(
         default="resize",
         description="resize: stretch to image_size; resize_center_crop: shorter side to image_size "
@@ -47,7 +89,7 @@ class ArchSpec(Spec):
     """A torchvision classification model by name, or the project's small CNN family."""
 
     arch: str = Field(description=f"'{SMALL_CNN}' or a torchvision classification model name.")
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    kwargs: ModelKwargs = Field(default_factory=dict)
     input: InputSpec
 
     @field_validator("arch")
@@ -91,8 +133,8 @@ class ArchSpec(Spec):
 class StudentSpec(Spec):
     """The student: an architecture; its input spec is always the teacher's."""
 
-    arch: str
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    arch: str = Field(max_length=100)
+    kwargs: ModelKwargs = Field(default_factory=dict)
 
 
 class DistillConfig(Spec):
@@ -116,6 +158,9 @@ class DistillConfig(Spec):
     compile: Literal["auto", "on", "off"] = Field(
         default="auto", description="torch.compile the student. auto: on CUDA for runs of at least 1000 steps "
         "(compiling takes tens of seconds, then each step is faster); never on CPU, where the warm-up dominates.")
+    time_limit_seconds: int | None = Field(
+        default=None, ge=60, le=7 * 24 * 3600, description="Fail the job if it is still running this long after it "
+        "first started (retries included); the server's own time limits apply as well.")
 
 
 def check_dataset_fits(image_shape: list[int] | tuple[int, ...], input_spec: InputSpec) -> None:

@@ -1,14 +1,16 @@
 """Architectures and safe weight loading.
 
-Weights are only ever read as plain tensors (safetensors, or `torch.load(weights_only=True)`), so a
-hostile upload cannot run code; the architecture always comes from a spec, never from the file.
+Weights are read as plain tensors (safetensors, or `torch.load(weights_only=True)`), so a hostile upload
+cannot run code; the architecture always comes from a spec, never from the file. TorchScript and .pt2
+files carry code and are read only when the caller says it may (a worker, on the server's setting): even
+then only their tensors are kept, loaded into the spec's architecture.
 """
 
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -18,7 +20,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from worker.engine.catalog import SMALL_CNN
-from worker.engine.config import ArchSpec, StudentSpec
+from worker.engine.config import CODE_FORMATS, ArchSpec, StudentSpec, WeightsFormat
 from worker.engine.errors import ModelLoadError, SpecError
 
 # Containers that training scripts commonly wrap a state_dict in.
@@ -115,13 +117,36 @@ def pick_device(preference: str) -> torch.device:
     return torch.device("cpu")
 
 
-def load_model(path: Path, fmt: Literal["safetensors", "state_dict"], arch: ArchSpec) -> nn.Module:
-    """Build `arch` and load the weights at `path` into it, refusing any mismatch."""
-    state = _read_safetensors(path) if fmt == "safetensors" else _read_state_dict(path)
+def load_model(path: Path, fmt: WeightsFormat, arch: ArchSpec, allow_code: bool = False) -> nn.Module:
+    """Build `arch` and load the weights at `path` into it, refusing any mismatch. TorchScript and .pt2
+    files are read only with `allow_code`."""
+    state = _read_weights(path, fmt, allow_code)
     model = build_model(arch)
     _check_state_matches(model.state_dict(), state, arch)
     model.load_state_dict(state)
     return model
+
+
+def _read_weights(path: Path, fmt: WeightsFormat, allow_code: bool) -> dict[str, torch.Tensor]:
+    if fmt in CODE_FORMATS:
+        if not allow_code:
+            raise ModelLoadError(f"{path.name} is a {fmt} file, which carries code; this server does not load "
+                                 "those (setting CONDENSER_ALLOW_CODE_CHECKPOINTS)")
+        return _read_code_checkpoint(path, fmt)
+    return _read_safetensors(path) if fmt == "safetensors" else _read_state_dict(path)
+
+
+def _read_code_checkpoint(path: Path, fmt: WeightsFormat) -> dict[str, torch.Tensor]:
+    try:
+        if fmt == "torchscript":
+            state = torch.jit.load(path, map_location="cpu").state_dict()
+        else:
+            state = torch.export.load(path).state_dict
+    # A malformed archive fails in whatever layer of the loader meets it first; every way is the upload's fault.
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"{path.name} is not a loadable {fmt} file: {first_line[:300]}") from exc
+    return _unwrap_state_dict(dict(state), path.name)
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from worker.engine.config import ArchSpec
+from worker.engine.config import TENSOR_FORMATS, ArchSpec
 from worker.engine.errors import EngineError, SpecError
 from worker.engine.models import describe_validation_error, load_model, logits_of, param_count
 
@@ -55,7 +55,8 @@ def _check_forward(model: nn.Module, arch: ArchSpec) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--format", required=True, choices=["safetensors", "state_dict"])
+    # Never the code formats: this runs on the API host, which must not load them.
+    parser.add_argument("--format", required=True, choices=TENSOR_FORMATS)
     parser.add_argument("--arch-json", required=True)
     parser.add_argument("path", type=Path)
     args = parser.parse_args(argv)

@@ -10,6 +10,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from app.config import get_settings
 from worker.engine import data, models
 from worker.engine.config import ArchSpec, DistillConfig, InputSpec
 from worker.engine.errors import SpecError
@@ -60,7 +61,9 @@ def _input_arch(ctx: JobContext) -> ArchSpec:
 
 def _load_input_model(ctx: JobContext) -> tuple[ArchSpec, nn.Module]:
     arch = _input_arch(ctx)
-    return arch, models.load_model(ctx.teacher.path, ctx.teacher.format, arch)
+    # Read now, not at upload: a TorchScript model accepted while the setting was on stays unloadable once off.
+    allow_code = get_settings().allow_code_checkpoints
+    return arch, models.load_model(ctx.teacher.path, ctx.teacher.format, arch, allow_code=allow_code)
 
 
 def _load_splits(ctx: JobContext, config: DistillConfig, input_spec: InputSpec) -> tuple[TensorPair, TensorPair]:

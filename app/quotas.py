@@ -1,0 +1,45 @@
+"""Per-tenant limits: unfinished jobs (429) and stored bytes (413).
+
+Both are counted from the rows on every check rather than kept in counters, so nothing can drift out of
+step with what is really there (no schema, no bookkeeping on each write). The price is a small overshoot
+under concurrency: two requests checked at the same moment may both pass.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db.models import Artifact, Dataset, Job, Model
+from app.errors import TooLarge, TooManyRequests
+from app.jobs.lifecycle import FINISHED
+
+# What a tenant stores: weights and datasets as uploaded, artifacts as produced.
+_STORED = (Model, Dataset, Artifact)
+
+
+def check_job_slot(session: Session, tenant: str, settings: Settings) -> None:
+    """429 when the tenant already has as many queued or running jobs as the server allows."""
+    limit = settings.max_active_jobs_per_tenant
+    unfinished = session.scalar(select(func.count()).select_from(Job).where(
+        Job.tenant == tenant, Job.status.not_in(FINISHED))) or 0
+    if unfinished >= limit:
+        raise TooManyRequests(f"this tenant already has {unfinished} unfinished jobs, the most this server allows "
+                              f"at once ({limit}); submit again when one finishes, or cancel one")
+
+
+def check_storage(session: Session, tenant: str, settings: Settings, incoming: int | None = None) -> None:
+    """413 when an upload of `incoming` bytes (None: not yet known, at least one) would take the tenant past
+    its storage quota."""
+    limit = settings.max_stored_bytes_per_tenant
+    used = stored_bytes(session, tenant)
+    if used + (incoming or 1) > limit:
+        upload = "this upload" if incoming is None else f"an upload of {incoming} bytes"
+        raise TooLarge(f"storage quota exceeded: this tenant stores {used} bytes of the {limit} it may; "
+                       f"{upload} does not fit")
+
+
+def stored_bytes(session: Session, tenant: str) -> int:
+    return sum(session.scalar(select(func.coalesce(func.sum(entity.bytes), 0)).where(entity.tenant == tenant)) or 0
+               for entity in _STORED)
