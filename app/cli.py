@@ -14,11 +14,50 @@ import sys
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
+
+from app.client_cli import CliError, Connection, add_commands
+
+
+class CondenserGroup(TyperGroup):
+    """What a user can act on (a server's refusal, an unreachable server, a bad file or argument) is one
+    line on stderr and a non-zero exit code, never a traceback."""
+
+    def invoke(self, ctx: typer.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except typer.TyperException as exc:  # typer's click errors: a missing argument, a bad option value
+            usage = getattr(exc, "ctx", None)
+            where = f" (see: {usage.command_path} --help)" if usage is not None else ""
+            message, code = f"{exc.format_message()}{where}", exc.exit_code
+        except CliError as exc:
+            message, code = str(exc), exc.exit_code
+        except Exception as exc:
+            from app.client import ClientError
+
+            if not isinstance(exc, ClientError | OSError):
+                raise
+            message, code = str(exc), 1
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(code)
+
 
 app = typer.Typer(help="condenser: distill, prune and quantize PyTorch vision models over HTTP.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=CondenserGroup)
 keys_app = typer.Typer(help="Manage API keys (run on the server: writes to its database).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+add_commands(app)
+
+
+@app.callback()
+def connection_options(
+    ctx: typer.Context,
+    url: Annotated[str | None, typer.Option(help="The server, for the user commands (default: CONDENSER_URL, "
+                                            "then the config file, then http://127.0.0.1:8000).")] = None,
+    api_key: Annotated[str | None, typer.Option(help="Your API key (default: CONDENSER_API_KEY, then the "
+                                                "config file written by `condenser login`).")] = None,
+) -> None:
+    ctx.obj = Connection(url=url, api_key=api_key)
 
 
 @app.command()
@@ -38,9 +77,12 @@ def worker(
     quiet: Annotated[bool, typer.Option(help="No start-up banner.")] = False,
 ) -> None:
     """Start a Celery worker alone (more hosts, more GPUs)."""
+    from app.config import get_settings
+    from app.logs import configure_logging
     from worker.celery_app import QUEUE
     from worker.tasks import celery_app
 
+    configure_logging(get_settings(), loglevel)
     # --quiet is an option of the `celery` command itself, so it goes before the sub-command.
     celery_app.worker_main([
         *(["--quiet"] if quiet else []), "worker", "--pool=prefork", f"--concurrency={concurrency}",
@@ -62,11 +104,14 @@ def serve(
 
     from app.config import get_settings
     from app.db.migrate import upgrade_to_head
+    from app.logs import configure_logging
 
+    configure_logging(get_settings())
     upgrade_to_head(get_settings().database_url)
     worker_process = _start_worker(concurrency) if concurrency > 0 else None
     try:
-        uvicorn.run("app.main:app", host=host, port=port, log_level="warning")
+        # No log_config: uvicorn's records go through the root handler, in CONDENSER_LOG_FORMAT.
+        uvicorn.run("app.main:app", host=host, port=port, log_level="warning", log_config=None)
     finally:
         if worker_process is not None:
             _stop_worker(worker_process)

@@ -161,7 +161,7 @@ def _download_and_check(client: Client, job: dict[str, Any], folder: Path, conso
     hashes: dict[str, str] = {}
     for artifact in job["artifacts"]:
         path = folder / artifact["filename"]
-        hashes[artifact["kind"]] = client.download(artifact["id"], path)
+        hashes[artifact["kind"]] = client.download(artifact["id"], path).sha256
         if hashes[artifact["kind"]] != artifact["sha256"]:
             raise SystemExit(f"{artifact['filename']}: sha256 differs from the artifact record")
         paths[artifact["kind"]] = path

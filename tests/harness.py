@@ -21,7 +21,7 @@ from app.db.models import Artifact, Job, JobEvent
 from app.db.session import session_scope
 from app.main import create_app
 from tests.conftest import AppEnv, bearer, clear_cached_singletons, fresh_postgres_database, unique_tenant
-from tests.support import WorkerProcess, wait_for
+from tests.support import ApiServerProcess, WorkerProcess, wait_for
 
 REDIS_SERVER = os.environ.get("CONDENSER_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 # Short leases so that a killed worker's job is noticed in seconds, not minutes.
@@ -83,12 +83,24 @@ class Service:
     backend: str
     broker_url: str
     workers: list[WorkerProcess] = field(default_factory=list)
+    servers: list[ApiServerProcess] = field(default_factory=list)
 
     def start_worker(self, concurrency: int = 1, **env: str) -> WorkerProcess:
         log = self.tmp / f"worker-{len(self.workers)}.log"
         worker = WorkerProcess({**self.app_env.subprocess_env(), **env}, log, concurrency).start()
         self.workers.append(worker)
         return worker
+
+    def serve_http(self, **env: str) -> str:
+        """Start the API as a real HTTP server on this service's database and broker; returns its base URL."""
+        log_path = self.tmp / f"server-{len(self.servers)}.log"
+        server = ApiServerProcess({**self.app_env.subprocess_env(), **env}, log_path)
+        self.servers.append(server.start())
+        return server.url
+
+    @property
+    def api_key(self) -> str:
+        return self.headers["Authorization"].removeprefix("Bearer ")
 
     def worker_logs(self) -> str:
         return "\n".join(f"--- {w.log_path.name}\n{w.log()[-6000:]}" for w in self.workers)
@@ -145,8 +157,8 @@ class Service:
         return [e for e in self.events(job_id) if e.message.startswith("claimed")]
 
     def stop(self) -> None:
-        for worker in self.workers:
-            worker.stop()
+        for process in [*self.servers, *self.workers]:
+            process.stop()
 
 
 @pytest.fixture

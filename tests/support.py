@@ -104,6 +104,66 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def answers_health(base_url: str) -> bool:
+    """Whether an API server at `base_url` answers /healthz yet."""
+    import httpx
+
+    try:
+        return httpx.get(f"{base_url}/healthz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+class ApiServerProcess:
+    """The API alone over real HTTP (`condenser serve --concurrency 0`), for clients that need a socket: the CLI,
+    the Python client's streams and downloads, a browser."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60) -> ApiServerProcess:
+        import httpx
+
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--concurrency=0", f"--port={self.port}"],
+            env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+        def healthy() -> bool:
+            assert self.process is not None and self.process.poll() is None, self.log_path.read_text()
+            try:
+                return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(healthy, timeout, interval=0.2, what=f"the API server on {self.url}")
+        return self
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
 class TcpProxy:
     """A TCP forwarder the test can cut: an outage drops every connection and refuses new ones.
 

@@ -7,6 +7,7 @@ engine's progress callback checks between steps.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from typing import Any
@@ -28,8 +29,13 @@ class Heartbeat(threading.Thread):
         self.lease_lost = threading.Event()
         self.cancel_requested = threading.Event()
         self._stop_event = threading.Event()
+        self._context = contextvars.copy_context()
 
     def run(self) -> None:
+        # In the starting thread's context, so that its log records carry the job id too.
+        self._context.run(self._beat_until_stopped)
+
+    def _beat_until_stopped(self) -> None:
         while not self._stop_event.wait(self.interval):
             self.beat()
 

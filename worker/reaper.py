@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
-import threading
 from datetime import timedelta
 
 from celery import Celery
@@ -20,6 +19,7 @@ from app.db.models import utcnow
 from app.db.session import session_scope
 from app.jobs import lifecycle
 from worker.celery_app import get_celery
+from worker.periodic import PeriodicThread
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +68,12 @@ def reap_once() -> list[str]:
     return lifecycle.dispatch(to_send) if to_send else []
 
 
-class ReaperThread(threading.Thread):
-    def __init__(self, interval: float) -> None:
-        super().__init__(name="condenser-reaper", daemon=True)
-        self.interval = interval
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                reap_once()
-                collect_work_dirs()
-            except Exception:  # a database outage must not kill the reaper; try again next tick
-                log.warning("reaper pass failed", exc_info=True)
-            self.stopped.wait(self.interval)
+def reap_and_collect() -> None:
+    reap_once()
+    collect_work_dirs()
 
 
-def start_reaper() -> ReaperThread:
-    thread = ReaperThread(get_settings().reaper_interval_seconds)
+def start_reaper() -> PeriodicThread:
+    thread = PeriodicThread("condenser-reaper", get_settings().reaper_interval_seconds, reap_and_collect)
     thread.start()
     return thread

@@ -12,6 +12,7 @@ from celery import signals
 
 from app.config import get_settings
 from app.db.session import get_engine
+from app.logs import configure_logging, job_context
 from worker.celery_app import RUN_JOB_TASK, get_celery
 from worker.preemption import install_stop_handlers
 
@@ -24,7 +25,14 @@ _worker: Any = None
 def run_job(job_id: str) -> None:
     from worker.runner import run
 
-    run(job_id)
+    with job_context(job_id):
+        run(job_id)
+
+
+@signals.setup_logging.connect
+def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    # A receiver here tells Celery to leave logging alone: API and worker log the same way (app.logs).
+    configure_logging(get_settings(), loglevel)
 
 
 @signals.worker_init.connect
@@ -41,6 +49,14 @@ def _start_reaper(**_: Any) -> None:
     from worker.reaper import start_reaper
 
     start_reaper()
+
+
+@signals.worker_ready.connect
+def _start_webhook_sender(**_: Any) -> None:
+    from app.webhooks.delivery import deliver_due
+    from worker.periodic import PeriodicThread
+
+    PeriodicThread("condenser-webhooks", get_settings().webhook_poll_seconds, deliver_due).start()
 
 
 @signals.worker_process_init.connect

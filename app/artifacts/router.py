@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Header, Response, status
 from fastapi.responses import FileResponse
+from starlette.types import Message, Receive, Scope, Send
 
 from app.artifacts import service
 from app.artifacts.schemas import ArtifactOut
 from app.deps import CurrentPrincipal, DbSession, StoreDep
+from app.ids import ArtifactId
+from app.metrics import SERVED_BYTES
 from app.routing import BoundedBodyRoute
 from app.schemas import error_responses
 
@@ -28,10 +31,18 @@ class BlobResponse(FileResponse):
     # file (allowed by RFC 9110), so a request for thousands of tiny ranges cannot amplify work.
     max_ranges = 4
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                SERVED_BYTES.inc(len(message.get("body", b"")))
+            await send(message)
+
+        await super().__call__(scope, receive, counting_send)
+
 
 @router.get("/{artifact_id}", response_model=ArtifactOut, summary="Get artifact metadata",
             responses=error_responses(404))
-def get_artifact(artifact_id: str, principal: CurrentPrincipal, session: DbSession) -> ArtifactOut:
+def get_artifact(artifact_id: ArtifactId, principal: CurrentPrincipal, session: DbSession) -> ArtifactOut:
     """Kind, file name, runtime, size and sha256 of one artifact."""
     return ArtifactOut.from_row(service.get_artifact(session, principal.tenant, artifact_id))
 
@@ -56,7 +67,7 @@ def get_artifact(artifact_id: str, principal: CurrentPrincipal, session: DbSessi
     },
 )
 def download_artifact(
-    artifact_id: str,
+    artifact_id: ArtifactId,
     principal: CurrentPrincipal,
     session: DbSession,
     store: StoreDep,

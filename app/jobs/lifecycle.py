@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Job, JobEvent, utcnow
 from app.errors import Conflict
+from app.webhooks.service import announce_end
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ def record_event(session: Session, job: Job, kind: str, actor: str, message: str
     event = JobEvent(job_id=job.id, kind=kind, status=job.status, attempt=job.attempt, actor=actor,
                      message=message, data=data or {})
     session.add(event)
+    # Each event is a log line too, carrying the job id, for those who follow jobs in their logs.
+    log.info("%s (%s): %s", kind, job.status, message, extra={"job_id": job.id})
     return event
 
 
@@ -36,6 +39,12 @@ def _record(session: Session, job_id: str, kind: str, actor: str, message: str,
     job = session.get(Job, job_id, populate_existing=True)
     if job is not None:
         record_event(session, job, kind, actor, message, data)
+
+
+def _ended(session: Session, job: Job, actor: str, message: str, data: dict[str, Any] | None = None) -> None:
+    """Record the final state and, in the same transaction, announce it to the job's webhook (if any)."""
+    record_event(session, job, "state", actor, message, data)
+    announce_end(session, job)
 
 
 # ---- submission side (API) -------------------------------------------------------------------
@@ -47,7 +56,7 @@ def request_cancel(session: Session, job: Job, actor: str) -> list[str]:
     if job.status == "queued":
         job.status = "canceled"
         job.finished_at = utcnow()
-        record_event(session, job, "state", actor, "canceled before it started")
+        _ended(session, job, actor, "canceled before it started")
     elif job.status == "running":
         job.status = "canceling"
         job.cancel_requested = True
@@ -146,7 +155,9 @@ def finish(session: Session, job_id: str, owner: str, status: str, message: str,
     )
     if result.rowcount != 1:
         return False
-    _record(session, job_id, "state", owner, message, {"error": error} if error else None)
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    _ended(session, job, owner, message, {"error": error} if error else None)
     return True
 
 
@@ -200,11 +211,11 @@ def _settle_expired(session: Session, job: Job, actor: str, now: datetime) -> No
     job.lease_expires_at = None
     if job.status == "canceling":
         job.status, job.finished_at = "canceled", now
-        record_event(session, job, "state", actor, f"canceled; {reason}")
+        _ended(session, job, actor, f"canceled; {reason}")
     elif job.attempt >= job.max_attempts:
         job.status, job.finished_at = "failed", now
         job.error = f"{reason}; gave up after {job.attempt} attempts"
-        record_event(session, job, "state", actor, f"failed: {job.error}")
+        _ended(session, job, actor, f"failed: {job.error}")
     else:
         job.status, job.enqueued_at = "queued", None
         record_event(session, job, "state", actor, f"requeued: {reason}")

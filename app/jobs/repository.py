@@ -31,3 +31,10 @@ def latest_events(session: Session, job_id: str, limit: int) -> list[JobEvent]:
         select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc()).limit(limit)
     )
     return list(reversed(list(newest)))
+
+
+def events_after(session: Session, job_id: str, after_id: int, limit: int) -> list[JobEvent]:
+    """The job's events with ids above after_id, oldest first (ids only grow, so this resumes a stream)."""
+    return list(session.scalars(
+        select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after_id).order_by(JobEvent.id).limit(limit)
+    ))

@@ -1,15 +1,20 @@
-"""/v1/jobs: submit, list, inspect and cancel compression jobs; list a job's artifacts."""
+"""/v1/jobs: submit, list, inspect and cancel compression jobs; follow their events; list their artifacts."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Request, Response, status
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
 
 from app.artifacts.schemas import ArtifactOut
 from app.artifacts.service import artifacts_of_job
 from app.deps import CurrentPrincipal, DbSession, IdempotencyKey, SettingsDep, mark_replayed
+from app.errors import Invalid
 from app.idempotency import CREATED_RESPONSE
-from app.jobs import service
-from app.jobs.schemas import JobDetail, JobOut, JobPage, JobStatus, JobSubmission
+from app.ids import JobId
+from app.jobs import service, stream
+from app.jobs.schemas import JobDetail, JobEventOut, JobOut, JobPage, JobStatus, JobSubmission
 from app.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, PageRequest, next_link
 from app.routing import BoundedBodyRoute
 from app.schemas import error_responses
@@ -22,7 +27,7 @@ def _detail(view: service.JobView) -> JobDetail:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobDetail, summary="Submit a job",
-             responses={**CREATED_RESPONSE, **error_responses(404, 409, 422)})
+             responses={**CREATED_RESPONSE, **error_responses(404, 409, 422, 429)})
 def submit_job(body: JobSubmission, response: Response, principal: CurrentPrincipal, session: DbSession,
                settings: SettingsDep, idempotency_key: IdempotencyKey = None) -> JobDetail:
     """Queue a compression job; `kind` selects the body's shape:
@@ -59,14 +64,14 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobDetail, summary="Get a job", responses=error_responses(404))
-def get_job(job_id: str, principal: CurrentPrincipal, session: DbSession) -> JobDetail:
+def get_job(job_id: JobId, principal: CurrentPrincipal, session: DbSession) -> JobDetail:
     """State, attempt, progress, metrics, error, timestamps, artifacts and the latest events of one job."""
     return _detail(service.describe_job(session, principal.tenant, job_id))
 
 
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobDetail,
              summary="Cancel a job", responses=error_responses(404, 409))
-def cancel_job(job_id: str, principal: CurrentPrincipal, session: DbSession) -> JobDetail:
+def cancel_job(job_id: JobId, principal: CurrentPrincipal, session: DbSession) -> JobDetail:
     """A queued job is canceled at once; a running one becomes `canceling` and stops between training steps.
     409 if the job already finished."""
     job = service.cancel_job(session, principal, job_id)
@@ -75,6 +80,62 @@ def cancel_job(job_id: str, principal: CurrentPrincipal, session: DbSession) -> 
 
 @router.get("/{job_id}/artifacts", response_model=list[ArtifactOut], summary="List a job's artifacts",
             responses=error_responses(404))
-def list_job_artifacts(job_id: str, principal: CurrentPrincipal, session: DbSession) -> list[ArtifactOut]:
+def list_job_artifacts(job_id: JobId, principal: CurrentPrincipal, session: DbSession) -> list[ArtifactOut]:
     """The files a job produced (empty until it succeeds)."""
     return [ArtifactOut.from_row(row) for row in artifacts_of_job(session, principal.tenant, job_id)]
+
+
+EVENTS_LIMIT = 1000
+MAX_EVENT_ID = 2**63 - 1  # event ids are BIGINT: a larger cursor would be a database error, not an answer
+
+
+@router.get(
+    "/{job_id}/events",
+    response_model=list[JobEventOut],
+    summary="List or stream a job's events",
+    responses={**error_responses(404), 200: {
+        "description": "JSON: the events after `after`, oldest first. With `Accept: text/event-stream`: a live "
+        "stream (see the operation's description).",
+        "content": {stream.MEDIA_TYPE: {"schema": {"type": "string"}}},
+    }},
+)
+def job_events(
+    job_id: JobId,
+    request: Request,
+    principal: CurrentPrincipal,
+    session: DbSession,
+    settings: SettingsDep,
+    after: Annotated[int | None, Query(ge=0, le=MAX_EVENT_ID,
+                                       description="Only events with a larger id (default: all).")] = None,
+    limit: Annotated[int, Query(ge=1, le=EVENTS_LIMIT, description="At most this many events (JSON only).")] = 100,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20,
+                                                description="Set by EventSource on reconnection: resume after "
+                                                "this event.")] = None,
+) -> Any:
+    """The job's history: state changes, finished epochs, log lines and webhook attempts.
+
+    Ask for `Accept: text/event-stream` to follow it live as Server-Sent Events: each stored event arrives
+    with `id:` (its id) and `event:` (its kind: `state`, `progress`, `log`, `webhook`) and the same JSON as
+    here; `event: snapshot` carries `{"status", "progress"}` (stage, epoch, step, ETA, latest loss and
+    accuracy) whenever the worker reports new progress; comments keep idle connections open; after the
+    final state the stream sends `event: end` (`{"status"}`) and closes. Reconnecting with `Last-Event-ID`
+    (EventSource does it by itself) or `?after=` resumes without repeats or gaps.
+    Example: `curl -N -H 'Accept: text/event-stream' -H "Authorization: Bearer $KEY" .../v1/jobs/job_.../events`
+    """
+    after_id = after if after is not None else _event_id(last_event_id)
+    # Checked here, before any byte is streamed, so another tenant's job is a plain 404.
+    events = service.events_after(session, principal.tenant, job_id, after_id, limit)
+    if stream.wants_stream(request.headers.get("accept")):
+        return StreamingResponse(stream.event_stream(principal.tenant, job_id, after_id, settings),
+                                 media_type=stream.MEDIA_TYPE,
+                                 # no-transform and X-Accel-Buffering: proxies must pass events on at once.
+                                 headers={"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"})
+    return [JobEventOut.model_validate(event) for event in events]
+
+
+def _event_id(header: str | None) -> int:
+    if header is None or not header.strip():
+        return 0
+    if not header.strip().isdigit() or int(header) > MAX_EVENT_ID:
+        raise Invalid(f"Last-Event-ID must be the id of an event (a number), not {header!r}")
+    return int(header)

@@ -10,6 +10,7 @@ from app.artifacts.schemas import ArtifactOut
 from app.db.models import Job, JobEvent
 from app.schemas import OutModel, Page, UtcDatetime
 from worker.engine.config import BUILTIN_DATASETS, DistillConfig, PruneConfig, QuantizeConfig, StudentSpec
+from worker.summary import summarize
 
 JobStatus = Literal["queued", "running", "canceling", "succeeded", "failed", "canceled"]
 
@@ -55,7 +56,18 @@ def _model_field(role: str) -> Any:
                  examples=[MODEL_ID_EXAMPLE])
 
 
-class JobCreate(DistillConfig):
+class JobDelivery(BaseModel):
+    """What every kind of job takes besides its settings."""
+
+    webhook_url: str | None = Field(
+        default=None, max_length=2048,
+        description="Announce the job's end here (a signed POST; see PUT /v1/webhook) instead of at the tenant's "
+        "default webhook. https, public addresses only.",
+        examples=["https://ci.example.com/hooks/condenser"],
+    )
+
+
+class JobCreate(DistillConfig, JobDelivery):
     """A distillation job: teacher, data, student architecture, and the training settings (all optional)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={"examples": [JOB_EXAMPLE]})
@@ -71,7 +83,7 @@ class JobCreate(DistillConfig):
     )
 
 
-class PruneJobCreate(PruneConfig):
+class PruneJobCreate(PruneConfig, JobDelivery):
     """A pruning job: structured channel pruning (or unstructured sparsity) of the model, then recovery
     fine-tuning with the unpruned model as the distillation teacher."""
 
@@ -82,7 +94,7 @@ class PruneJobCreate(PruneConfig):
     dataset: str = _dataset_field("ranking channels (calibration_samples) and recovery fine-tuning")
 
 
-class QuantizeJobCreate(QuantizeConfig):
+class QuantizeJobCreate(QuantizeConfig, JobDelivery):
     """An int8 quantization job: TorchScript and ONNX Runtime artifacts, measured as they will run."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={"examples": [QUANTIZE_EXAMPLE]})
@@ -124,11 +136,37 @@ class JobProgress(BaseModel):
     val_accuracy: float | None = Field(default=None, examples=[0.93])
 
 
+class ModelFigures(BaseModel):
+    """One side of a job's before/after: the input model, or what the job made of it."""
+
+    label: str = Field(description="teacher / student, or input / pruned / int8.", examples=["student"])
+    accuracy: float | None = Field(description="Top-1 on the held-out split.", examples=[0.953])
+    params: int | None = Field(examples=[5321])
+    macs: int | None = Field(description="Multiply-accumulates per image.", examples=[100000])
+    file_bytes: int | None = Field(description="Size of the weights file (safetensors or state_dict); none for "
+                                   "int8.", examples=[22000])
+    torchscript_bytes: int | None = Field(description="Size of the TorchScript file, which every kind exports: "
+                                          "the size to compare across jobs.", examples=[30000])
+    cpu_latency_ms_batch1: float | None = Field(description="TorchScript on the worker's CPU.", examples=[0.3])
+    cpu_latency_ms_batch32: float | None = Field(examples=[1.5])
+
+
+class JobSummary(BaseModel):
+    """The input model and the result side by side, in the same shape for every kind of job."""
+
+    before: ModelFigures
+    after: ModelFigures
+    validation_samples: int | None = Field(description="Held-out images the accuracies are measured on.")
+
+
 class JobEventOut(OutModel):
     """One entry of a job's history: who did what, when and why."""
 
+    id: int = Field(description="Increases with every event; resume a listing or stream after it.",
+                    examples=[42])
     at: UtcDatetime
-    kind: str = Field(description="state (a transition), progress or log.", examples=["state"])
+    kind: str = Field(description="state (a transition), progress (an epoch ended), log, or webhook (a "
+                      "delivery attempt).", examples=["state"])
     status: str | None = Field(description="The job's status after the event.", examples=["queued"])
     attempt: int
     actor: str = Field(description="api-key:<prefix> for API calls, the worker or reaper otherwise.",
@@ -152,7 +190,10 @@ class JobOut(OutModel):
     spec: dict[str, Any] = Field(description="The submission as stored, with every default filled in.")
     progress: JobProgress
     metrics: dict[str, Any] = Field(description="Measured results (accuracy, size, latency) once finished.")
+    summary: JobSummary | None = Field(description="The metrics' before/after at a glance, once succeeded.")
     error: str | None = Field(description="Why the job failed, when it did.")
+    webhook_url: str | None = Field(default=None, description="Where its end is announced, if not at the tenant's "
+                                    "default webhook.")
     created_at: UtcDatetime
     started_at: UtcDatetime | None
     finished_at: UtcDatetime | None
@@ -182,7 +223,8 @@ def _job_fields(job: Job) -> dict[str, Any]:
         "teacher": job.teacher_id,
         "dataset": job.dataset_id or job.spec.get("dataset"), "spec": job.spec,
         "progress": JobProgress.model_validate(job.progress or {}), "metrics": job.metrics or {},
-        "error": job.error, "created_at": job.created_at, "started_at": job.started_at,
+        "summary": summarize(job.kind, job.metrics or {}),
+        "error": job.error, "webhook_url": job.webhook_url, "created_at": job.created_at, "started_at": job.started_at,
         "finished_at": job.finished_at, "updated_at": job.updated_at,
     }
 

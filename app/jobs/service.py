@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
+from app import quotas
 from app.artifacts import repository as artifacts_repository
 from app.auth.service import Principal
 from app.config import Settings
@@ -24,6 +25,7 @@ from app.jobs.schemas import AnyJobCreate, JobCreate
 from app.models import repository as models_repository
 from app.pagination import PageRequest
 from app.schemas import invalid_from
+from app.webhooks import service as webhooks
 from worker.engine.config import BUILTIN_DATASETS, ArchSpec, InputSpec, StudentSpec, check_dataset_fits
 from worker.engine.errors import SpecError
 
@@ -53,12 +55,15 @@ def submit_job(session: Session, principal: Principal, body: AnyJobCreate, idemp
     if earlier is not None:
         return Outcome(get_job(session, principal.tenant, earlier), replayed=True)
 
+    quotas.check_job_slot(session, principal.tenant, settings)
     # A distillation names its input model "teacher"; pruning and quantization name it "model".
     field, model_id = ("teacher", body.teacher) if isinstance(body, JobCreate) else ("model", body.model)
     source = _input_model(session, principal.tenant, model_id, field)
     source_input = InputSpec.model_validate(source.input_spec)
     dataset_id, dataset = _dataset(session, principal.tenant, body.dataset)
     spec = _stored_spec(body, source, source_input)
+    if body.webhook_url is not None:
+        webhooks.check_job_webhook(session, principal.tenant, body.webhook_url, settings)
     _check_dataset(dataset, source, source_input, field, body.kind)
 
     job_id = new_id("job")
@@ -67,7 +72,8 @@ def submit_job(session: Session, principal: Principal, body: AnyJobCreate, idemp
         return Outcome(get_job(session, principal.tenant, winner), replayed=True)
     # The input model goes in teacher_id whatever the kind: the worker loads it from there.
     job = Job(id=job_id, tenant=principal.tenant, kind=body.kind, spec=spec, teacher_id=source.id,
-              dataset_id=dataset_id, status="queued", max_attempts=settings.max_attempts)
+              dataset_id=dataset_id, status="queued", max_attempts=settings.max_attempts,
+              webhook_url=body.webhook_url)
     repository.add(session, job)
     lifecycle.record_event(session, job, "state", principal.actor, "submitted")
     # The message names a row that must exist when a worker reads it: send only after the commit.
@@ -86,6 +92,10 @@ def describe_job(session: Session, tenant: str, job_id: str) -> JobView:
     job = get_job(session, tenant, job_id)
     return JobView(job=job, artifacts=artifacts_repository.for_job(session, tenant, job.id),
                    events=repository.latest_events(session, job.id, EVENTS_SHOWN))
+
+
+def events_after(session: Session, tenant: str, job_id: str, after_id: int, limit: int) -> list[JobEvent]:
+    return repository.events_after(session, get_job(session, tenant, job_id).id, after_id, limit)
 
 
 def list_jobs(session: Session, tenant: str, status: str | None, page: PageRequest) -> tuple[list[Job], str | None]:
@@ -113,7 +123,8 @@ def _after_commit(session: Session, action: Callable[[], None]) -> None:
 def _stored_spec(body: AnyJobCreate, source: Model, source_input: InputSpec) -> dict[str, Any]:
     """The submission with every default filled in (and a distillation student's classes taken from its
     teacher), as the worker will read it."""
-    spec: dict[str, Any] = body.model_dump(mode="json")
+    # Where to announce the end is not a compression setting: it has its own column.
+    spec: dict[str, Any] = body.model_dump(mode="json", exclude={"webhook_url"})
     if isinstance(body, JobCreate):
         student = _student_arch(body.student, source, source_input)
         spec["student"] = {"arch": student.arch, "kwargs": student.kwargs}

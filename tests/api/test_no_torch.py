@@ -50,3 +50,13 @@ def test_api_never_imports_torch(tmp_path: Path) -> None:
                           timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "torch loaded: []"
+
+
+def test_cli_and_client_import_light() -> None:
+    """`condenser --help` and `from app.client import Client` load none of the server's or the worker's stack."""
+    heavy = ("torch", "sqlalchemy", "fastapi", "celery")
+    script = (f"import sys, app.cli, app.client; print([m for m in {heavy!r} if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
