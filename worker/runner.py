@@ -12,6 +12,7 @@ import secrets
 import shutil
 import socket
 from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,16 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from app.config import Settings, get_settings
-from app.db.models import Artifact, Dataset, Job, JobEvent, Model
+from app.db.models import Artifact, Dataset, Job, JobEvent, Model, utcnow
 from app.db.session import session_scope
 from app.jobs import lifecycle
-from app.storage import BlobStore, get_store
+from app.schemas import as_utc
+from app.storage import BlobStore, StoredBlob, get_store
+from worker import report
 from worker.engine.distill import Progress
 from worker.engine.errors import Canceled, EngineError, Interrupted
 from worker.engine.fileio import atomic_write
+from worker.engine.models import pick_device
 from worker.heartbeat import Heartbeat
 from worker.jobs import job_function
 from worker.preemption import stop_requested
@@ -40,6 +44,10 @@ class LeaseLost(Exception):
 
 class Preempted(Interrupted):
     """SIGTERM or the soft time limit: the engine checkpoints, then the job is given back."""
+
+
+class TimeLimitExceeded(EngineError):
+    """The job's own time_limit_seconds ran out: it fails (a retry would run out of time too)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,8 @@ class JobContext:
     teacher: ModelSource
     dataset_path: Path | None  # None: the built-in dataset named in spec["dataset"]
     work_dir: Path
+    provenance: dict[str, Any]  # what went in, with sha256s, for the report
+    deadline: datetime | None = None  # from the spec's time_limit_seconds, counted from the first start
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,9 @@ class JobGuard:
             raise LeaseLost(self.ctx.job_id)
         if request := stop_requested():
             raise Preempted(request.reason)
+        if self.ctx.deadline is not None and utcnow() > self.ctx.deadline:
+            limit = self.ctx.spec["time_limit_seconds"]
+            raise TimeLimitExceeded(f"still running after its time_limit_seconds of {limit}; no artifact published")
 
 
 def job_work_dir(settings: Settings, job_id: str) -> Path:
@@ -180,7 +193,27 @@ def _context(session: Any, job: Job, owner: str, settings: Settings) -> JobConte
                             input_spec=teacher.input_spec, bytes=teacher.bytes),
         dataset_path=store.path_for(dataset.canonical_sha256) if dataset else None,
         work_dir=job_work_dir(settings, job.id),
+        provenance=_provenance(job, teacher, dataset),
+        deadline=_deadline(job),
     )
+
+
+def _deadline(job: Job) -> datetime | None:
+    limit = job.spec.get("time_limit_seconds")
+    if limit is None or job.started_at is None:
+        return None
+    return as_utc(job.started_at) + timedelta(seconds=limit)
+
+
+def _provenance(job: Job, model: Model, dataset: Dataset | None) -> dict[str, Any]:
+    model_fields = {"id": model.id, "name": model.name, "format": model.format, "sha256": model.sha256,
+                    "bytes": model.bytes, "arch": model.arch, "input_spec": model.input_spec}
+    if dataset is None:
+        return {"model": model_fields, "dataset": {"builtin": job.spec.get("dataset")}}
+    dataset_fields = {"id": dataset.id, "name": dataset.name, "format": dataset.format, "sha256": dataset.sha256,
+                      "canonical_sha256": dataset.canonical_sha256, "num_samples": dataset.num_samples,
+                      "num_classes": dataset.num_classes}
+    return {"model": model_fields, "dataset": dataset_fields}
 
 
 def _run_claimed(ctx: JobContext, heartbeat: Heartbeat, settings: Settings) -> None:
@@ -231,6 +264,7 @@ def _publish(ctx: JobContext, outcome: JobOutcome, store: BlobStore) -> None:
     """Store the files, then in one transaction add their rows (and any epoch events not yet recorded)
     and mark the job succeeded."""
     blobs = [(output, store.put_file(output.path)) for output in outcome.files]
+    blobs += [(output, store.put_file(output.path)) for output in _report(ctx, outcome, blobs)]
     with session_scope() as session:
         record_epochs(session, ctx, outcome.metrics.get("history", []))
         tenant = session.get(Job, ctx.job_id).tenant
@@ -243,3 +277,19 @@ def _publish(ctx: JobContext, outcome: JobOutcome, store: BlobStore) -> None:
             # Someone else owns the job now: roll back so that only one attempt ever publishes.
             raise LeaseLost(ctx.job_id)
     shutil.rmtree(ctx.work_dir, ignore_errors=True)
+
+
+def _report(ctx: JobContext, outcome: JobOutcome, blobs: list[tuple[OutputFile, StoredBlob]]) -> list[OutputFile]:
+    """The report files of a job about to succeed; they describe the artifacts, so they come after them."""
+    artifacts = [{"kind": output.kind, "filename": output.filename, "runtime": output.runtime,
+                  "sha256": blob.sha256, "bytes": blob.bytes} for output, blob in blobs]
+    document = report.build_document({"id": ctx.job_id, "kind": ctx.kind, "attempt": ctx.attempt, "spec": ctx.spec},
+                                     ctx.provenance, outcome.metrics, artifacts, report.environment(_device_name(ctx)))
+    return [OutputFile(item.kind, item.path, item.path.name, item.media_type, "report")
+            for item in report.write_report(ctx.work_dir / "report", document)]
+
+
+def _device_name(ctx: JobContext) -> str:
+    """The device the job trained and measured on, as the engine picked it from the spec."""
+    device = pick_device(ctx.spec.get("device", "auto"))
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"

@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.e2e.test_distill_e2e import download
+from tests.e2e.test_distill_e2e import check_report, download
 from tests.harness import Service
 from worker.engine import data, evaluate, export, models, prune, quantize
 from worker.engine.config import ArchSpec, DistillConfig
@@ -218,6 +218,8 @@ def test_small_cnn_pruned_and_quantized_over_http(service_factory: Any, small_cn
     assert agreement(plain_onnx_logits(qat_paths["quantized_onnx"], batch), qat_script) >= ONNX_INT8_AGREEMENT
     assert agreement(qat_script, evaluate.logits(input_model, batch)) >= 0.9
     assert qat["metrics"]["history"][0]["epoch"] == 1
+    for job in (structured, unstructured, static, qat):
+        assert check_report(service, job)["summary"]["after"]["label"] in ("pruned", "int8")
 
 
 @pytest.mark.parametrize(("arch", "prune_epochs"), [("resnet18", 1), ("mobilenet_v3_small", 0)])

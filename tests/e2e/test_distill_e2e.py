@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,28 @@ def download(service: Service, artifact: dict[str, Any]) -> bytes:
     return response.content
 
 
+def check_report(service: Service, job: dict[str, Any]) -> dict[str, Any]:
+    """The job's report artifacts download and parse, and describe the job: its spec, its input's sha256,
+    the sha256 of every other artifact, and (when it trained) one curve point per epoch. Returns report.json."""
+    by_kind = {a["kind"]: a for a in job["artifacts"]}
+    report = json.loads(download(service, by_kind["report_json"]))
+    assert report["job"]["id"] == job["id"] and report["job"]["spec"] == job["spec"]
+    assert report["metrics"] == job["metrics"] and report["summary"] == job["summary"]
+    assert report["environment"]["libraries"]["torch"] and report["environment"]["python"]
+    assert len(report["inputs"]["model"]["sha256"]) == 64
+    outputs = {a["kind"]: a["sha256"] for a in job["artifacts"] if not a["kind"].startswith("report_")}
+    assert {a["kind"]: a["sha256"] for a in report["artifacts"]} == outputs
+    card = download(service, by_kind["report_model_card"]).decode()
+    assert report["inputs"]["model"]["sha256"] in card and all(sha256 in card for sha256 in outputs.values())
+    ET.fromstring(download(service, by_kind["report_comparison_svg"]))
+    history = job["metrics"].get("history") or []
+    if history:
+        curves = ET.fromstring(download(service, by_kind["report_curves_svg"]))
+        points = [c for c in curves.iter("{http://www.w3.org/2000/svg}circle") if c.get("data-series") == "train_loss"]
+        assert len(points) == len(history)
+    return report
+
+
 @pytest.mark.parametrize("backend", ["distributed", pytest.param("embedded", marks=pytest.mark.embedded)])
 def test_distill_over_http_and_load_the_artifact_independently(service_factory: Any, backend: str,
                                                                 trained_teacher: Path) -> None:
@@ -98,3 +122,4 @@ def test_distill_over_http_and_load_the_artifact_independently(service_factory: 
     assert metrics["student"]["param_count"] * 10 <= metrics["teacher"]["param_count"]
     assert metrics["student"]["cpu_latency_ms_batch1"] > 0 and metrics["teacher"]["cpu_latency_ms_batch1"] > 0
     assert job["attempt"] == 1
+    check_report(service, job)

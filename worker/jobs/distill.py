@@ -71,7 +71,8 @@ def _measure(ctx: JobContext, teacher: torch.nn.Module, student_arch: ArchSpec, 
     return {
         "validation_samples": len(held_out.y),
         "teacher": {"accuracy": teacher_summary["accuracy"], "param_count": teacher_summary["params"],
-                    "macs": teacher_summary["macs"], "file_bytes": ctx.teacher.bytes, **teacher_latency},
+                    "macs": teacher_summary["macs"], "file_bytes": ctx.teacher.bytes,
+                    "torchscript_bytes": teacher_script[measure.TORCHSCRIPT]["file_bytes"], **teacher_latency},
         "student": {
             "accuracy": student_summary["accuracy"], "torchscript_accuracy": student_script["accuracy"],
             "agreement_with_teacher": student_summary["agreement_with_input"],

@@ -1,0 +1,453 @@
+// The dashboard: sign in with a key, follow jobs live, read a job's results, compare every finished job.
+// Data only ever enters the page as text (textContent, setAttribute), never as markup.
+
+import * as api from "./api.js";
+import { createTooltip, KIND_COLORS, lineChart, tradeoffChart } from "./charts.js";
+import * as fmt from "./format.js";
+
+const POLL_MS = 1500;
+const TRADEOFFS_POLL_MS = 10000;
+const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
+// Stages after training: the bar waits just short of full until the job has published its files.
+const FINISHING_STAGES = new Set(["exporting", "evaluating", "converting"]);
+const EVENTS_SHOWN = 15;
+
+const views = ["login-view", "jobs-view", "job-view", "tradeoffs-view"];
+const tooltip = createTooltip();
+let activePoller = null;
+
+function byId(id) {
+  return document.getElementById(id);
+}
+
+// h("td", { class: "num", "data-testid": "x" }, "text", childNode, ...): an element with attributes and children.
+function h(tag, attributes = {}, ...children) {
+  const element = document.createElement(tag);
+  for (const [key, value] of Object.entries(attributes)) {
+    if (value === false || value == null) continue;
+    if (key === "class") element.className = value;
+    else if (key === "onclick") element.addEventListener("click", value);
+    else element.setAttribute(key, value === true ? "" : String(value));
+  }
+  element.append(...children.flat().filter((child) => child != null && child !== false));
+  return element;
+}
+
+// --- polling, errors, routing ------------------------------------------------------------------------------
+
+// Runs `step` now and every `interval` ms until it returns false or the view changes.
+function poll(step, interval = POLL_MS) {
+  let stopped = false;
+  let timer = null;
+  const tick = async () => {
+    let again = true;
+    try {
+      again = (await step()) !== false;
+      showError(null);
+    } catch (error) {
+      if (!handleAuthError(error)) showError(error.message);
+    }
+    if (again && !stopped) timer = setTimeout(tick, interval);
+  };
+  tick();
+  return { stop() { stopped = true; clearTimeout(timer); } };
+}
+
+function showError(message) {
+  const banner = byId("global-error");
+  banner.hidden = !message;
+  banner.textContent = message || "";
+}
+
+function handleAuthError(error) {
+  if (!(error instanceof api.ApiError) || error.status !== 401) return false;
+  api.forgetKey();
+  showLogin("The key was refused (revoked or mistyped). Sign in again.");
+  return true;
+}
+
+function show(viewId) {
+  for (const id of views) byId(id).hidden = id !== viewId;
+  const signedIn = viewId !== "login-view";
+  byId("nav").hidden = !signedIn;
+  byId("session").hidden = !signedIn;
+  byId("nav-jobs").classList.toggle("active", viewId === "jobs-view" || viewId === "job-view");
+  byId("nav-tradeoffs").classList.toggle("active", viewId === "tradeoffs-view");
+}
+
+function route() {
+  activePoller?.stop();
+  activePoller = null;
+  tooltip.hide();
+  if (!api.storedKey()) {
+    showLogin();
+    return;
+  }
+  const hash = window.location.hash.replace(/^#/, "") || "/";
+  const jobMatch = hash.match(/^\/jobs\/([A-Za-z0-9_-]+)$/);
+  if (jobMatch) activePoller = showJob(jobMatch[1]);
+  else if (hash === "/tradeoffs") activePoller = showTradeoffs();
+  else activePoller = showJobs();
+}
+
+// --- sign in -----------------------------------------------------------------------------------------------
+
+function showLogin(message = null) {
+  activePoller?.stop();
+  show("login-view");
+  const error = byId("login-error");
+  error.hidden = !message;
+  error.textContent = message || "";
+  byId("api-key").focus();
+}
+
+async function signIn(event) {
+  event.preventDefault();
+  const key = byId("api-key").value.trim();
+  const button = byId("login-button");
+  button.disabled = true;
+  try {
+    const me = await api.whoAmI(key);
+    api.storeKey(key);
+    byId("api-key").value = "";
+    byId("tenant").textContent = me.tenant;
+    route();
+  } catch (error) {
+    showLogin(error instanceof api.ApiError && error.status === 401 ? "That key was not accepted." : error.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function signOut() {
+  api.forgetKey();
+  byId("tenant").textContent = "";
+  window.location.hash = "#/";
+  showLogin();
+}
+
+// --- progress ----------------------------------------------------------------------------------------------
+
+// { percent (null: unknown), label } of a job's bar.
+function progressOf(job) {
+  const progress = job.progress || {};
+  if (job.status === "succeeded") return { percent: 100, label: "done" };
+  if (job.status === "queued") return { percent: 0, label: job.attempt > 0 ? "queued for a retry" : "queued" };
+  let percent = null;
+  if (FINISHING_STAGES.has(progress.stage)) percent = 97;
+  else if (progress.total_steps) percent = Math.min(95, Math.round((95 * progress.step) / progress.total_steps));
+  const parts = [progress.stage || job.status];
+  if (progress.epoch && progress.epochs && !FINISHING_STAGES.has(progress.stage)) {
+    parts.push(`epoch ${progress.epoch}/${progress.epochs}`);
+  }
+  if (progress.eta_seconds != null && job.status === "running" && !FINISHING_STAGES.has(progress.stage)) {
+    parts.push(`ETA ${fmt.duration(progress.eta_seconds)}`);
+  }
+  if (!TERMINAL.has(job.status)) return { percent, label: parts.join(" · ") };
+  return { percent: percent ?? 0, label: job.status };
+}
+
+function progressBar(job) {
+  const { percent, label } = progressOf(job);
+  const fill = h("div", { class: "progress-fill" });
+  if (percent != null) fill.style.width = `${percent}%`;
+  const bar = h("div", {
+    class: `progress ${job.status}${percent == null ? " indeterminate" : ""}`, role: "progressbar",
+    "aria-valuemin": 0, "aria-valuemax": 100, "aria-valuenow": percent ?? false, "aria-label": label,
+    "data-testid": "job-progress", "data-status": job.status, "data-percent": percent ?? "",
+  }, fill);
+  return h("div", { class: "progress-wrap" }, bar,
+    h("span", { class: "progress-label", "data-testid": "progress-label" },
+      percent != null && job.status !== "succeeded" ? `${percent}% · ${label}` : label));
+}
+
+function statusPill(status) {
+  return h("span", { class: `pill ${status}`, "data-testid": "job-status" }, status);
+}
+
+function kindBadge(kind) {
+  return h("span", { class: `badge ${kind}` }, kind);
+}
+
+// --- the job list ------------------------------------------------------------------------------------------
+
+function showJobs() {
+  show("jobs-view");
+  return poll(async () => {
+    const page = await api.listJobs({ limit: 50 });
+    renderJobRows(page.items);
+    byId("jobs-updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  });
+}
+
+function renderJobRows(jobs) {
+  byId("jobs-empty").hidden = jobs.length > 0;
+  byId("jobs-body").replaceChildren(...jobs.map((job) => {
+    const summary = job.summary;
+    const accuracy = summary ? `${fmt.percent(summary.before.accuracy, 1)} → ${fmt.percent(summary.after.accuracy, 1)}`
+      : "–";
+    const link = h("a", { href: `#/jobs/${job.id}`, class: "mono", "data-testid": "job-link" }, fmt.shortId(job.id));
+    const row = h("tr", { "data-testid": "job-row", "data-job-id": job.id, "data-status": job.status,
+      class: "clickable" },
+      h("td", {}, link),
+      h("td", {}, kindBadge(job.kind)),
+      h("td", {}, statusPill(job.status)),
+      h("td", { class: "progress-col" }, progressBar(job)),
+      h("td", { class: "num" }, accuracy),
+      h("td", { class: "num" }, summary ? fmt.bytes(summary.after.file_bytes) : "–"),
+      h("td", { class: "muted", title: fmt.dateTime(job.created_at) }, fmt.ago(job.created_at)));
+    row.addEventListener("click", (event) => {
+      if (event.target.closest("a")) return;
+      window.location.hash = `#/jobs/${job.id}`;
+    });
+    return row;
+  }));
+}
+
+// --- one job -----------------------------------------------------------------------------------------------
+
+function showJob(jobId) {
+  show("job-view");
+  const view = byId("job-view");
+  view.replaceChildren(h("p", { class: "muted" }, "Loading…"));
+  const page = new JobPage(view);
+  return poll(async () => {
+    const job = await api.getJob(jobId);
+    page.update(job);
+    return !TERMINAL.has(job.status);
+  });
+}
+
+// The job page is built once and its sections refreshed when their data changes, so that a poll never
+// resets what the user is doing (a download in flight, a scrolled event list).
+class JobPage {
+  constructor(view) {
+    this.view = view;
+    this.rendered = {};
+    this.sections = null;
+  }
+
+  update(job) {
+    if (!this.sections) this.build(job);
+    this.refresh("header", [job.status, job.cancel_requested], () => this.header(job));
+    this.refresh("progress", [job.status, job.progress, job.error, job.attempt], () => this.progress(job));
+    this.refresh("summary", job.summary, () => this.summary(job));
+    const curve = curvePoints(job);
+    this.refresh("curves", curve, () => this.curves(curve));
+    this.refresh("artifacts", job.artifacts.map((a) => a.id), () => this.artifacts(job));
+    this.refresh("events", job.events.map((e) => e.id ?? e.at), () => this.events(job));
+  }
+
+  refresh(name, data, render) {
+    const signature = JSON.stringify(data);
+    if (this.rendered[name] === signature) return;
+    this.rendered[name] = signature;
+    this.sections[name].replaceChildren(...[render()].flat().filter((child) => child != null));
+  }
+
+  build(job) {
+    const section = (name, title, attributes = {}) => {
+      this.sections[name] = h("div", { id: `job-${name}`, "data-testid": `job-${name}` });
+      return h("div", { class: "card", ...attributes }, title ? h("h2", {}, title) : null, this.sections[name]);
+    };
+    this.sections = {};
+    const spec = h("pre", { id: "job-spec", class: "code", "data-testid": "job-spec" },
+      JSON.stringify(job.spec, null, 2));
+    this.sections.header = h("div", { class: "view-header job-title" });
+    this.view.replaceChildren(
+      h("a", { href: "#/", class: "back" }, "← All jobs"),
+      this.sections.header,
+      section("progress", null),
+      h("div", { class: "grid two" },
+        section("summary", "Before and after"),
+        section("curves", "Training curves")),
+      section("artifacts", "Artifacts"),
+      h("div", { class: "grid two" },
+        h("div", { class: "card" }, h("h2", {}, "Spec"), spec),
+        section("events", "Latest events")));
+  }
+
+  header(job) {
+    const title = h("h1", {}, kindBadge(job.kind), h("span", { class: "mono", "data-testid": "job-id" }, job.id),
+      statusPill(job.status));
+    const actions = h("div", { class: "actions" });
+    if (!TERMINAL.has(job.status)) {
+      const cancel = h("button", { type: "button", class: "button danger", "data-testid": "cancel-button",
+        disabled: job.cancel_requested }, job.cancel_requested ? "Canceling…" : "Cancel job");
+      cancel.addEventListener("click", async () => {
+        cancel.disabled = true;
+        try {
+          await api.cancelJob(job.id);
+        } catch (error) {
+          showError(error.message);
+        }
+      });
+      actions.append(cancel);
+    }
+    return [title, actions];
+  }
+
+  progress(job) {
+    const facts = h("dl", { class: "facts" },
+      fact("Input model", job.model, true), fact("Dataset", job.dataset, true),
+      fact("Attempt", `${job.attempt} of ${job.max_attempts}`),
+      fact("Created", fmt.dateTime(job.created_at)), fact("Started", fmt.dateTime(job.started_at)),
+      fact("Finished", fmt.dateTime(job.finished_at)));
+    const error = job.error ? h("p", { class: "error-box", "data-testid": "job-error" }, job.error) : null;
+    return [progressBar(job), facts, error];
+  }
+
+  summary(job) {
+    const summary = job.summary;
+    if (!summary) {
+      return h("p", { class: "muted" }, TERMINAL.has(job.status) ? "No measurements (the job did not succeed)."
+        : "Measured when the job finishes: accuracy on held-out images, size and CPU latency of the files.");
+    }
+    const rows = fmt.FIGURES.map(([name, title]) => {
+      const [changeText, tone] = fmt.change(name, summary.before[name], summary.after[name]);
+      return h("tr", { "data-figure": name }, h("th", {}, title),
+        h("td", { class: "num" }, fmt.figure(name, summary.before[name])),
+        h("td", { class: "num" }, fmt.figure(name, summary.after[name])),
+        h("td", { class: `num ${tone}` }, changeText));
+    });
+    const table = h("table", { class: "table compact", id: "metrics-table", "data-testid": "metrics-table" },
+      h("thead", {}, h("tr", {}, h("th", {}), h("th", { class: "num" }, summary.before.label),
+        h("th", { class: "num" }, summary.after.label), h("th", { class: "num" }, "change"))),
+      h("tbody", {}, rows));
+    const notes = (job.metrics.notes || []).map((note) => h("li", {}, note));
+    return [table, h("p", { class: "muted small" }, `${summary.validation_samples ?? "?"} held-out images; latency `
+      + "of the TorchScript files on the worker's CPU."),
+    notes.length ? h("ul", { class: "notes" }, notes) : null];
+  }
+
+  curves(points) {
+    const loss = h("div", { class: "chart", id: "curve-loss", "data-testid": "curve-loss" });
+    const accuracy = h("div", { class: "chart", id: "curve-accuracy", "data-testid": "curve-accuracy" });
+    lineChart(loss, { points: points.map((p) => [p.epoch, p.train_loss]), series: "train_loss", color: "#dc2626",
+      yFormat: (v) => v.toPrecision(3), label: "Training loss per epoch" });
+    lineChart(accuracy, { points: points.map((p) => [p.epoch, p.val_accuracy]), series: "val_accuracy",
+      color: "#2563eb", yFormat: (v) => `${(v * 100).toFixed(1)}%`, label: "Validation accuracy per epoch" });
+    return [h("h3", {}, "Training loss"), loss, h("h3", {}, "Validation accuracy"), accuracy];
+  }
+
+  artifacts(job) {
+    if (!job.artifacts.length) {
+      return h("p", { class: "muted" }, "Files appear here when the job succeeds.");
+    }
+    const rows = job.artifacts.map((artifact) => {
+      const status = h("span", { class: "download-status", "data-testid": "download-status" });
+      const button = h("button", { type: "button", class: "button small", "data-testid": "download-button",
+        "data-artifact-kind": artifact.kind, "data-filename": artifact.filename }, "Download");
+      button.addEventListener("click", () => download(artifact, button, status));
+      return h("tr", { "data-testid": "artifact-row", "data-artifact-kind": artifact.kind },
+        h("td", { class: "mono" }, artifact.filename), h("td", { class: "muted" }, artifact.runtime),
+        h("td", { class: "num" }, fmt.bytes(artifact.bytes)),
+        h("td", { class: "mono hash", title: artifact.sha256, "data-testid": "artifact-sha256" },
+          artifact.sha256.slice(0, 16) + "…"),
+        h("td", { class: "right" }, button, status));
+    });
+    return h("table", { class: "table compact", id: "artifacts-table", "data-testid": "artifacts-table" },
+      h("thead", {}, h("tr", {}, h("th", {}, "File"), h("th", {}, "Runtime"), h("th", { class: "num" }, "Size"),
+        h("th", {}, "sha256"), h("th", {}))), h("tbody", {}, rows));
+  }
+
+  events(job) {
+    const latest = job.events.slice(-EVENTS_SHOWN).reverse();
+    return h("ol", { class: "events" }, latest.map((event) => h("li", {},
+      h("span", { class: "muted small" }, new Date(event.at).toLocaleTimeString()),
+      h("span", { class: `event-kind kind-${event.kind}` }, event.kind), h("span", {}, event.message))));
+  }
+}
+
+function fact(term, value, mono = false) {
+  return h("div", {}, h("dt", {}, term), h("dd", { class: mono ? "mono" : "" }, value ?? "–"));
+}
+
+// Per-epoch points: the finished job's history, or while it runs, the epochs its events have recorded.
+function curvePoints(job) {
+  const history = job.metrics.history;
+  if (history?.length) return history;
+  const byEpoch = new Map();
+  for (const event of job.events) {
+    const data = event.data || {};
+    if (event.kind === "progress" && data.epoch != null && data.train_loss != null) byEpoch.set(data.epoch, data);
+  }
+  return [...byEpoch.values()].sort((a, b) => a.epoch - b.epoch)
+    .map(({ epoch, train_loss, val_accuracy }) => ({ epoch, train_loss, val_accuracy }));
+}
+
+async function download(artifact, button, status) {
+  button.disabled = true;
+  status.className = "download-status";
+  status.textContent = "downloading…";
+  try {
+    const result = await api.downloadArtifact(artifact);
+    status.classList.add(result.matches ? "good" : "bad");
+    status.dataset.sha256 = result.sha256;
+    status.textContent = result.matches ? "✓ sha256 verified" : `✗ sha256 ${result.sha256.slice(0, 12)}… differs`;
+  } catch (error) {
+    if (!handleAuthError(error)) {
+      status.classList.add("bad");
+      status.textContent = error.message;
+    }
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// --- trade-offs across the tenant --------------------------------------------------------------------------
+
+function showTradeoffs() {
+  show("tradeoffs-view");
+  renderLegend();
+  return poll(async () => {
+    const jobs = (await api.listAllJobs({ status: "succeeded" })).filter((job) => job.summary);
+    byId("tradeoffs-count").textContent = `${jobs.length} succeeded job${jobs.length === 1 ? "" : "s"}`;
+    const pairsBy = (key) => jobs.map((job) => tradeoffPair(job, key));
+    tradeoffChart(byId("chart-size"), { pairs: pairsBy("torchscript_bytes"),
+      xLabel: "TorchScript file size (log scale)", xFormat: fmt.bytes, tickFormat: fmt.compactBytes,
+      label: "Accuracy against file size", tooltip });
+    tradeoffChart(byId("chart-latency"), { pairs: pairsBy("cpu_latency_ms_batch1"),
+      xLabel: "CPU latency at batch 1 (log scale)", xFormat: fmt.milliseconds, tickFormat: fmt.compactMilliseconds,
+      label: "Accuracy against latency", tooltip });
+  }, TRADEOFFS_POLL_MS);
+}
+
+function tradeoffPair(job, key) {
+  const { before, after } = job.summary;
+  return {
+    id: job.id, kind: job.kind, href: `#/jobs/${job.id}`,
+    before: { x: before[key], y: before.accuracy, label: `${before.label} of ${job.id} (${job.model})` },
+    after: { x: after[key], y: after.accuracy, label: `${job.kind} ${job.id}: ${after.label}` },
+  };
+}
+
+function renderLegend() {
+  const entries = Object.entries(KIND_COLORS).map(([kind, color]) => {
+    const swatch = h("span", { class: "swatch" });
+    swatch.style.background = color;
+    return h("span", { class: "legend-item" }, swatch, `${kind} result`);
+  });
+  entries.push(h("span", { class: "legend-item" }, h("span", { class: "swatch hollow" }), "input model"));
+  byId("tradeoffs-legend").replaceChildren(...entries);
+}
+
+// --- start -------------------------------------------------------------------------------------------------
+
+async function start() {
+  byId("login-form").addEventListener("submit", signIn);
+  byId("logout").addEventListener("click", signOut);
+  window.addEventListener("hashchange", route);
+  const key = api.storedKey();
+  if (key) {
+    try {
+      byId("tenant").textContent = (await api.whoAmI(key)).tenant;
+    } catch (error) {
+      if (!handleAuthError(error)) showError(error.message);
+      if (!api.storedKey()) return;
+    }
+  }
+  route();
+}
+
+start();

@@ -1,0 +1,130 @@
+"""The report builder on its own: the three kinds' metrics in one before/after shape, a model card holding the
+real numbers, and SVG plots that are well-formed XML with one point per epoch."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from worker import plots, report
+from worker.summary import describe_change, format_figure, summarize
+
+SVG = "{http://www.w3.org/2000/svg}"
+HISTORY = [{"epoch": 1, "train_loss": 1.9, "val_accuracy": 0.41}, {"epoch": 2, "train_loss": 0.8, "val_accuracy": 0.77},
+           {"epoch": 3, "train_loss": 0.5, "val_accuracy": 0.868}]
+DISTILL_METRICS: dict[str, Any] = {
+    "validation_samples": 450,
+    "teacher": {"accuracy": 0.9711, "param_count": 123456, "macs": 2000000, "file_bytes": 500000,
+                "torchscript_bytes": 520000,
+                "cpu_latency_ms_batch1": 0.9, "cpu_latency_ms_batch32": 6.0},
+    "student": {"accuracy": 0.9533, "param_count": 5321, "macs": 100000, "file_bytes": 22000,
+                "torchscript_bytes": 30000, "cpu_latency_ms_batch1": 0.3, "cpu_latency_ms_batch32": 1.5},
+    "history": HISTORY,
+}
+
+
+def side(accuracy: float, params: int, file_bytes: int | None, script_bytes: int, latency: float) -> dict[str, Any]:
+    measured = {"file_bytes": script_bytes, "cpu_latency_ms_batch1": latency, "cpu_latency_ms_batch32": latency * 8}
+    return {"accuracy": accuracy, "params": params, "macs": params * 10,
+            **({"file_bytes": file_bytes} if file_bytes else {}), "artifacts": {"torchscript": measured,
+                                                                                "onnx": measured}}
+
+
+PRUNE_METRICS = {"validation_samples": 450, "input": side(0.95, 4000, 17000, 25000, 0.4),
+                 "output": side(0.93, 1000, 5000, 9000, 0.2), "history": HISTORY[:2], "notes": []}
+QUANTIZE_METRICS = {"validation_samples": 450, "input": side(0.95, 4000, 17000, 25000, 0.4),
+                    "output": side(0.94, 4000, None, 8000, 0.25), "history": [], "notes": ["no ExportedProgram"]}
+PROVENANCE = {
+    "model": {"id": "mdl_1", "name": "teacher | v2", "format": "safetensors", "sha256": "a" * 64, "bytes": 500000,
+              "arch": {"arch": "small_cnn", "kwargs": {"width": 32}}, "input_spec": {"image_size": 8}},
+    "dataset": {"builtin": "digits"},
+}
+ARTIFACTS = [{"kind": "student_safetensors", "filename": "student.safetensors", "runtime": "safetensors",
+              "sha256": "b" * 64, "bytes": 22000}]
+ENVIRONMENT = report.environment("cpu")
+
+
+def document(kind: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    job = {"id": "job_1", "kind": kind, "attempt": 1, "spec": {"kind": kind, "epochs": 3}}
+    return report.build_document(job, PROVENANCE, metrics, ARTIFACTS, ENVIRONMENT)
+
+
+def test_every_kind_summarizes_to_one_before_after_shape() -> None:
+    distill = summarize("distill", DISTILL_METRICS)
+    assert distill is not None
+    assert (distill["before"]["label"], distill["after"]["label"]) == ("teacher", "student")
+    assert distill["after"]["params"] == 5321 and distill["after"]["file_bytes"] == 22000
+    pruned = summarize("prune", PRUNE_METRICS)
+    assert pruned is not None and pruned["after"]["file_bytes"] == 5000
+    assert pruned["after"]["torchscript_bytes"] == 9000
+    assert pruned["after"]["cpu_latency_ms_batch32"] == pytest.approx(1.6)
+    # An int8 model has no weights file; its TorchScript file compares like with like with the input's.
+    quantized = summarize("quantize", QUANTIZE_METRICS)
+    assert quantized is not None and quantized["after"]["file_bytes"] is None
+    assert (quantized["before"]["torchscript_bytes"], quantized["after"]["torchscript_bytes"]) == (25000, 8000)
+    assert summarize("distill", {}) is None and summarize("prune", {"input": {}}) is None
+
+
+def test_figures_and_changes_read_plainly() -> None:
+    assert format_figure("accuracy", 0.9533) == "95.33%"
+    assert format_figure("params", 123456) == "123,456"
+    assert format_figure("file_bytes", 22000) == "21.5 KiB"
+    assert describe_change("accuracy", 0.9711, 0.9533) == "-1.78 pts"
+    assert describe_change("params", 123456, 5321) == "23.20x fewer"
+    assert describe_change("cpu_latency_ms_batch1", 0.3, 0.6) == "2.00x slower"
+    assert describe_change("params", 4000, 4000) == "same" and describe_change("file_bytes", 1, None) == "n/a"
+
+
+def test_model_card_holds_the_real_numbers() -> None:
+    card = report.model_card(document("distill", DISTILL_METRICS), ["training_curves.svg"])
+    rows = {line.split("|")[1].strip(): line for line in card.splitlines() if line.startswith("| ")}
+    assert "97.11%" in rows["Top-1 accuracy (held out)"] and "95.33%" in rows["Top-1 accuracy (held out)"]
+    assert "123,456" in rows["Parameters"] and "5,321" in rows["Parameters"] and "23.20x fewer" in rows["Parameters"]
+    assert "0.900 ms" in rows["CPU latency, batch 1"] and "3.00x faster" in rows["CPU latency, batch 1"]
+    assert "a" * 64 in card and "b" * 64 in card  # input and artifact hashes
+    assert "teacher \\| v2" in card  # a pipe in a name does not break the table
+    assert f"| torch | {ENVIRONMENT['libraries']['torch']} |" in card
+    assert "| 3 | 0.5000 | 86.80% |" in card
+    assert "![training_curves.svg](training_curves.svg)" in card
+
+
+def test_curves_svg_has_one_point_per_epoch_per_series() -> None:
+    root = ET.fromstring(plots.curves_svg(HISTORY))
+    assert root.tag == f"{SVG}svg"
+    for series in ("train_loss", "val_accuracy"):
+        points = [c for c in root.iter(f"{SVG}circle") if c.get("data-series") == series]
+        assert [int(p.get("data-epoch", 0)) for p in points] == [1, 2, 3]
+    # Lower loss is drawn higher up the panel's pixel axis (y grows downwards): later epochs sit lower.
+    loss_y = [float(c.get("cy", 0)) for c in root.iter(f"{SVG}circle") if c.get("data-series") == "train_loss"]
+    assert loss_y == sorted(loss_y)
+
+
+def test_comparison_svg_draws_a_bar_pair_per_figure() -> None:
+    summary = summarize("quantize", QUANTIZE_METRICS)
+    assert summary is not None
+    root = ET.fromstring(plots.comparison_svg(summary))
+    figures = [bar.get("data-figure") for bar in root.iter(f"{SVG}rect") if bar.get("class") == "bar"]
+    # Every figure both sides have, twice; the int8 side has no weights file, so that pair is left out.
+    assert len(figures) == 12 and "file_bytes" not in figures and "torchscript_bytes" in figures
+
+
+@pytest.mark.parametrize(("kind", "metrics", "curves"), [("distill", DISTILL_METRICS, True),
+                                                         ("prune", PRUNE_METRICS, True),
+                                                         ("quantize", QUANTIZE_METRICS, False)])
+def test_written_report_files_parse(tmp_path: Path, kind: str, metrics: dict[str, Any], curves: bool) -> None:
+    files = {item.kind: item for item in report.write_report(tmp_path, document(kind, metrics))}
+    expected = {"report_json", "report_model_card", "report_comparison_svg"} | ({"report_curves_svg"} if curves
+                                                                               else set())
+    assert set(files) == expected
+    parsed = json.loads(files["report_json"].path.read_text())
+    assert parsed["inputs"]["model"]["sha256"] == "a" * 64 and parsed["metrics"] == metrics
+    assert parsed["environment"]["libraries"]["torch"] == ENVIRONMENT["libraries"]["torch"]
+    for item in files.values():
+        if item.media_type == "image/svg+xml":
+            ET.parse(item.path)
+    if not curves:
+        assert "## Training" not in files["report_model_card"].path.read_text()

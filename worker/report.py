@@ -1,0 +1,149 @@
+"""A finished job's report, published with its artifacts: report.json (everything), model_card.md (for people)
+and SVG plots. Pure: built from what the runner hands over, no database, no engine calls.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from worker import plots
+from worker.engine.fileio import atomic_write
+from worker.summary import FIGURE_NAMES, describe_change, format_bytes, format_figure, summarize
+
+# Distributions whose versions decide what the artifacts are and how they were measured.
+LIBRARIES = ("condenser", "torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "torchao", "numpy")
+
+
+@dataclass(frozen=True)
+class ReportFile:
+    kind: str
+    path: Path
+    media_type: str
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Where the job ran: Python, platform, device, and the versions of the libraries that matter."""
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "machine": platform.machine(),
+            "device": device, "libraries": versions}
+
+
+def build_document(job: dict[str, Any], inputs: dict[str, Any], metrics: dict[str, Any],
+                   artifacts: list[dict[str, Any]], env: dict[str, Any]) -> dict[str, Any]:
+    """report.json: the job (id, kind, spec), what went in (with sha256), the before/after summary, every
+    metric, the artifacts (with sha256) and the environment."""
+    return {"report_version": 1, "generated_at": datetime.now(UTC).isoformat(timespec="seconds"), "job": job,
+            "inputs": inputs, "summary": summarize(job["kind"], metrics), "metrics": metrics,
+            "artifacts": artifacts, "environment": env}
+
+
+def write_report(folder: Path, document: dict[str, Any]) -> list[ReportFile]:
+    """The report's files in `folder`: the plots that apply (curves only when the job trained), the model
+    card, and report.json."""
+    written: list[ReportFile] = []
+
+    def write(kind: str, filename: str, media_type: str, text: str) -> None:
+        path = folder / filename
+        atomic_write(path, lambda handle: handle.write(text.encode()))
+        written.append(ReportFile(kind, path, media_type))
+
+    history = document["metrics"].get("history") or []
+    if history:
+        write("report_curves_svg", "training_curves.svg", "image/svg+xml", plots.curves_svg(history))
+    if document["summary"]:
+        write("report_comparison_svg", "before_after.svg", "image/svg+xml", plots.comparison_svg(document["summary"]))
+    plot_names = [item.path.name for item in written]
+    write("report_model_card", "model_card.md", "text/markdown", model_card(document, plot_names))
+    write("report_json", "report.json", "application/json", json.dumps(document, indent=2, sort_keys=True) + "\n")
+    return written
+
+
+def model_card(document: dict[str, Any], plot_names: list[str]) -> str:
+    """The report for people: what went in, the spec, before and after, training, artifacts, environment."""
+    job = document["job"]
+    sections = [
+        [f"# Model card: {job['kind']} job `{job['id']}`", "",
+         f"Generated {document['generated_at']} by condenser {document['environment']['libraries']['condenser']}."],
+        _inputs_section(document["inputs"]),
+        ["## Spec", "", "```json", json.dumps(job["spec"], indent=2, sort_keys=True), "```"],
+        _comparison_section(document["summary"]),
+        _training_section(document["metrics"].get("history") or []),
+        _notes_section(document["metrics"].get("notes") or []),
+        _artifacts_section(document["artifacts"]),
+        _environment_section(document["environment"]),
+        ["## Plots", "", *[f"![{name}]({name})" for name in plot_names]] if plot_names else [],
+    ]
+    return "\n\n".join("\n".join(section) for section in sections if section) + "\n"
+
+
+def _inputs_section(inputs: dict[str, Any]) -> list[str]:
+    model, dataset = inputs["model"], inputs["dataset"]
+    lines = ["## What went in", "", "| | |", "|---|---|",
+             f"| Input model | {_cell(model['name'])} (`{model['id']}`), {model['format']}, "
+             f"{format_bytes(model['bytes'])} |",
+             f"| Architecture | `{_cell(json.dumps(model['arch'], sort_keys=True))}` |",
+             f"| Input | `{_cell(json.dumps(model['input_spec'], sort_keys=True))}` |",
+             f"| Model sha256 | `{model['sha256']}` |"]
+    if dataset.get("builtin"):
+        lines.append(f"| Dataset | built-in `{dataset['builtin']}` |")
+    else:
+        lines += [f"| Dataset | {_cell(dataset['name'])} (`{dataset['id']}`), {dataset['format']}, "
+                  f"{dataset['num_samples']:,} images, {dataset['num_classes']} classes |",
+                  f"| Dataset sha256 (as uploaded) | `{dataset['sha256']}` |",
+                  f"| Dataset sha256 (canonical .npz) | `{dataset['canonical_sha256']}` |"]
+    return lines
+
+
+def _comparison_section(summary: dict[str, Any] | None) -> list[str]:
+    if not summary:
+        return []
+    before, after = summary["before"], summary["after"]
+    lines = ["## Before and after", "",
+             f"Measured on {summary['validation_samples']} held-out images that training never saw; latency "
+             "of the TorchScript files on the worker's CPU.", "",
+             f"| | {before['label']} | {after['label']} | change |", "|---|---:|---:|---:|"]
+    for name, title in FIGURE_NAMES.items():
+        lines.append(f"| {title} | {format_figure(name, before.get(name))} | {format_figure(name, after.get(name))} "
+                     f"| {describe_change(name, before.get(name), after.get(name))} |")
+    return lines
+
+
+def _training_section(history: list[dict[str, float]]) -> list[str]:
+    if not history:
+        return []
+    rows = [f"| {entry['epoch']} | {entry['train_loss']:.4f} | {format_figure('accuracy', entry['val_accuracy'])} |"
+            for entry in history]
+    return ["## Training", "", "| epoch | training loss | validation accuracy |", "|---:|---:|---:|", *rows]
+
+
+def _notes_section(notes: list[str]) -> list[str]:
+    return ["## Notes", "", *[f"- {note}" for note in notes]] if notes else []
+
+
+def _artifacts_section(artifacts: list[dict[str, Any]]) -> list[str]:
+    rows = [f"| {item['filename']} | {_cell(item['runtime'])} | {item['bytes']:,} | `{item['sha256']}` |"
+            for item in artifacts]
+    return ["## Artifacts", "", "| file | runtime | bytes | sha256 |", "|---|---|---:|---|", *rows]
+
+
+def _environment_section(env: dict[str, Any]) -> list[str]:
+    rows = [f"| {name} | {version} |" for name, version in env["libraries"].items()]
+    return ["## Environment", "", f"Python {env['python']} on {env['platform']}, device `{env['device']}`.", "",
+            "| library | version |", "|---|---|", *rows]
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell (a user-chosen name may hold a pipe or a line break)."""
+    return " ".join(str(text).split()).replace("|", "\\|")
