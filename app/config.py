@@ -8,7 +8,9 @@ and CONDENSER_BROKER_URL at Redis and the same code runs distributed.
 from __future__ import annotations
 
 from functools import lru_cache
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,6 +29,15 @@ class Settings(BaseSettings):
     max_unpacked_bytes: int = Field(default=4 << 30, gt=0)
     max_compression_ratio: int = Field(default=200, gt=0)
     max_image_pixels: int = Field(default=4096 * 4096, gt=0)
+    # Per tenant, counted from the rows (no counters to drift): jobs queued or running, and bytes uploaded
+    # (models, datasets) plus bytes produced (artifacts). Checked on each request, so concurrent requests
+    # may overshoot by what they carry.
+    max_active_jobs_per_tenant: int = Field(default=16, gt=0)
+    max_stored_bytes_per_tenant: int = Field(default=100 << 30, gt=0)
+    # TorchScript and .pt2 files carry code (TorchScript programs, pickled graph modules). Off: they are
+    # refused at upload. On: accepted from any key holder and run, without any check by the API, inside
+    # worker processes, which then trust every tenant's model code as much as their own.
+    allow_code_checkpoints: bool = False
 
     max_attempts: int = Field(default=3, ge=1)
     lease_seconds: int = Field(default=60, ge=2)
@@ -38,6 +49,26 @@ class Settings(BaseSettings):
     hard_time_limit_seconds: int = Field(default=6 * 3600 + 300, gt=0)
     # Model validation runs in a short-lived child process so that the API never imports torch.
     model_validation_timeout_seconds: float = Field(default=120.0, gt=0)
+
+    # Live job events (SSE): how often a stream looks for new events, and how often it proves it is alive.
+    events_poll_seconds: float = Field(default=0.5, gt=0)
+    events_keepalive_seconds: float = Field(default=15.0, gt=0)
+
+    # Operations. An empty metrics token leaves /metrics open (bind it privately); set, it is a bearer token.
+    metrics_token: str = ""
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+
+    # Webhooks: https only unless allow_http; a target resolving to a private, loopback, link-local, multicast
+    # or reserved address is refused unless it lies in one of allowed_networks (comma-separated CIDRs).
+    webhook_allow_http: bool = False
+    webhook_allowed_networks: str = ""
+    webhook_max_attempts: int = Field(default=8, ge=1)
+    # The first retry waits this long, each further one twice as long, up to the cap.
+    webhook_backoff_seconds: float = Field(default=5.0, gt=0)
+    webhook_backoff_max_seconds: float = Field(default=3600.0, gt=0)
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_poll_seconds: float = Field(default=1.0, gt=0)
 
     device: str = "auto"
     # Torch threads per job process; 0: the host's cores divided by the worker's concurrency.
@@ -51,6 +82,7 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{(self.data_dir / 'condenser.db').resolve()}"
         if not self.broker_url:
             self.broker_url = "filesystem://"
+        _ = self.webhook_networks  # an unparsable CIDR stops the start, not the first delivery
         return self
 
     @property
@@ -64,6 +96,10 @@ class Settings(BaseSettings):
     @property
     def is_embedded_broker(self) -> bool:
         return self.broker_url.startswith("filesystem://")
+
+    @property
+    def webhook_networks(self) -> list[IPv4Network | IPv6Network]:
+        return [ip_network(cidr.strip()) for cidr in self.webhook_allowed_networks.split(",") if cidr.strip()]
 
     @property
     def visibility_timeout_seconds(self) -> int:

@@ -8,14 +8,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from app import health
+from app import health, metrics
 from app.artifacts.router import router as artifacts_router
 from app.auth.router import router as auth_router
+from app.dashboard.router import add_dashboard
 from app.datasets.router import router as datasets_router
 from app.errors import DomainError
 from app.jobs.router import router as jobs_router
 from app.models.router import router as models_router
+from app.pathguard import RefuseHostilePaths
 from app.schemas import ErrorOut, field_problems, summarize
+from app.webhooks.router import router as webhooks_router
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +46,10 @@ TAGS = [
     {"name": "datasets", "description": "Labelled image datasets, uploaded or built in."},
     {"name": "jobs", "description": "Compression jobs: submit, follow, cancel."},
     {"name": "artifacts", "description": "Files produced by jobs, with checksums and resumable downloads."},
+    {"name": "webhooks", "description": "Signed announcements of jobs' ends, sent to your URL."},
     {"name": "auth", "description": "Check an API key (keys are created on the server with the CLI)."},
     {"name": "health", "description": "Probes for load balancers; no key needed."},
+    {"name": "operations", "description": "Prometheus metrics for the operator (see CONDENSER_METRICS_TOKEN)."},
 ]
 
 
@@ -54,9 +59,12 @@ def create_app() -> FastAPI:
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)
+    app.add_middleware(RefuseHostilePaths)
     app.include_router(health.router)
-    for router in (models_router, datasets_router, jobs_router, artifacts_router, auth_router):
+    app.include_router(metrics.router)
+    for router in (models_router, datasets_router, jobs_router, artifacts_router, auth_router, webhooks_router):
         app.include_router(router, prefix=API_PREFIX)
+    add_dashboard(app)
     return app
 
 
