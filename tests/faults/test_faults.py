@@ -22,7 +22,8 @@ from worker.celery_app import RUN_JOB_TASK, get_celery
 
 pytestmark = pytest.mark.slow
 
-ARTIFACT_KINDS = {"student_safetensors", "student_arch_spec", "student_torchscript"}
+ARTIFACT_KINDS = {"student_safetensors", "student_arch_spec", "student_torchscript",
+                  "report_json", "report_model_card", "report_curves_svg", "report_comparison_svg"}
 BOTH = ["distributed", pytest.param("embedded", marks=pytest.mark.embedded)]
 
 
@@ -297,7 +298,8 @@ def _alive(pid: int) -> bool:
 def test_200_tiny_jobs_with_two_workers(service_factory: Any, backend: str, teacher_spec: Any) -> None:
     from tests.api.helpers import npz_dataset
 
-    service = service_factory(backend)
+    # All 200 queued at once: past the default cap on one tenant's unfinished jobs.
+    service = service_factory(backend, CONDENSER_MAX_ACTIVE_JOBS_PER_TENANT="200")
     teacher = service.upload_teacher(*teacher_spec)
     dataset = service.upload_dataset(npz_dataset(per_class=6), "tiny.npz")
     spec = {"kind": "distill", "teacher": teacher, "dataset": dataset, "epochs": 1, "batch_size": 32,
