@@ -121,12 +121,14 @@ def answers_health(base_url: str) -> bool:
 
 
 class ApiServerProcess:
-    """The API alone over real HTTP (`condenser serve --concurrency 0`), for clients that need a socket: the CLI,
-    the Python client's streams and downloads, a browser."""
+    """`condenser serve` over real HTTP, for clients that need a socket: the CLI, the Python client's streams and
+    downloads, a browser, a fuzzer. By default the API alone (`--concurrency 0`); with workers, the whole
+    embedded service."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, concurrency: int = 0) -> None:
         self.env = env
         self.log_path = log_path
+        self.concurrency = concurrency
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -135,20 +137,17 @@ class ApiServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60) -> ApiServerProcess:
-        import httpx
 
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--concurrency=0", f"--port={self.port}"],
+            [sys.executable, "-m", "app.cli", "serve", f"--concurrency={self.concurrency}", f"--port={self.port}"],
             env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent,
         )
 
         def healthy() -> bool:
             assert self.process is not None and self.process.poll() is None, self.log_path.read_text()
-            try:
-                return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
+            return answers_health(self.url)
 
         wait_for(healthy, timeout, interval=0.2, what=f"the API server on {self.url}")
         return self
@@ -158,7 +157,7 @@ class ApiServerProcess:
             return
         self.process.terminate()
         try:
-            self.process.wait(timeout=30)
+            self.process.wait(timeout=90)  # serve stops its worker first
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=10)

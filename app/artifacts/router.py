@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Header, Response, status
 from fastapi.responses import FileResponse
+from starlette.responses import MalformedRangeHeader
 from starlette.types import Message, Receive, Scope, Send
 
 from app.artifacts import service
@@ -24,6 +27,11 @@ _FILE_HEADERS = {
                             "schema": {"type": "string"}},
     "Accept-Ranges": {"schema": {"type": "string", "enum": ["bytes"]}},
 }
+# What jobs publish: weights and TorchScript/ONNX files, arch specs and reports, model cards, plots.
+ARTIFACT_MEDIA_TYPES = ("application/octet-stream", "application/json", "text/markdown", "image/svg+xml")
+_FILE_CONTENT: dict[str, Any] = {media_type: {} for media_type in ARTIFACT_MEDIA_TYPES}
+# A download is a file to save, never a page: an SVG opened from here must not run script on the API's origin.
+_DOWNLOAD_SAFETY = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox; default-src 'none'"}
 
 
 class BlobResponse(FileResponse):
@@ -38,6 +46,15 @@ class BlobResponse(FileResponse):
             await send(message)
 
         await super().__call__(scope, receive, counting_send)
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        # A Range header we cannot read is ignored and the whole file sent (RFC 9110 lets a server ignore
+        # Range), rather than Starlette's plain-text 400 that no client of a JSON API expects.
+        try:
+            return super()._parse_range_header(http_range, file_size)
+        except MalformedRangeHeader:
+            return []
 
 
 @router.get("/{artifact_id}", response_model=ArtifactOut, summary="Get artifact metadata",
@@ -60,8 +77,11 @@ def get_artifact(artifact_id: ArtifactId, principal: CurrentPrincipal, session: 
     ]},
     responses={
         **error_responses(404),
-        200: {"description": "The whole file.", "content": {"application/octet-stream": {}}, "headers": _FILE_HEADERS},
-        206: {"description": "The requested byte range (Content-Range says which).", "headers": _FILE_HEADERS},
+        200: {"description": "The whole file, with the artifact's media type.", "content": _FILE_CONTENT,
+              "headers": _FILE_HEADERS},
+        206: {"description": "The requested byte range (Content-Range says which); several ranges come as "
+              "multipart/byteranges.", "content": {**_FILE_CONTENT, "multipart/byteranges": {}},
+              "headers": _FILE_HEADERS},
         304: {"description": "If-None-Match matched the ETag: you already have this file."},
         416: {"description": "The range starts beyond the end of the file."},
     },
@@ -81,7 +101,7 @@ def download_artifact(
     `Content-Range`; `If-Range` with the ETag makes the range conditional on the file being unchanged.
     """
     download = service.prepare_download(session, principal.tenant, artifact_id, store)
-    headers = {SHA256_HEADER: download.sha256, "ETag": download.etag}
+    headers = {SHA256_HEADER: download.sha256, "ETag": download.etag, **_DOWNLOAD_SAFETY}
     if if_none_match is not None and {download.etag, "*"} & {tag.strip() for tag in if_none_match.split(",")}:
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     return BlobResponse(download.path, media_type=download.media_type, filename=download.filename, headers=headers)

@@ -64,6 +64,9 @@ def test_full_download(client: TestClient, app_env: AppEnv, auth_headers: dict[s
     assert response.headers["content-length"] == str(SIZE)
     # The client-supplied path is reduced to a plain name.
     assert response.headers["content-disposition"] == 'attachment; filename="student_model.safetensors"'
+    # A file to save, never a page that could run script on the API's origin (an SVG report, say).
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["content-security-policy"].startswith("sandbox")
 
 
 @pytest.mark.parametrize(
@@ -85,6 +88,14 @@ def test_unsatisfiable_range(client: TestClient, auth_headers: dict[str, str], p
     response = client.get(published.url, headers={**auth_headers, "Range": f"bytes={SIZE}-"})
     assert response.status_code == 416
     assert response.headers["content-range"] == f"bytes */{SIZE}"
+
+
+@pytest.mark.parametrize("malformed", ["", "bytes", "items=0-9", "bytes=9-0", "bytes=,"])
+def test_a_malformed_range_is_ignored_and_the_whole_file_sent(client: TestClient, auth_headers: dict[str, str],
+                                                              published: Published, malformed: str) -> None:
+    response = client.get(published.url, headers={**auth_headers, "Range": malformed})
+    assert response.status_code == 200
+    assert response.content == published.data
 
 
 def test_a_few_ranges_are_served_more_are_ignored(client: TestClient, auth_headers: dict[str, str],
