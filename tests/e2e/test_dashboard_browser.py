@@ -37,16 +37,17 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 SCREENSHOTS = REPO / "test-artifacts" / "screenshots"
 TEACHER_SPEC: dict[str, Any] = {"arch": "small_cnn", "kwargs": {"num_classes": 10, "width": 16, "depth": 2},
                                 "input": {"image_size": 8, "channels": 1, "mean": [0.5], "std": [0.5]}}
-EPOCHS = 3
+# Long enough (several seconds) that the list, polled every 1.5 s, shows the bar part-way even on a fast machine.
+EPOCHS = 10
 JOB_SPEC_YAML = """\
 kind: distill
 teacher: {teacher}
 dataset: digits
 student:
   arch: small_cnn
-  kwargs: {{width: 4, depth: 2}}
+  kwargs: {{width: 8, depth: 2}}
 epochs: {epochs}
-batch_size: 16
+batch_size: 8
 lr: 0.01
 seed: 0
 """
