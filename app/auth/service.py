@@ -68,6 +68,12 @@ def revoke_key(session: Session, tenant: str, prefix: str) -> ApiKey:
     return key
 
 
+def revoked(session: Session, principal: Principal) -> bool:
+    """Whether the key the principal authenticated with has been revoked since (for long-lived requests)."""
+    key = repository.by_prefix(session, principal.key_prefix)
+    return key is None or key.revoked_at is not None
+
+
 def authenticate(session: Session, plaintext: str | None) -> Principal:
     if not plaintext:
         raise InvalidApiKey("missing API key: send the header 'Authorization: Bearer cnd_...'")

@@ -126,7 +126,7 @@ def job_events(
     # Checked here, before any byte is streamed, so another tenant's job is a plain 404.
     events = service.events_after(session, principal.tenant, job_id, after_id, limit)
     if stream.wants_stream(request.headers.get("accept")):
-        return StreamingResponse(stream.event_stream(principal.tenant, job_id, after_id, settings),
+        return StreamingResponse(stream.event_stream(principal, job_id, after_id, settings),
                                  media_type=stream.MEDIA_TYPE,
                                  # no-transform and X-Accel-Buffering: proxies must pass events on at once.
                                  headers={"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"})
@@ -134,8 +134,10 @@ def job_events(
 
 
 def _event_id(header: str | None) -> int:
-    if header is None or not header.strip():
+    value = (header or "").strip()
+    if not value:
         return 0
-    if not header.strip().isdigit() or int(header) > MAX_EVENT_ID:
+    # isascii too: '²' is a digit to str.isdigit() but not to int().
+    if not (value.isascii() and value.isdigit()) or int(value) > MAX_EVENT_ID:
         raise Invalid(f"Last-Event-ID must be the id of an event (a number), not {header!r}")
-    return int(header)
+    return int(value)

@@ -18,6 +18,7 @@ from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
 
+from app.auth.service import Principal, revoked
 from app.config import Settings
 from app.db.session import session_scope
 from app.errors import NotFound
@@ -33,6 +34,7 @@ RETRY_MILLISECONDS = 2000
 
 @dataclass(frozen=True)
 class Poll:
+    key_revoked: bool
     status: str
     snapshot: dict[str, Any]
     events: list[JobEventOut]
@@ -54,25 +56,30 @@ def format_event(event: str, data: Any, event_id: int | None = None) -> str:
     return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def poll(tenant: str, job_id: str, after_id: int) -> Poll:
+def poll(principal: Principal, job_id: str, after_id: int) -> Poll:
     with session_scope() as session:
-        job = service.get_job(session, tenant, job_id)
+        job = service.get_job(session, principal.tenant, job_id)
         snapshot = {"status": job.status, "progress": JobProgress.model_validate(job.progress or {}).model_dump()}
         rows = repository.events_after(session, job.id, after_id, BATCH)
-        return Poll(job.status, snapshot, [JobEventOut.model_validate(row) for row in rows])
+        # The key was checked when the stream opened; a stream can outlive that by hours.
+        events = [JobEventOut.model_validate(row) for row in rows]
+        return Poll(revoked(session, principal), job.status, snapshot, events)
 
 
-async def event_stream(tenant: str, job_id: str, after_id: int, settings: Settings) -> AsyncIterator[str]:
+async def event_stream(principal: Principal, job_id: str, after_id: int, settings: Settings) -> AsyncIterator[str]:
     """`state`, `progress`, `log` and `webhook` events (stored, with ids), `snapshot` events (live progress),
-    keep-alive comments, and a final `end` event."""
+    keep-alive comments, and a final `end` event; or an `error` event, and the end, once the key is revoked."""
     yield f"retry: {RETRY_MILLISECONDS}\n\n"
     last_snapshot: dict[str, Any] | None = None
     last_write = time.monotonic()
     while True:
         try:
-            current = await run_in_threadpool(poll, tenant, job_id, after_id)
+            current = await run_in_threadpool(poll, principal, job_id, after_id)
         except NotFound:
             return  # deleted meanwhile: nothing more will happen to it
+        if current.key_revoked:
+            yield format_event("error", {"detail": f"API key cnd_{principal.key_prefix} was revoked"})
+            return
         chunks = [format_event(event.kind, event.model_dump(mode="json"), event.id) for event in current.events]
         if current.events:
             after_id = current.events[-1].id

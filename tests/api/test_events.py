@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from app.auth.service import revoke_key
 from app.client import Event, parse_sse
 from app.db.models import Job
 from app.db.session import session_scope
@@ -85,6 +86,23 @@ def test_stream_follows_a_live_job_and_ends_with_it(client: TestClient, auth_hea
     assert any(snap["progress"]["epoch"] == 1 and snap["progress"]["eta_seconds"] == 4.0 for snap in snapshots)
 
 
+def test_a_stream_ends_when_its_key_is_revoked(client: TestClient, auth_headers: dict[str, str], tenant: str,
+                                               job_id: str) -> None:
+    prefix = auth_headers["Authorization"].split("_")[1]
+
+    def revoke_later() -> None:
+        time.sleep(0.8)
+        with session_scope() as session:
+            revoke_key(session, tenant, prefix)
+
+    thread = threading.Thread(target=revoke_later)
+    thread.start()
+    events = stream(client, auth_headers, job_id)  # the job stays queued: only the revocation can end it
+    thread.join()
+    assert events[-1].event == "error" and events[-1].data == {"detail": f"API key cnd_{prefix} was revoked"}
+    assert client.get(f"/v1/jobs/{job_id}/events", headers={**auth_headers, **SSE}).status_code == 401
+
+
 def test_last_event_id_resumes_without_repeats(client: TestClient, auth_headers: dict[str, str], job_id: str) -> None:
     record_progress(job_id, 1)
     record_progress(job_id, 2)
@@ -108,9 +126,10 @@ def test_another_tenant_gets_404_and_no_stream(client: TestClient, auth_headers:
     assert client.get(f"/v1/jobs/{job_id}/events", headers=SSE).status_code == 401
 
 
-@pytest.mark.parametrize("header", ["abc", "-1", "1.5", "99999999999999999999"])
+# b"\xb2" arrives as '²', a digit to str.isdigit() but not to int().
+@pytest.mark.parametrize("header", ["abc", "-1", "1.5", "99999999999999999999", b"\xb2"])
 def test_a_malformed_last_event_id_is_a_422(client: TestClient, auth_headers: dict[str, str], job_id: str,
-                                            header: str) -> None:
+                                            header: str | bytes) -> None:
     response = client.get(f"/v1/jobs/{job_id}/events", headers={**auth_headers, **SSE, "Last-Event-ID": header})
     assert response.status_code == 422
     assert "Last-Event-ID" in response.json()["detail"]
