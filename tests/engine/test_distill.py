@@ -147,3 +147,22 @@ def test_cancel_from_the_progress_callback_stops_between_steps(digits_splits) ->
     with pytest.raises(Canceled):
         distill(None, _build(8), *digits_splits, QUICK, cancel_at_five)
     assert seen == [1, 2, 3, 4, 5]
+
+
+def test_a_preemption_is_not_hidden_by_a_failing_checkpoint(digits_splits) -> None:
+    """The epoch's checkpoint fails in the background (a full disk, say), and so does the one written on the
+    way out: the preemption still reaches the caller as itself (the job is given back, not failed as a crash)."""
+    steps_per_epoch = -(-len(digits_splits[0][1]) // QUICK.batch_size)
+    written: list[int] = []
+
+    def disk_full(state: dict) -> None:
+        written.append(state["epoch"])
+        raise OSError(28, "No space left on device")
+
+    def preempt_in_epoch_two(progress: Progress) -> None:
+        if progress.step == steps_per_epoch + 3:
+            raise Interrupted("SIGTERM")
+
+    with pytest.raises(Interrupted, match="SIGTERM"):
+        distill(None, _build(8), *digits_splits, QUICK, preempt_in_epoch_two, disk_full)
+    assert len(written) == 2  # the end of epoch 1, then the attempt before stopping

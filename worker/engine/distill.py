@@ -15,6 +15,8 @@ per run by `plan()`:
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import logging
 import math
 import os
 import time
@@ -32,6 +34,8 @@ from worker.engine import augment, evaluate
 from worker.engine.config import DistillConfig
 from worker.engine.errors import DataError, Interrupted, SpecError
 from worker.engine.models import logits_of, pick_device
+
+log = logging.getLogger(__name__)
 
 # Reading the loss forces a device sync, so the running value is refreshed only this often.
 LOSS_REFRESH_STEPS = 20
@@ -226,13 +230,21 @@ class _Checkpointer:
         if self.on_checkpoint is not None:
             state = self.run.checkpoint()
             self.wait()
-            self.in_flight = self.pool.submit(self.on_checkpoint, state)
+            # In the caller's context, so that what the callback logs still carries, say, the job's id.
+            self.in_flight = self.pool.submit(contextvars.copy_context().run, self.on_checkpoint, state)
 
-    def now(self) -> None:
-        if self.on_checkpoint is not None:
-            state = self.run.checkpoint()
-            self.wait()
-            self.on_checkpoint(state)
+    def before_stopping(self) -> None:
+        """A checkpoint at once, on an interruption. Never raises: the interruption (a cancel, a preemption)
+        must reach the caller, not an earlier checkpoint's failure or this one's."""
+        if self.on_checkpoint is None:
+            return
+        try:
+            with contextlib.suppress(Exception):
+                self.wait()  # the epoch checkpoint before this one; this one supersedes it anyway
+            self.on_checkpoint(self.run.checkpoint())
+        except Exception:
+            log.warning("could not write the checkpoint before stopping; a resume starts from an earlier one",
+                        exc_info=True)
 
     def wait(self) -> None:
         """Until the checkpoint in flight is handed over; raises what its handing over raised."""
@@ -335,7 +347,7 @@ class _Run:
             try:
                 on_progress(self.progress(epoch, step, running_loss.value, None))
             except Interrupted:
-                checkpointer.now()
+                checkpointer.before_stopping()
                 raise
         self.step_in_epoch = 0
         return (self.epoch_loss_sum / self.steps_per_epoch).item()
