@@ -28,7 +28,7 @@ def body(kind: str, model_id: str, **overrides: Any) -> dict[str, Any]:
     ("kind", "overrides", "stored"),
     [
         ("prune", {"importance": "taylor", "epochs": 2},
-         {"method": "structured", "channel_ratio": 0.5, "importance": "taylor", "epochs": 2, "lr": 0.003,
+         {"method": "structured", "channel_ratio": 0.5, "importance": "taylor", "epochs": 2, "lr": 0.001,
           "keep_layers": [], "calibration_samples": 128, "sparsity": None}),
         ("prune", {"method": "unstructured", "sparsity": 0.8, "channel_ratio": None},
          {"method": "unstructured", "sparsity": 0.8, "channel_ratio": None, "epochs": 3}),

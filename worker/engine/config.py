@@ -214,6 +214,8 @@ class PruneConfig(DistillConfig):
     calibration_samples: int = Field(
         default=128, ge=1, le=4096, description="Training images used to rank channels (taylor needs gradients).")
     epochs: int = Field(default=3, ge=0, le=1000, description="Recovery fine-tuning epochs; 0 skips it.")
+    lr: float = Field(default=1e-3, gt=0, le=10, description="Recovery fine-tuning learning rate: lower than a "
+                      "distillation's, since the pruned weights start trained.")
 
     @model_validator(mode="after")
     def _check_method(self) -> PruneConfig:
