@@ -154,3 +154,8 @@ def test_gpu_variants_are_skipped_with_a_reason_without_cuda(trained_small_cnn, 
         pytest.skip("this machine has a GPU: the torchao path runs instead")
     assert quantize.torchao_gpu_variants(copy.deepcopy(trained_small_cnn[1]), calibration) == {
         "skipped": "no CUDA device"}
+
+
+def test_gpu_variants_are_skipped_when_the_job_asks_for_the_cpu(trained_small_cnn, calibration) -> None:
+    assert quantize.torchao_gpu_variants(trained_small_cnn[1], calibration, device="cpu") == {
+        "skipped": "the job asked for device 'cpu'"}

@@ -264,10 +264,16 @@ GPU_MIN_FEATURES = 512
 FLOAT8_MIN_CAPABILITY = (8, 9)
 
 
-def torchao_gpu_variants(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+# What a GPU-only extra may raise: it must not fail a job whose CPU artifacts are fine, so it reports why instead.
+GPU_EXTRA_ERRORS = (RuntimeError, NotImplementedError, ValueError, AssertionError)
+
+
+def torchao_gpu_variants(model: nn.Module, x: torch.Tensor, device: str = "auto") -> dict[str, Any]:
     """torchao int8 weight-only and float8 versions of `model`'s large Linear layers, measured on the GPU in
     bfloat16 (how GPU users run it) against the bfloat16 model, the same way; each is skipped with the reason
-    when there is no GPU, nothing to gain, or torchao refuses the model."""
+    when there is no GPU (or the job asked for the CPU), nothing to gain, or torchao refuses the model."""
+    if device == "cpu":
+        return {"skipped": "the job asked for device 'cpu'"}
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
     try:
@@ -280,10 +286,14 @@ def torchao_gpu_variants(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     except ImportError as exc:
         return {"skipped": f"torchao is not installed: {exc}"}
     layers = [name for name, module in model.named_modules() if _gains_on_gpu(module)]
-    baseline = copy.deepcopy(model).to("cuda", torch.bfloat16).eval()
-    x = x.to(torch.bfloat16)
-    reference = evaluate.predict(baseline, x)
-    results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "bf16": _gpu_metrics(baseline, x, reference)}
+    try:
+        baseline = copy.deepcopy(model).to("cuda", torch.bfloat16).eval()
+        x = x.to(torch.bfloat16)
+        reference = evaluate.predict(baseline, x)
+        results: dict[str, Any] = {"device": torch.cuda.get_device_name(),
+                                   "bf16": _gpu_metrics(baseline, x, reference)}
+    except GPU_EXTRA_ERRORS as exc:
+        return {"skipped": f"the model does not run in bfloat16 on the GPU: {type(exc).__name__}: {exc}"[:500]}
     if not layers:
         reason = f"no Linear layer with at least {GPU_MIN_FEATURES} input and output features (multiples of 16)"
         return {**results, "int8_weight_only": {"skipped": reason}, "float8": {"skipped": reason}}
@@ -298,8 +308,7 @@ def torchao_gpu_variants(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
         try:
             quantize_(candidate, make_config(), filter_fn=lambda _module, fqn: fqn in layers)
             results[name] = {"layers": layers, **_gpu_metrics(candidate, x, reference)}
-        # A GPU-only extra must not fail a job whose CPU artifacts are fine: report why instead.
-        except (RuntimeError, NotImplementedError, ValueError, AssertionError) as exc:
+        except GPU_EXTRA_ERRORS as exc:
             results[name] = {"skipped": f"torchao failed: {type(exc).__name__}: {exc}"[:500]}
     return results
 

@@ -64,7 +64,7 @@ def run_quantize(ctx: JobContext, guard: JobGuard, checkpoints: Checkpoints) -> 
                "calibration_samples": 0 if config.method == "dynamic" else len(calibration)}
     notes = [NOT_EXPORTED] + ([QNNPACK_ON_X86] if config.backend == "qnnpack" and _on_x86() else [])
     metrics.update(quantization=details, history=history, notes=notes,
-                   gpu=quantize.torchao_gpu_variants(model, val[0]))
+                   gpu=quantize.torchao_gpu_variants(model, val[0], config.device))
     return JobOutcome(files=files, metrics=metrics)
 
 
