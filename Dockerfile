@@ -15,4 +15,5 @@ RUN pip install --no-cache-dir . && useradd --create-home --uid 10001 condenser 
 USER condenser
 VOLUME ["/data"]
 EXPOSE 8000
-CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]
+# The API alone, with the project's logging (CONDENSER_LOG_FORMAT); workers run `condenser worker`.
+CMD ["condenser", "serve", "--concurrency", "0", "--host", "0.0.0.0", "--port", "8000"]
