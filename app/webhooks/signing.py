@@ -18,6 +18,7 @@ TIMESTAMP_HEADER = "X-Condenser-Timestamp"
 EVENT_HEADER = "X-Condenser-Event"
 DELIVERY_HEADER = "X-Condenser-Delivery"
 DEFAULT_TOLERANCE_SECONDS = 300
+MAX_TIMESTAMP_DIGITS = 20
 
 
 def signature(secret: str, timestamp: str, body: bytes) -> str:
@@ -33,6 +34,12 @@ def signed_headers(secret: str, body: bytes, now: float | None = None) -> dict[s
 def verify(secret: str, timestamp: str, signature_header: str, body: bytes,
            tolerance_seconds: float = DEFAULT_TOLERANCE_SECONDS, now: float | None = None) -> bool:
     """True if the body was signed with `secret` within `tolerance_seconds` of now."""
-    if not timestamp.isdigit() or abs((time.time() if now is None else now) - int(timestamp)) > tolerance_seconds:
+    # ASCII digits only: str.isdigit() also accepts "²" (int() refuses it) or fullwidth digits; and few enough
+    # for int() (it refuses over 4300 digits). A header is untrusted input: anything malformed is simply False.
+    if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > MAX_TIMESTAMP_DIGITS:
         return False
-    return hmac.compare_digest(signature(secret, timestamp, body), signature_header)
+    if abs((time.time() if now is None else now) - int(timestamp)) > tolerance_seconds:
+        return False
+    # compare_digest raises TypeError on non-ASCII str; bytes it compares whatever they hold.
+    return hmac.compare_digest(signature(secret, timestamp, body).encode(),
+                               signature_header.encode("utf-8", "surrogatepass"))

@@ -3,9 +3,10 @@
 A target must be https (http only when CONDENSER_WEBHOOK_ALLOW_HTTP is set, for local testing), carry no
 credentials, and every address its host resolves to must be a public one: private, loopback, link-local,
 multicast, reserved and unspecified addresses are refused unless they fall in
-CONDENSER_WEBHOOK_ALLOWED_NETWORKS. The check runs when the URL is given (a 422) and again before each
-delivery, whose connection then goes to the address just checked, so a DNS answer that changes in between
-(DNS rebinding) cannot aim the service at an internal host.
+CONDENSER_WEBHOOK_ALLOWED_NETWORKS. So is an IPv6 address that embeds such an IPv4 address (IPv4-mapped and
+-compatible, NAT64, 6to4, Teredo): it reaches, or is translated to, that IPv4 host. The check runs when the
+URL is given (a 422) and again before each delivery, whose connection then goes to the address just checked,
+so a DNS answer that changes in between (DNS rebinding) cannot aim the service at an internal host.
 """
 
 from __future__ import annotations
@@ -66,11 +67,42 @@ def resolve(host: str) -> list[IpAddress]:
 
 
 def _check_address(url: str, address: IpAddress, settings: Settings) -> None:
-    if any(address in network for network in settings.webhook_networks):
+    if _allowed(address, settings):
         return
-    # An IPv4-mapped IPv6 address (::ffff:10.0.0.1) reaches the IPv4 host: judge that one.
-    effective = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped else address
+    # An IPv6 address that carries an IPv4 one (::ffff:10.0.0.1, 64:ff9b::10.0.0.1, 2002:a00:1::, ...) reaches,
+    # or is translated to, that IPv4 host: it is judged too, by the same rules. The IPv6 address itself is
+    # judged as well, except an IPv4-mapped one, which is only a notation of the IPv4 address.
+    embedded = embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else []
+    own = [] if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped else [address]
+    for judged in [*embedded, *own]:
+        if not _allowed(judged, settings) and not _public(judged):
+            reaching = f" (which reaches {judged})" if judged != address else ""
+            raise RefusedTarget(f"webhook URL {url!r} resolves to {address}{reaching}, a private, loopback, "
+                                "link-local, multicast or reserved address; webhooks go to public addresses only")
+
+
+def _allowed(address: IpAddress, settings: Settings) -> bool:
+    return any(address in network for network in settings.webhook_networks)
+
+
+def _public(address: IpAddress) -> bool:
     # is_global alone would pass multicast (224.0.0.0/4 counts as global).
-    if not effective.is_global or effective.is_multicast:
-        raise RefusedTarget(f"webhook URL {url!r} resolves to {address}, a private, loopback, link-local, multicast "
-                            "or reserved address; webhooks go to public addresses only")
+    return address.is_global and not address.is_multicast
+
+
+# NAT64 prefixes: a translator sends on to the IPv4 address in the last 32 bits (RFC 6052 /96 layout).
+NAT64_PREFIXES = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated (RFC 4291): ::a00:1 is 10.0.0.1
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address embeds, where a connection to it may end up (none for most)."""
+    if address.ipv4_mapped:
+        return [address.ipv4_mapped]
+    if address.sixtofour:  # 6to4, 2002::/16: relayed to the IPv4 address in bits 16-47
+        return [address.sixtofour]
+    if address.teredo:  # Teredo, 2001::/32: (server, client), the client's address de-obfuscated
+        return list(dict.fromkeys(address.teredo))
+    if address in IPV4_COMPATIBLE or any(address in prefix for prefix in NAT64_PREFIXES):
+        return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    return []
