@@ -72,10 +72,13 @@ def _prepare_job_process(**_: Any) -> None:
     install_stop_handlers(settings.soft_time_limit_seconds)
     import torch
 
-    # One job per child and `concurrency` children per host: more threads than cores makes
-    # OpenMP spin against itself (measured 20-50x slower on 2 cores).
+    from worker.engine.distill import host_cpus
+
+    # One job per child and `concurrency` children per host: more threads than the CPUs this process may use
+    # (its affinity and container quota, not the machine's cores) makes OpenMP spin against itself (measured
+    # 20-50x slower on 2 cores).
     concurrency = _worker.concurrency if _worker is not None else 1
-    torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 1) // concurrency))
+    torch.set_num_threads(settings.torch_threads or max(1, host_cpus() // concurrency))
 
 
 @signals.worker_shutting_down.connect
