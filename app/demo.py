@@ -20,10 +20,10 @@ from typing import Any
 
 import httpx
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from app.client import Client
+from app.client_cli import follow_with_bar
 from app.config import get_settings
 
 # Far above the ~1 minute the demo's job takes on 2 cores: a stuck job fails the demo instead of hanging it.
@@ -39,7 +39,7 @@ def run_demo(json_output: bool, url: str | None, api_key: str | None) -> int:
         console.print(f"uploaded teacher {model['id']} ({model['param_count']:,} parameters)")
         job = client.submit(_job_spec(model["id"]))
         console.print(f"submitted {job['id']}")
-        job = _wait_with_bar(client, job["id"], console)
+        job = follow_with_bar(client, job["id"], DEMO_TIMEOUT_SECONDS)
         if job["status"] != "succeeded":
             console.print(f"[red]job {job['status']}: {job.get('error')}[/red]")
             return 1
@@ -129,25 +129,6 @@ def _wait_healthy(base_url: str, process: subprocess.Popen[bytes], timeout: floa
     raise SystemExit(f"the server did not answer on {base_url} within {timeout} s")
 
 
-def _wait_with_bar(client: Client, job_id: str, console: Console) -> dict[str, Any]:
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
-               TimeRemainingColumn())
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task("queued", total=None, detail="")
-
-        def show(job: dict[str, Any]) -> None:
-            progress = job.get("progress") or {}
-            detail = ""
-            if progress.get("epoch") is not None:
-                detail = f"epoch {progress['epoch']}/{progress.get('epochs')}"
-            if progress.get("val_accuracy") is not None:
-                detail += f"  val acc {progress['val_accuracy']:.3f}"
-            bar.update(task, description=f"{job['status']}: {progress.get('stage', '')}",
-                       completed=progress.get("step") or 0, total=progress.get("total_steps"), detail=detail)
-
-        return client.wait(job_id, on_progress=show, timeout=DEMO_TIMEOUT_SECONDS)
-
-
 def _download_and_check(client: Client, job: dict[str, Any], folder: Path, console: Console) -> dict[str, Any]:
     """Download every artifact, verify its sha256, load the student without condenser and test it."""
     import torch
@@ -161,9 +142,8 @@ def _download_and_check(client: Client, job: dict[str, Any], folder: Path, conso
     hashes: dict[str, str] = {}
     for artifact in job["artifacts"]:
         path = folder / artifact["filename"]
+        # download() checks the file's sha256 against the artifact record (IntegrityError otherwise).
         hashes[artifact["kind"]] = client.download(artifact["id"], path).sha256
-        if hashes[artifact["kind"]] != artifact["sha256"]:
-            raise SystemExit(f"{artifact['filename']}: sha256 differs from the artifact record")
         paths[artifact["kind"]] = path
     scripted = torch.jit.load(str(paths["student_torchscript"]), map_location="cpu").eval()
     weights = load_file(paths["student_safetensors"])
