@@ -395,6 +395,11 @@ def show_job(job: dict[str, Any]) -> None:
     for name, value in lines:
         if value is not None:
             typer.echo(f"{name:<10}{value}")
+    summary = job.get("summary") or {}
+    for entry in summary.get("formats") or []:
+        verdict = "passed" if entry["passed"] else "FAILED: not a usable result"
+        typer.echo(f"{'format':<10}{entry['format']}: accuracy {entry['accuracy']:.2%}, "
+                   f"{-entry['drop_pts']:+.2f} pts vs its float source, {verdict}")
     metrics = list(flat_metrics(job.get("metrics") or {}))
     if metrics:
         typer.echo("metrics")

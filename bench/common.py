@@ -6,7 +6,6 @@ Run from a fresh clone as `.venv/bin/python bench/<script>.py`; each script prin
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ if str(REPO) not in sys.path:  # run as a script from a fresh clone, without ins
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from worker.engine import data, evaluate  # noqa: E402
+from worker.engine import cpu, data, evaluate  # noqa: E402
 from worker.engine.recipes import DIGITS_INPUT, DIGITS_TEACHER_TRAINING, train_digits_teacher  # noqa: E402
 
 # The model is trained on digits upscaled to 32 px; it is fully convolutional with adaptive pooling, so
@@ -65,18 +64,9 @@ def interleaved_latency_ms(models: dict[str, Any], batch_size: int = 1, rounds: 
 
 
 def environment() -> dict[str, Any]:
-    return {"torch": torch.__version__.split("+")[0], "cpu": _cpu_name(), "threads": torch.get_num_threads(),
-            "latency_input": list(LATENCY_SHAPE)}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    host = cpu.describe()
+    return {"torch": torch.__version__.split("+")[0], "cpu": host["model"], "cpu_features": host["features"],
+            "threads": torch.get_num_threads(), "latency_input": list(LATENCY_SHAPE)}
 
 
 def print_result(result: dict[str, Any]) -> None:

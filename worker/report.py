@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from worker import plots
+from worker.engine import cpu
 from worker.engine.fileio import atomic_write
 from worker.summary import FIGURE_NAMES, describe_change, format_bytes, format_figure, summarize
 
@@ -37,7 +38,7 @@ def environment(device: str) -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return {"python": sys.version.split()[0], "platform": platform.platform(), "machine": platform.machine(),
-            "device": device, "libraries": versions}
+            "device": device, "cpu": cpu.describe(), "libraries": versions}
 
 
 def build_document(job: dict[str, Any], inputs: dict[str, Any], metrics: dict[str, Any],
@@ -117,6 +118,22 @@ def _comparison_section(summary: dict[str, Any] | None) -> list[str]:
     for name, title in FIGURE_NAMES.items():
         lines.append(f"| {title} | {format_figure(name, before.get(name))} | {format_figure(name, after.get(name))} "
                      f"| {describe_change(name, before.get(name), after.get(name))} |")
+    return lines + _formats_lines(summary)
+
+
+def _formats_lines(summary: dict[str, Any]) -> list[str]:
+    """Each published file's accuracy against its float source, and the CPU the figures come from."""
+    lines = []
+    if summary.get("formats"):
+        lines += ["", "| file format | accuracy | vs float source | check |", "|---|---:|---:|---|"]
+        lines += [f"| {entry['format']} | {format_figure('accuracy', entry['accuracy'])} | "
+                  f"{-entry['drop_pts']:+.2f} pts | {'passed' if entry['passed'] else '**FAILED**: not usable'} |"
+                  for entry in summary["formats"]]
+    if summary.get("failed_formats"):
+        lines += ["", f"**Not a usable result:** the {' and '.join(summary['failed_formats'])} file(s) score more "
+                  "than the allowed points below their float source (see the notes)."]
+    if summary.get("measured_on"):
+        lines += ["", f"Measured on {cpu.summary_line(summary['measured_on'])}."]
     return lines
 
 
@@ -140,7 +157,8 @@ def _artifacts_section(artifacts: list[dict[str, Any]]) -> list[str]:
 
 def _environment_section(env: dict[str, Any]) -> list[str]:
     rows = [f"| {name} | {version} |" for name, version in env["libraries"].items()]
-    return ["## Environment", "", f"Python {env['python']} on {env['platform']}, device `{env['device']}`.", "",
+    return ["## Environment", "", f"Python {env['python']} on {env['platform']}, device `{env['device']}`, "
+            f"CPU {cpu.summary_line(env['cpu'])}.", "",
             "| library | version |", "|---|---|", *rows]
 
 

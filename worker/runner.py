@@ -27,6 +27,7 @@ from app.jobs import lifecycle
 from app.schemas import as_utc
 from app.storage import BlobStore, StoredBlob, get_store
 from worker import report
+from worker.engine import cpu
 from worker.engine.distill import Progress
 from worker.engine.errors import Canceled, EngineError, Interrupted
 from worker.engine.fileio import atomic_write
@@ -263,6 +264,7 @@ def _retry_or_fail(ctx: JobContext, reason: str) -> None:
 def _publish(ctx: JobContext, outcome: JobOutcome, store: BlobStore) -> None:
     """Store the files, then in one transaction add their rows (and any epoch events not yet recorded)
     and mark the job succeeded."""
+    message = _conclude(outcome.metrics)
     blobs = [(output, store.put_file(output.path)) for output in outcome.files]
     blobs += [(output, store.put_file(output.path)) for output in _report(ctx, outcome, blobs)]
     with session_scope() as session:
@@ -272,11 +274,23 @@ def _publish(ctx: JobContext, outcome: JobOutcome, store: BlobStore) -> None:
             session.add(Artifact(tenant=tenant, job_id=ctx.job_id, kind=output.kind, filename=output.filename,
                                  media_type=output.media_type, runtime=output.runtime, sha256=blob.sha256,
                                  bytes=blob.bytes))
-        if not lifecycle.finish(session, ctx.job_id, ctx.owner, "succeeded", "succeeded; artifacts published",
-                                metrics=outcome.metrics):
+        if not lifecycle.finish(session, ctx.job_id, ctx.owner, "succeeded", message, metrics=outcome.metrics):
             # Someone else owns the job now: roll back so that only one attempt ever publishes.
             raise LeaseLost(ctx.job_id)
     shutil.rmtree(ctx.work_dir, ignore_errors=True)
+
+
+def _conclude(metrics: dict[str, Any]) -> str:
+    """Adds what every kind's figures need (the CPU they were measured on; a failed format check first among
+    the notes) and returns the job's closing message, which names any format that failed its check."""
+    metrics["measured_on"] = cpu.describe()
+    check = metrics.get("format_check") or {}
+    metrics["notes"] = [*check.get("notes", []), *metrics.get("notes", [])]
+    failed = [fmt for fmt, entry in check.get("formats", {}).items() if not entry["passed"]]
+    if failed:
+        return (f"succeeded, but the {' and '.join(failed)} file(s) failed the accuracy check against their float "
+                f"source: not usable results (see the notes)")
+    return "succeeded; artifacts published"
 
 
 def _report(ctx: JobContext, outcome: JobOutcome, blobs: list[tuple[OutputFile, StoredBlob]]) -> list[OutputFile]:

@@ -23,7 +23,9 @@ AFTER_LABELS = {"distill": "student", "prune": "pruned", "quantize": "int8"}
 
 
 def summarize(kind: str, metrics: dict[str, Any]) -> dict[str, Any] | None:
-    """{"before": figures, "after": figures, "validation_samples": n}, or None until a job's metrics hold both
+    """{"before": figures, "after": figures, "validation_samples": n, "formats": each published format's accuracy
+    against its float source, "failed_formats": those more than the tolerance below it, "measured_on": the CPU},
+    or None until a job's metrics hold both
     sides (queued, running, failed, or from a version that measured less). A figure a side lacks is None:
     an int8 model has no weights file, a distillation before TorchScript sizes were kept has none of those."""
     if kind == "distill":
@@ -34,8 +36,12 @@ def summarize(kind: str, metrics: dict[str, Any]) -> dict[str, Any] | None:
         figures, labels = _compression_figures, ("input", AFTER_LABELS.get(kind, "output"))
     if not source or not result:
         return None
+    check = metrics.get("format_check") or {}
+    formats = [{"format": fmt, **entry} for fmt, entry in (check.get("formats") or {}).items()]
     return {"before": figures(labels[0], source), "after": figures(labels[1], result),
-            "validation_samples": metrics.get("validation_samples")}
+            "validation_samples": metrics.get("validation_samples"), "formats": formats,
+            "failed_formats": [entry["format"] for entry in formats if not entry["passed"]],
+            "measured_on": metrics.get("measured_on")}
 
 
 def _distill_figures(label: str, side: dict[str, Any]) -> dict[str, Any]:

@@ -151,12 +151,37 @@ class ModelFigures(BaseModel):
     cpu_latency_ms_batch32: float | None = Field(examples=[1.5])
 
 
+class FormatCheck(BaseModel):
+    """One published file's accuracy against the float model it was made from."""
+
+    format: str = Field(examples=["onnx"])
+    accuracy: float = Field(examples=[0.97])
+    drop_pts: float = Field(description="Points below the float source (negative: above it).", examples=[0.2])
+    passed: bool = Field(description="False when the file scores more than the tolerance below its float source: "
+                         "not a usable result.")
+
+
+class MeasuredOn(BaseModel):
+    """The worker CPU the latencies and int8 accuracies were measured on."""
+
+    model: str = Field(examples=["Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz"])
+    machine: str = Field(examples=["x86_64"])
+    features: list[str] = Field(description="Instruction-set extensions that decide the int8 / bf16 kernels.",
+                                examples=[["avx2", "avx512f", "avx512_vnni"]])
+    int8_dot_product: bool = Field(description="Whether the CPU has an int8 dot-product instruction (VNNI, AMX, "
+                                   "ARM dotprod).")
+
+
 class JobSummary(BaseModel):
     """The input model and the result side by side, in the same shape for every kind of job."""
 
     before: ModelFigures
     after: ModelFigures
     validation_samples: int | None = Field(description="Held-out images the accuracies are measured on.")
+    formats: list[FormatCheck] = Field(default_factory=list, description="Every published format's accuracy, "
+                                       "checked against its float source.")
+    failed_formats: list[str] = Field(default_factory=list, description="Formats that failed that check.")
+    measured_on: MeasuredOn | None = Field(default=None, description="The CPU the figures were measured on.")
 
 
 class JobEventOut(OutModel):

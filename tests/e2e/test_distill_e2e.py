@@ -68,6 +68,11 @@ def check_report(service: Service, job: dict[str, Any]) -> dict[str, Any]:
     assert {a["kind"]: a["sha256"] for a in report["artifacts"]} == outputs
     card = download(service, by_kind["report_model_card"]).decode()
     assert report["inputs"]["model"]["sha256"] in card and all(sha256 in card for sha256 in outputs.values())
+    # Every published format passed its accuracy check, and the CPU the figures come from is named.
+    summary = job["summary"]
+    assert summary["formats"] and summary["failed_formats"] == [], summary["formats"]
+    assert summary["measured_on"] == job["metrics"]["measured_on"] == report["environment"]["cpu"]
+    assert f"Measured on {summary['measured_on']['model']}" in card
     ET.fromstring(download(service, by_kind["report_comparison_svg"]))
     history = job["metrics"].get("history") or []
     if history:

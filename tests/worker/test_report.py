@@ -4,6 +4,7 @@ real numbers, and SVG plots that are well-formed XML with one point per epoch.""
 from __future__ import annotations
 
 import json
+import platform
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 import pytest
 
 from worker import plots, report
+from worker.engine import cpu
+from worker.jobs import measure
 from worker.summary import describe_change, format_figure, summarize
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -128,3 +131,42 @@ def test_written_report_files_parse(tmp_path: Path, kind: str, metrics: dict[str
             ET.parse(item.path)
     if not curves:
         assert "## Training" not in files["report_model_card"].path.read_text()
+
+
+def test_a_format_far_below_its_float_source_fails_its_check_in_words() -> None:
+    check = measure.format_check("float input model", 0.97, {"torchscript": {"accuracy": 0.968},
+                                                             "onnx": {"accuracy": 0.43}})
+    assert check["formats"]["torchscript"] == {"accuracy": 0.968, "drop_pts": 0.2, "passed": True}
+    assert check["formats"]["onnx"] == {"accuracy": 0.43, "drop_pts": 54.0, "passed": False}
+    assert check["notes"] == ["NOT A USABLE RESULT: the onnx file scores 43.00%, 54.00 points below the float input "
+                              "model it was made from (97.00%; at most 3 allowed); do not deploy it"]
+    # At the tolerance itself it passes; just past it, it does not.
+    edge = measure.format_check("float input model", 0.95, {"a": {"accuracy": 0.92}, "b": {"accuracy": 0.9199}})
+    assert (edge["formats"]["a"]["passed"], edge["formats"]["b"]["passed"]) == (True, False)
+
+
+def test_summary_and_model_card_show_each_format_and_the_cpu() -> None:
+    host = {"model": "Some CPU", "machine": "x86_64", "features": ["avx2", "avx512_vnni"], "int8_dot_product": True}
+    metrics = {**QUANTIZE_METRICS, "measured_on": host,
+               "format_check": measure.format_check("float input model", 0.95, {"torchscript": {"accuracy": 0.94},
+                                                                                "onnx": {"accuracy": 0.40}})}
+    summary = summarize("quantize", metrics)
+    assert summary is not None and summary["failed_formats"] == ["onnx"] and summary["measured_on"] == host
+    assert [(entry["format"], entry["passed"]) for entry in summary["formats"]] == [("torchscript", True),
+                                                                                     ("onnx", False)]
+    card = report.model_card(document("quantize", metrics), [])
+    assert "| onnx | 40.00% | -55.00 pts | **FAILED**: not usable |" in card
+    assert "| torchscript | 94.00% | -1.00 pts | passed |" in card
+    assert "**Not a usable result:** the onnx file(s)" in card
+    assert "Measured on Some CPU (x86_64: avx2, avx512_vnni)." in card
+    assert f"CPU {cpu.summary_line(cpu.describe())}." in card  # the environment: the host that wrote the report
+
+
+def test_cpu_features_come_from_the_host() -> None:
+    host = cpu.describe()
+    assert set(host) == {"model", "machine", "features", "int8_dot_product"}
+    assert set(host["features"]) <= set(cpu.RELEVANT_FEATURES)
+    if platform.system() == "Linux" and platform.machine() == "x86_64":
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+        assert ("avx2" in host["features"]) == ("avx2" in flags)
+        assert host["int8_dot_product"] == bool(flags & set(cpu.INT8_DOT_PRODUCT))

@@ -19,6 +19,10 @@ from worker.engine.evaluate import AnyModel
 from worker.engine.macs import count_macs
 
 LATENCY_BATCH_SIZES = (1, 32)
+# How far below its float source a published format may score before the job says it is not a usable result:
+# int8 rounding costs a fraction of a point on a healthy model; a broken kernel or export costs tens.
+FORMAT_TOLERANCE_PTS = 3.0
+FLOAT_SOURCES = {"input": "float input model", "output": "float model in the weights file"}
 # Artifact formats as users run them, with the file suffix that tells them apart.
 TORCHSCRIPT, ONNX = "torchscript", "onnx"
 SUFFIXES = {TORCHSCRIPT: ".torchscript.pt", ONNX: ".onnx"}
@@ -104,11 +108,28 @@ def runtime_of(fmt: str, detail: str = "fp32") -> str:
     return f"onnxruntime (CPU, {detail})"
 
 
+def format_check(float_source: str, source_accuracy: float,
+                 artifacts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each published format's accuracy against the float model it was made from (`float_source` names it):
+    a format more than FORMAT_TOLERANCE_PTS below it is marked failed, and `notes` says so in words."""
+    formats = {}
+    for fmt, artifact in artifacts.items():
+        drop_pts = round((source_accuracy - artifact["accuracy"]) * 100, 2)
+        formats[fmt] = {"accuracy": artifact["accuracy"], "drop_pts": drop_pts,
+                        "passed": drop_pts <= FORMAT_TOLERANCE_PTS}
+    notes = [f"NOT A USABLE RESULT: the {fmt} file scores {entry['accuracy']:.2%}, {entry['drop_pts']:.2f} points "
+             f"below the {float_source} it was made from ({source_accuracy:.2%}; at most {FORMAT_TOLERANCE_PTS:g} "
+             f"allowed); do not deploy it" for fmt, entry in formats.items() if not entry["passed"]]
+    return {"float_source": float_source, "float_source_accuracy": source_accuracy,
+            "tolerance_pts": FORMAT_TOLERANCE_PTS, "formats": formats, "notes": notes}
+
+
 def compression_metrics(input_summary: dict[str, Any], output_summary: dict[str, Any],
                         input_artifacts: dict[str, dict[str, Any]], output_artifacts: dict[str, dict[str, Any]],
-                        held_out: HeldOut) -> dict[str, Any]:
-    """The metrics of a prune or quantize job: input and output side by side, and their ratios
-    (input / output: above 1 means smaller or faster)."""
+                        held_out: HeldOut, float_source: str) -> dict[str, Any]:
+    """The metrics of a prune or quantize job: input and output side by side, their ratios (input / output:
+    above 1 means smaller or faster), and each output format checked against its float source ("input" for
+    an int8 model, "output" for a float one)."""
     ratios: dict[str, Any] = {name: input_summary[name] / output_summary[name]
                               for name in ("params", "macs", "file_bytes") if output_summary.get(name)}
     for fmt, output in output_artifacts.items():
@@ -122,4 +143,7 @@ def compression_metrics(input_summary: dict[str, Any], output_summary: dict[str,
         "input": {**input_summary, "artifacts": input_artifacts},
         "output": {**output_summary, "artifacts": output_artifacts},
         "ratios": ratios,
+        "format_check": format_check(FLOAT_SOURCES[float_source],
+                                     (input_summary if float_source == "input" else output_summary)["accuracy"],
+                                     output_artifacts),
     }

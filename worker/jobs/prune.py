@@ -110,5 +110,5 @@ def _measure(ctx: JobContext, model: nn.Module, arch: ArchSpec, files: list[Outp
         output_summary={**measure.float_model_summary(engine_model, held_out),
                         "file_bytes": paths["pruned_safetensors"].stat().st_size},
         input_artifacts=measure.input_baseline(model, held_out, ctx.work_dir / "baseline"),
-        output_artifacts=output_artifacts, held_out=held_out,
+        output_artifacts=output_artifacts, held_out=held_out, float_source="output",
     )

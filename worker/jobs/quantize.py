@@ -142,7 +142,7 @@ def _measure(ctx: JobContext, model: nn.Module, int8: nn.Module, config: Quantiz
                       "macs": input_summary["macs"]}
     return measure.compression_metrics(input_summary, output_summary,
                                        measure.input_baseline(model, held_out, ctx.work_dir / "baseline"),
-                                       output_artifacts, held_out)
+                                       output_artifacts, held_out, float_source="input")
 
 
 def _on_x86() -> bool:

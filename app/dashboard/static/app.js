@@ -315,9 +315,27 @@ class JobPage {
         h("th", { class: "num" }, summary.after.label), h("th", { class: "num" }, "change"))),
       h("tbody", {}, rows));
     const notes = (job.metrics.notes || []).map((note) => h("li", {}, note));
-    return [table, h("p", { class: "muted small" }, `${summary.validation_samples ?? "?"} held-out images; latency `
-      + "of the TorchScript files on the worker's CPU."),
+    const failed = summary.failed_formats || [];
+    const cpu = summary.measured_on ? ` (${summary.measured_on.model}; ${summary.measured_on.features.join(", ")})` : "";
+    return [failed.length ? h("p", { class: "error-box", "data-testid": "failed-formats" },
+      `Not a usable result: the ${failed.join(" and ")} file(s) score more than the allowed points below their `
+      + "float source. See the notes.") : null,
+    table, this.formats(summary.formats || []),
+    h("p", { class: "muted small" }, `${summary.validation_samples ?? "?"} held-out images; latency `
+      + `of the TorchScript files on the worker's CPU${cpu}.`),
     notes.length ? h("ul", { class: "notes" }, notes) : null];
+  }
+
+  formats(formats) {
+    if (!formats.length) return null;
+    const rows = formats.map((entry) => h("tr", { "data-format": entry.format }, h("th", {}, entry.format),
+      h("td", { class: "num" }, fmt.percent(entry.accuracy, 2)),
+      h("td", { class: "num" }, `${(-entry.drop_pts).toFixed(2)} pts`),
+      h("td", { class: entry.passed ? "good" : "bad" }, entry.passed ? "passed" : "failed")));
+    return h("table", { class: "table compact", "data-testid": "format-table" },
+      h("thead", {}, h("tr", {}, h("th", {}, "file format"), h("th", { class: "num" }, "accuracy"),
+        h("th", { class: "num" }, "vs float source"), h("th", {}, "check"))),
+      h("tbody", {}, rows));
   }
 
   curves(points) {
