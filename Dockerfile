@@ -8,6 +8,7 @@ WORKDIR /srv/condenser
 COPY requirements-dev.txt pyproject.toml README.md ./
 RUN pip install --no-cache-dir -r requirements-dev.txt
 COPY app ./app
+COPY core ./core
 COPY worker ./worker
 COPY migrations ./migrations
 RUN pip install --no-cache-dir . && useradd --create-home --uid 10001 condenser \

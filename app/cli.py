@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 from typing import Annotated
@@ -16,7 +15,9 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from app.client_cli import CliError, Connection, add_commands
+from app.client_cli import add_commands
+from app.client_cli.common import CliError
+from app.client_cli.connection import Connection
 
 
 class CondenserGroup(TyperGroup):
@@ -63,8 +64,8 @@ def connection_options(
 @app.command()
 def migrate() -> None:
     """Run the database migrations to head."""
-    from app.config import get_settings
-    from app.db.migrate import upgrade_to_head
+    from core.db.migrate import upgrade_to_head
+    from core.settings import get_settings
 
     upgrade_to_head(get_settings().database_url)
     typer.echo("database at head")
@@ -77,20 +78,12 @@ def worker(
     quiet: Annotated[bool, typer.Option(help="No start-up banner.")] = False,
 ) -> None:
     """Start a Celery worker alone (more hosts, more GPUs)."""
-    from app.config import get_settings
-    from app.logs import configure_logging
-    from worker.celery_app import QUEUE
-    from worker.tasks import celery_app
+    # The worker is its own program (python -m worker): the API side never imports it.
+    os.execv(sys.executable, [sys.executable, "-m", "worker", *_worker_options(concurrency, loglevel, quiet)])
 
-    configure_logging(get_settings(), loglevel)
-    # --quiet is an option of the `celery` command itself, so it goes before the sub-command.
-    celery_app.worker_main([
-        *(["--quiet"] if quiet else []), "worker", "--pool=prefork", f"--concurrency={concurrency}",
-        f"--queues={QUEUE}",
-        f"--loglevel={loglevel}", f"--hostname=condenser-{os.getpid()}@{socket.gethostname()}",
-        # Gossip and mingle only slow the start down; the database coordinates workers.
-        "--without-gossip", "--without-mingle",
-    ])
+
+def _worker_options(concurrency: int, loglevel: str, quiet: bool) -> list[str]:
+    return [f"--concurrency={concurrency}", f"--loglevel={loglevel}", *(["--quiet"] if quiet else [])]
 
 
 @app.command()
@@ -102,9 +95,9 @@ def serve(
     """Start the API and a Celery worker process (the embedded default needs no other server)."""
     import uvicorn
 
-    from app.config import get_settings
-    from app.db.migrate import upgrade_to_head
-    from app.logs import configure_logging
+    from core.db.migrate import upgrade_to_head
+    from core.logs import configure_logging
+    from core.settings import get_settings
 
     configure_logging(get_settings())
     upgrade_to_head(get_settings().database_url)
@@ -118,8 +111,8 @@ def serve(
 
 
 def _start_worker(concurrency: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "app.cli", "worker", f"--concurrency={concurrency}",
-                             "--loglevel=WARNING", "--quiet"], preexec_fn=die_with_parent)
+    return subprocess.Popen([sys.executable, "-m", "worker", *_worker_options(concurrency, "WARNING", quiet=True)],
+                            preexec_fn=die_with_parent)
 
 
 def die_with_parent() -> None:
@@ -144,9 +137,9 @@ def _stop_worker(process: subprocess.Popen[bytes]) -> None:
 def keys_create(tenant: Annotated[str, typer.Option(help="The tenant that owns what this key creates.")]) -> None:
     """Create a key and print it once; only its hash is stored."""
     from app.auth.service import create_key
-    from app.config import get_settings
-    from app.db.migrate import upgrade_to_head
-    from app.db.session import session_scope
+    from core.db.migrate import upgrade_to_head
+    from core.db.session import session_scope
+    from core.settings import get_settings
 
     upgrade_to_head(get_settings().database_url)
     with session_scope() as session:
@@ -158,7 +151,7 @@ def keys_create(tenant: Annotated[str, typer.Option(help="The tenant that owns w
 def keys_list(tenant: Annotated[str, typer.Option(help="Tenant whose keys to list.")]) -> None:
     """List a tenant's keys by prefix."""
     from app.auth.service import list_keys
-    from app.db.session import session_scope
+    from core.db.session import session_scope
 
     with session_scope() as session:
         for key in list_keys(session, tenant):
@@ -173,7 +166,7 @@ def keys_revoke(
 ) -> None:
     """Revoke a key; requests with it fail at once."""
     from app.auth.service import revoke_key
-    from app.db.session import session_scope
+    from core.db.session import session_scope
 
     with session_scope() as session:
         revoke_key(session, tenant, prefix)

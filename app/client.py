@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 # Standard library only underneath (no torch, no server stack): the client stays light.
-from app.storage import sha256_file
+from core.storage import sha256_file
 
 TERMINAL = ("succeeded", "failed", "canceled")
 CHUNK_BYTES = 1 << 20

@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from app.client import Client
-from app.client_cli import follow_with_bar
-from app.config import get_settings
+from app.client_cli.jobs import follow_with_bar
+from core.settings import get_settings
 
 # Far above the ~1 minute the demo's job takes on 2 cores: a stuck job fails the demo instead of hanging it.
 DEMO_TIMEOUT_SECONDS = 1800
@@ -49,14 +49,16 @@ def run_demo(json_output: bool, url: str | None, api_key: str | None) -> int:
 
 
 def _job_spec(teacher_id: str) -> dict[str, Any]:
-    from worker.engine.recipes import DIGITS_DISTILLATION, DIGITS_STUDENT
+    from worker.engine.recipes import DIGITS_DISTILLATION, DIGITS_SEED, DIGITS_STUDENT, DIGITS_VAL_FRACTION
 
-    return {"kind": "distill", "teacher": teacher_id, "dataset": "digits",
-            "student": DIGITS_STUDENT.model_dump(), **DIGITS_DISTILLATION.model_dump()}
+    return {"kind": "distill", "teacher": teacher_id, "dataset": "digits", "seed": DIGITS_SEED,
+            "val_fraction": DIGITS_VAL_FRACTION, "student": DIGITS_STUDENT.model_dump(),
+            "distill": DIGITS_DISTILLATION.model_dump()}
 
 
 def _teacher(demo_dir: Path, console: Console) -> tuple[Path, dict[str, Any]]:
     """Train the demo teacher once and keep it; a second demo reuses it."""
+    from core.threads import host_cpus
     from worker.engine import export
     from worker.engine.recipes import DIGITS_TEACHER, train_digits_teacher
 
@@ -66,6 +68,10 @@ def _teacher(demo_dir: Path, console: Console) -> tuple[Path, dict[str, Any]]:
         console.print(f"reusing the teacher in {weights}")
         return weights, spec
     console.print(f"training a {DIGITS_TEACHER.arch} teacher on digits (once; it is kept in {demo_dir})")
+    import torch
+
+    # PyTorch counts the machine's cores; in a container given a few of them that oversubscribes.
+    torch.set_num_threads(min(torch.get_num_threads(), host_cpus()))
     teacher, accuracy = train_digits_teacher()
     demo_dir.mkdir(parents=True, exist_ok=True)
     export.save_safetensors(teacher, weights)
@@ -81,8 +87,8 @@ def _server(url: str | None, api_key: str | None, console: Console) -> Iterator[
         yield url, api_key
         return
     from app.auth.service import create_key
-    from app.db.migrate import upgrade_to_head
-    from app.db.session import session_scope
+    from core.db.migrate import upgrade_to_head
+    from core.db.session import session_scope
 
     upgrade_to_head(get_settings().database_url)
     with session_scope() as session:
@@ -135,7 +141,7 @@ def _download_and_check(client: Client, job: dict[str, Any], folder: Path, conso
     from safetensors.torch import load_file
 
     from worker.engine.data import load_builtin, stratified_split, to_model_input
-    from worker.engine.recipes import DIGITS_DISTILLATION, DIGITS_TEACHER
+    from worker.engine.recipes import DIGITS_SEED, DIGITS_TEACHER, DIGITS_VAL_FRACTION
 
     folder.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
@@ -151,7 +157,7 @@ def _download_and_check(client: Client, job: dict[str, Any], folder: Path, conso
     if any(not torch.equal(weights[name], scripted_state[name]) for name in weights):
         raise SystemExit("the safetensors weights differ from the TorchScript student")
     digits = load_builtin("digits")
-    _, val_idx = stratified_split(digits.y, DIGITS_DISTILLATION.val_fraction, DIGITS_DISTILLATION.seed)
+    _, val_idx = stratified_split(digits.y, DIGITS_VAL_FRACTION, DIGITS_SEED)
     x_val = to_model_input(digits.x[val_idx], DIGITS_TEACHER.input)
     with torch.inference_mode():
         predictions = scripted(x_val).argmax(1).numpy()

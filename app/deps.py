@@ -10,10 +10,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.auth.service import Principal, authenticate
-from app.config import Settings, get_settings
-from app.db.session import session_scope
 from app.idempotency import REPLAYED_HEADER
-from app.storage import BlobStore, get_store
+from core.db.session import session_scope
+from core.settings import Settings, get_settings
+from core.storage import BlobStore, get_store
 
 
 def get_session() -> Iterator[Session]:

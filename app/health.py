@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import text
 
-from app.config import Settings, get_settings
-from app.db.session import get_engine
+from core.db.session import get_engine
+from core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -17,8 +17,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db.models import IdempotencyRecord
-from app.errors import Conflict
+from app.repository import RowT, TenantRepository
+from core.db.models import IdempotencyRecord
+from core.errors import Conflict
 
 T = TypeVar("T")
 
@@ -98,3 +99,24 @@ def claim(session: Session, request: IdempotentRequest | None, resource_id: str)
         session.rollback()
         return previous_resource(session, request)
     return None
+
+
+def create_once(session: Session, rows: TenantRepository[RowT], tenant: str, request: IdempotentRequest | None,
+                prepare: Callable[[], Callable[[str], RowT]]) -> Outcome[RowT]:
+    """Add a new row to `rows` for this request, or return the row an earlier request with its key created.
+
+    `prepare` does what is the resource's own (checks, storing its file) and returns how to build the row from
+    its new id. It runs before the claim, so it must only read the database: the claim is the transaction's
+    first write, and slow work such as hashing and fsyncing a large file must not hold SQLite's write lock.
+    """
+    earlier = previous_resource(session, request)
+    if earlier is not None:
+        return Outcome(rows.require(session, tenant, earlier), replayed=True)
+    build = prepare()
+    resource_id = rows.new_id()
+    winner = claim(session, request, resource_id)
+    if winner is not None:
+        return Outcome(rows.require(session, tenant, winner), replayed=True)
+    row = build(resource_id)
+    rows.add(session, row)
+    return Outcome(row)

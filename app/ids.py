@@ -1,4 +1,4 @@
-"""Resource ids as path parameters: only what app.db.models.new_id makes gets past validation.
+"""Resource ids as path parameters: only what core.db.models.new_id makes gets past validation.
 
 Ids are opaque to clients but not to us: a kind prefix and 24 hex digits. Checking the shape at the edge
 means `..`, `%2e%2e`, absolute paths, NUL bytes and megabyte-long strings are a 422 before any query runs,

@@ -13,12 +13,12 @@ from app.artifacts.router import router as artifacts_router
 from app.auth.router import router as auth_router
 from app.dashboard.router import add_dashboard
 from app.datasets.router import router as datasets_router
-from app.errors import DomainError
 from app.jobs.router import router as jobs_router
 from app.models.router import router as models_router
 from app.pathguard import RefuseHostilePaths
 from app.schemas import ErrorOut, field_problems, summarize
 from app.webhooks.router import router as webhooks_router
+from core.errors import DomainError
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from sqlalchemy import Float, case, func, select
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
-from app.config import get_settings
-from app.db.models import Job
-from app.db.session import session_scope
-from app.errors import Unauthorized
-from app.jobs.schemas import JobStatus
+from core.db.models import Job
+from core.db.session import session_scope
+from core.errors import Unauthorized
+from core.settings import get_settings
+from core.views import JobStatus
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["operations"])
@@ -106,7 +106,7 @@ def _broker_queue() -> Iterator[Metric]:
 
 
 def broker_queue_depth() -> int:
-    from worker.celery_app import QUEUE, get_celery
+    from core.broker import QUEUE, get_celery
 
     with get_celery().connection_for_read() as connection:
         connection.ensure_connection(max_retries=1, timeout=BROKER_TIMEOUT_SECONDS)

@@ -17,8 +17,8 @@ from fastapi import Query, Request
 from sqlalchemy import Select, and_, or_
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from app.errors import Invalid
-from app.schemas import as_utc
+from core.errors import Invalid
+from core.views import as_utc
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100

@@ -10,10 +10,10 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.config import Settings
-from app.db.models import Artifact, Dataset, Job, Model
-from app.errors import TooLarge, TooManyRequests
-from app.jobs.lifecycle import FINISHED
+from core.db.models import Artifact, Dataset, Job, Model
+from core.errors import TooLarge, TooManyRequests
+from core.lifecycle import FINISHED
+from core.settings import Settings
 
 # What a tenant stores: weights and datasets as uploaded, artifacts as produced.
 _STORED = (Model, Dataset, Artifact)

@@ -16,7 +16,7 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.types import Message
 
-from app.errors import Invalid, TooLarge
+from core.errors import Invalid, TooLarge
 
 MAX_JSON_BODY_BYTES = 1 << 20
 

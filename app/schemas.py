@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
-from app.errors import Invalid
+from core.errors import Invalid
 
 T = TypeVar("T")
-
-
-def as_utc(value: datetime) -> datetime:
-    # SQLite hands timestamps back without a zone; every timestamp we write is UTC.
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
-
-
-class OutModel(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
 
 
 class FieldProblem(BaseModel):

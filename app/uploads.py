@@ -21,10 +21,10 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from app.errors import DomainError, Invalid, TooLarge
 from app.filenames import MAX_NAME, safe_filename, stem
 from app.metrics import UPLOADED_BYTES
-from app.storage import BlobStore
+from core.errors import DomainError, Invalid, TooLarge
+from core.storage import BlobStore
 
 FILE_FIELD = "file"
 MAX_FIELD_BYTES = 64 * 1024

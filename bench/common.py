@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from worker.engine import cpu, data, evaluate  # noqa: E402
-from worker.engine.recipes import DIGITS_INPUT, DIGITS_TEACHER_TRAINING, train_digits_teacher  # noqa: E402
+from worker.engine.recipes import DIGITS_INPUT, DIGITS_SEED, DIGITS_VAL_FRACTION, train_digits_teacher  # noqa: E402
 
 # The model is trained on digits upscaled to 32 px; it is fully convolutional with adaptive pooling, so
 # latency is measured at the ImageNet size its users would feed it.
@@ -32,8 +32,7 @@ TensorPair = tuple[torch.Tensor, torch.Tensor]
 def trained_resnet18() -> tuple[nn.Module, TensorPair, TensorPair]:
     """resnet18 (10 classes) trained briefly on digits at 32 px, and the (train, val) split it used."""
     model, _ = train_digits_teacher()
-    config = DIGITS_TEACHER_TRAINING
-    train, val = data.train_val_tensors(data.load_builtin("digits"), DIGITS_INPUT, config.val_fraction, config.seed)
+    train, val = data.train_val_tensors(data.load_builtin("digits"), DIGITS_INPUT, DIGITS_VAL_FRACTION, DIGITS_SEED)
     return model.cpu().eval(), train, val
 
 

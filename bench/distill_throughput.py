@@ -38,11 +38,13 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
 
+from core.threads import host_cpus  # noqa: E402
 from worker.engine.config import DistillConfig  # noqa: E402
-from worker.engine.distill import Progress, distill, kd_loss  # noqa: E402
+from worker.engine.distill import distill, kd_loss  # noqa: E402
 from worker.engine.errors import Canceled  # noqa: E402
 from worker.engine.fileio import atomic_write  # noqa: E402
 from worker.engine.models import SmallCNN  # noqa: E402
+from worker.engine.training import Progress  # noqa: E402
 
 TEMPERATURE, ALPHA, LR = 4.0, 0.9, 1e-3
 
@@ -119,7 +121,7 @@ def plain_fp32(setup: Setup) -> float:
             inputs = x[batch]
             with torch.no_grad():
                 soft_targets = teacher(inputs)
-            loss = kd_loss(student(inputs), soft_targets, y[batch], TEMPERATURE, ALPHA)
+            loss = kd_loss(student(inputs), soft_targets, y[batch], TEMPERATURE, ALPHA).total
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -145,7 +147,7 @@ def best_hand(setup: Setup) -> float:
         for batch in _batches(setup):
             with torch.autocast(device.type, torch.bfloat16, enabled=on_cuda):
                 student_logits = forward(x[batch]).float()
-            loss = kd_loss(student_logits, logits[batch].float(), y[batch], TEMPERATURE, ALPHA)
+            loss = kd_loss(student_logits, logits[batch].float(), y[batch], TEMPERATURE, ALPHA).total
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -176,12 +178,12 @@ class JobLikeGuard:
 
 def engine(setup: Setup) -> float:
     config = DistillConfig(epochs=setup.epochs + 1, batch_size=setup.batch, lr=LR, temperature=TEMPERATURE,
-                           alpha=ALPHA, device=setup.device.type)
+                           alpha=ALPHA)
     val = (setup.x[: setup.batch], setup.y[: setup.batch])
     with tempfile.TemporaryDirectory() as folder:
         guard = JobLikeGuard(Path(folder) / "checkpoint.pt")
         distill(setup.teacher(), setup.student(), (setup.x, setup.y), val, config, guard.on_progress,
-                guard.on_checkpoint)
+                guard.on_checkpoint, device=setup.device.type)
     # Each epoch end comes after the epoch's loss is read back: the device has finished it.
     return setup.timed_images / (guard.epoch_ends[-1] - guard.epoch_ends[0])
 
@@ -230,11 +232,11 @@ def main() -> int:
     parser.add_argument("--cuda-epochs", type=int, default=5, help="timed epochs on CUDA")
     parser.add_argument("--cuda-images", type=int, default=50_000, help="synthetic 32x32 images on CUDA")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for every variant (default: PyTorch's, capped by the engine to the host's)")
+                        help="CPU threads for every variant (default: PyTorch's, capped to the CPUs this process has)")
     parser.add_argument("--check", action="store_true", help="exit 2 when the engine misses issue 7's targets")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # Never more threads than the CPUs this process may use (its container's quota included), as in a worker.
+    torch.set_num_threads(args.threads or min(torch.get_num_threads(), host_cpus()))
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 1

@@ -1,11 +1,11 @@
-"""Alembic environment: the URL comes from the caller (app.db.migrate) or the server settings."""
+"""Alembic environment: the URL comes from the caller (core.db.migrate) or the server settings."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from app.db.models import Base
-from app.db.session import make_engine
+from core.db.models import Base
+from core.db.session import make_engine
 
 config = context.config
 
@@ -14,7 +14,7 @@ def _url() -> str:
     url = config.attributes.get("database_url") or config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from app.config import get_settings
+    from core.settings import get_settings
 
     return get_settings().database_url
 

@@ -5,7 +5,7 @@ database; tests stay independent by each using fresh tenants, which see nothing 
 
 Reusable by other suites (e2e): database_url, broker_url, app_env (AppEnv: settings, env vars for
 subprocesses, store), client, make_api_key, tenant, auth_headers, other_auth_headers, insert_model,
-insert_artifact, small_cnn_files.
+insert_artifact, small_cnn_files, digits_teacher.
 """
 
 from __future__ import annotations
@@ -16,19 +16,22 @@ import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, make_url, text
 
 from app.auth.service import create_key
-from app.config import Settings, get_settings
-from app.db.migrate import upgrade_to_head
-from app.db.models import Artifact, Model
-from app.db.session import get_engine, get_sessionmaker, session_scope
 from app.main import create_app
-from app.storage import BlobStore
+from core.db.migrate import upgrade_to_head
+from core.db.models import Artifact, Model
+from core.db.session import get_engine, get_sessionmaker, session_scope
+from core.settings import Settings, get_settings
+from core.storage import BlobStore
+
+if TYPE_CHECKING:
+    from torch import nn
 
 POSTGRES_SERVER_URL = os.environ.get(
     "CONDENSER_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -105,7 +108,7 @@ class AppEnv:
 
 def clear_cached_singletons() -> None:
     """Settings, engine, sessionmaker and Celery app are cached per process; reset them with the env."""
-    from worker.celery_app import get_celery
+    from core.broker import get_celery
 
     engine_was_built = get_engine.cache_info().currsize > 0
     if engine_was_built:
@@ -240,3 +243,27 @@ def small_cnn_files(tmp_path_factory: pytest.TempPathFactory) -> SmallCnnFiles:
     torch.save(state, folder / "teacher.pt")
     return SmallCnnFiles(spec=SMALL_CNN_SPEC, safetensors=folder / "teacher.safetensors",
                          state_dict=folder / "teacher.pt")
+
+
+@dataclass(frozen=True)
+class DigitsTeacher:
+    model: nn.Module
+    accuracy: float  # on the recipe's held-out split, as train_digits_teacher measured it
+    safetensors: Path
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> DigitsTeacher:
+    """The demo's resnet18 teacher (worker.engine.recipes.train_digits_teacher), trained once per session and
+    saved as `condenser demo` saves it: the slowest training in the suite (most of a minute to two on 2 cores),
+    so the tests that need this same teacher (the recipe's accuracies, the demo run) share it.
+
+    Read-only for its users: distilling from it only puts it in eval mode (it is already) on the device that
+    trains, which leaves its weights as they are."""
+    from worker.engine import export
+    from worker.engine.recipes import train_digits_teacher
+
+    teacher, accuracy = train_digits_teacher()
+    path = tmp_path_factory.mktemp("digits_teacher") / "teacher.safetensors"
+    export.save_safetensors(teacher, path)
+    return DigitsTeacher(model=teacher.eval(), accuracy=accuracy, safetensors=path)

@@ -16,10 +16,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from app.db.migrate import upgrade_to_head
-from app.db.models import Artifact, Job, JobEvent
-from app.db.session import session_scope
 from app.main import create_app
+from core.db.migrate import upgrade_to_head
+from core.db.models import Artifact, Job, JobEvent
+from core.db.session import session_scope
 from tests.conftest import AppEnv, bearer, clear_cached_singletons, fresh_postgres_database, unique_tenant
 from tests.support import ApiServerProcess, WorkerProcess, wait_for
 
@@ -183,7 +183,7 @@ def service_factory(tmp_path: Path, small_cnn_files: Any) -> Iterator[Any]:
         clear_cached_singletons()
         upgrade_to_head(database_url)
         from app.auth.service import create_key
-        from app.config import get_settings
+        from core.settings import get_settings
 
         with session_scope() as session:
             key = create_key(session, unique_tenant())[1]

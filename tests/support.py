@@ -61,7 +61,7 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker", f"--concurrency={self.concurrency}", "--loglevel=INFO"],
+            [sys.executable, "-m", "worker", f"--concurrency={self.concurrency}", "--loglevel=INFO"],
             env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             # A pytest run that is killed takes its workers along: an orphan would consume a later run's jobs.
             preexec_fn=die_with_parent,
@@ -72,6 +72,11 @@ class WorkerProcess:
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
+
+    def wait_ready(self, timeout: float = 120) -> WorkerProcess:
+        """Until Celery logs that this worker consumes from the queue (its "ready." line, at INFO)."""
+        wait_for(lambda: " ready." in self.log(), timeout, interval=0.2, what=f"the worker in {self.log_path.name}")
+        return self
 
     def children(self) -> list[int]:
         return child_pids(self.pid)

@@ -12,8 +12,8 @@ import logging
 import threading
 from typing import Any
 
-from app.db.session import session_scope
-from app.jobs import lifecycle
+from core import lifecycle
+from core.db.session import session_scope
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import math
 import xml.etree.ElementTree as ET
 from typing import Any
 
-from worker.summary import FIGURE_NAMES, format_figure
+from core.summary import FIGURE_NAMES, format_figure
 
 SVG_NS = "http://www.w3.org/2000/svg"
 FONT = "font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;font-size:12px"

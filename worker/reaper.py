@@ -14,11 +14,11 @@ from datetime import timedelta
 
 from celery import Celery
 
-from app.config import get_settings
-from app.db.models import utcnow
-from app.db.session import session_scope
-from app.jobs import lifecycle
-from worker.celery_app import get_celery
+from core import lifecycle
+from core.broker import get_celery
+from core.db.models import utcnow
+from core.db.session import session_scope
+from core.settings import get_settings
 from worker.periodic import PeriodicThread
 
 log = logging.getLogger(__name__)

@@ -13,10 +13,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from core.summary import FIGURE_NAMES, describe_change, format_bytes, format_figure, summarize
 from worker import plots
 from worker.engine import cpu
 from worker.engine.fileio import atomic_write
-from worker.summary import FIGURE_NAMES, describe_change, format_bytes, format_figure, summarize
 
 # Distributions whose versions decide what the artifacts are and how they were measured.
 LIBRARIES = ("condenser", "torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "torchao", "numpy")

@@ -11,151 +11,31 @@ import os
 import secrets
 import shutil
 import socket
-from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
+from pydantic import ValidationError
 
-from app.config import Settings, get_settings
-from app.db.models import Artifact, Dataset, Job, JobEvent, Model, utcnow
-from app.db.session import session_scope
-from app.jobs import lifecycle
-from app.schemas import as_utc
-from app.storage import BlobStore, StoredBlob, get_store
+from core import lifecycle
+from core.db.models import Artifact, Dataset, Job, Model
+from core.db.session import session_scope
+from core.jobspec import JobSpecBase, load_stored, stored_form
+from core.settings import Settings, get_settings
+from core.storage import BlobStore, StoredBlob, get_store
+from core.views import as_utc
 from worker import report
 from worker.engine import cpu
-from worker.engine.distill import Progress
-from worker.engine.errors import Canceled, EngineError, Interrupted
-from worker.engine.fileio import atomic_write
-from worker.engine.models import pick_device
+from worker.engine.errors import Canceled, EngineError
+from worker.engine.hardware import pick_device
+from worker.engine.models import describe_validation_error
+from worker.guard import JobGuard, LeaseLost, Preempted, record_epochs
 from worker.heartbeat import Heartbeat
-from worker.jobs import job_function
+from worker.jobs.base import Checkpoints, JobContext, JobOutcome, ModelSource, OutputFile, job_function
 from worker.preemption import stop_requested
 
 log = logging.getLogger(__name__)
-
-
-class LeaseLost(Exception):
-    """Another worker owns the job now; stop without touching it."""
-
-
-class Preempted(Interrupted):
-    """SIGTERM or the soft time limit: the engine checkpoints, then the job is given back."""
-
-
-class TimeLimitExceeded(EngineError):
-    """The job's own time_limit_seconds ran out: it fails (a retry would run out of time too)."""
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    path: Path
-    format: str
-    arch: dict[str, Any]
-    input_spec: dict[str, Any]
-    bytes: int
-
-
-@dataclass(frozen=True)
-class JobContext:
-    job_id: str
-    kind: str
-    owner: str
-    attempt: int
-    max_attempts: int
-    spec: dict[str, Any]
-    teacher: ModelSource
-    dataset_path: Path | None  # None: the built-in dataset named in spec["dataset"]
-    work_dir: Path
-    provenance: dict[str, Any]  # what went in, with sha256s, for the report
-    deadline: datetime | None = None  # from the spec's time_limit_seconds, counted from the first start
-
-
-@dataclass(frozen=True)
-class OutputFile:
-    kind: str
-    path: Path
-    filename: str
-    media_type: str
-    runtime: str
-
-
-@dataclass
-class JobOutcome:
-    files: list[OutputFile]
-    metrics: dict[str, Any]
-
-
-class Checkpoints:
-    """The job's single checkpoint file, replaced atomically so a crash never leaves half of one."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def save(self, state: dict[str, Any]) -> None:
-        atomic_write(self.path, lambda handle: torch.save(state, handle))
-
-    def load(self) -> dict[str, Any] | None:
-        if not self.path.exists():
-            return None
-        return torch.load(self.path, weights_only=True, map_location="cpu")
-
-
-def record_epochs(session: Any, ctx: JobContext, history: list[dict[str, Any]]) -> None:
-    """Add a progress event for each finished epoch of `history` that the job's events lack.
-
-    The checkpoint's history is the truth: epochs that ended while the database was unreachable, or in an
-    attempt that died before recording them, are filled in by the next write that gets through."""
-    recorded = {event.data.get("epoch") for event in session.scalars(
-        select(JobEvent).where(JobEvent.job_id == ctx.job_id, JobEvent.kind == "progress"))}
-    job = session.get(Job, ctx.job_id)
-    for entry in history:
-        if entry["epoch"] not in recorded:
-            lifecycle.record_event(session, job, "progress", ctx.owner,
-                                   f"epoch {entry['epoch']} done; checkpoint written", entry)
-
-
-class JobGuard:
-    """The engine's progress callback: publishes progress, stops the loop when it must."""
-
-    def __init__(self, heartbeat: Heartbeat, checkpoints: Checkpoints, ctx: JobContext) -> None:
-        self.heartbeat = heartbeat
-        self.checkpoints = checkpoints
-        self.ctx = ctx
-
-    def stage(self, name: str) -> None:
-        self.heartbeat.progress = {**(self.heartbeat.progress or {}), "stage": name}
-        self.check()
-
-    def on_progress(self, progress: Progress) -> None:
-        self.heartbeat.progress = asdict(progress)
-        self.check()
-
-    def on_checkpoint(self, state: dict[str, Any]) -> None:
-        self.checkpoints.save(state)
-        if state.get("step_in_epoch") or not state.get("history"):
-            return  # a mid-epoch checkpoint on the way out: the give-back event says why
-        try:
-            with session_scope() as session:
-                record_epochs(session, self.ctx, state["history"])
-        except OperationalError:
-            # The checkpoint (and its history) is on disk: the next checkpoint or the publish records the epoch.
-            log.warning("job %s: could not record epoch %s yet", self.ctx.job_id, state["epoch"], exc_info=True)
-
-    def check(self) -> None:
-        if self.heartbeat.cancel_requested.is_set():
-            raise Canceled("canceled by request")
-        if self.heartbeat.lease_lost.is_set():
-            raise LeaseLost(self.ctx.job_id)
-        if request := stop_requested():
-            raise Preempted(request.reason)
-        if self.ctx.deadline is not None and utcnow() > self.ctx.deadline:
-            limit = self.ctx.spec["time_limit_seconds"]
-            raise TimeLimitExceeded(f"still running after its time_limit_seconds of {limit}; no artifact published")
 
 
 def job_work_dir(settings: Settings, job_id: str) -> Path:
@@ -174,7 +54,14 @@ def run(job_id: str) -> None:
         if job is None:
             log.info("job %s not claimable here (held by a live lease, finished, or out of attempts)", job_id)
             return
-        ctx = _context(session, job, owner, settings)
+        try:
+            spec = load_stored(job.spec)
+        # The API validated this spec with the same classes: only a version skew between API and worker gets here.
+        except ValidationError as exc:
+            reason = f"the job's stored spec does not validate: {describe_validation_error(exc)}"
+            lifecycle.finish(session, job_id, owner, "failed", f"failed: {reason}", error=reason)
+            return
+        ctx = _context(session, job, spec, owner, settings)
     heartbeat = Heartbeat(job_id, owner, settings.lease_seconds, settings.heartbeat_seconds)
     heartbeat.start()
     try:
@@ -183,34 +70,34 @@ def run(job_id: str) -> None:
         heartbeat.stop()
 
 
-def _context(session: Any, job: Job, owner: str, settings: Settings) -> JobContext:
+def _context(session: Any, job: Job, spec: JobSpecBase, owner: str, settings: Settings) -> JobContext:
     store = get_store()
     teacher = session.get(Model, job.teacher_id)
     dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
     return JobContext(
         job_id=job.id, kind=job.kind, owner=owner, attempt=job.attempt, max_attempts=job.max_attempts,
-        spec=dict(job.spec),
+        spec=spec,
         teacher=ModelSource(path=store.path_for(teacher.sha256), format=teacher.format, arch=teacher.arch,
                             input_spec=teacher.input_spec, bytes=teacher.bytes),
         dataset_path=store.path_for(dataset.canonical_sha256) if dataset else None,
         work_dir=job_work_dir(settings, job.id),
-        provenance=_provenance(job, teacher, dataset),
-        deadline=_deadline(job),
+        provenance=_provenance(spec, teacher, dataset),
+        deadline=_deadline(job, spec),
     )
 
 
-def _deadline(job: Job) -> datetime | None:
-    limit = job.spec.get("time_limit_seconds")
+def _deadline(job: Job, spec: JobSpecBase) -> datetime | None:
+    limit = spec.time_limit_seconds
     if limit is None or job.started_at is None:
         return None
     return as_utc(job.started_at) + timedelta(seconds=limit)
 
 
-def _provenance(job: Job, model: Model, dataset: Dataset | None) -> dict[str, Any]:
+def _provenance(spec: JobSpecBase, model: Model, dataset: Dataset | None) -> dict[str, Any]:
     model_fields = {"id": model.id, "name": model.name, "format": model.format, "sha256": model.sha256,
                     "bytes": model.bytes, "arch": model.arch, "input_spec": model.input_spec}
     if dataset is None:
-        return {"model": model_fields, "dataset": {"builtin": job.spec.get("dataset")}}
+        return {"model": model_fields, "dataset": {"builtin": spec.dataset}}
     dataset_fields = {"id": dataset.id, "name": dataset.name, "format": dataset.format, "sha256": dataset.sha256,
                       "canonical_sha256": dataset.canonical_sha256, "num_samples": dataset.num_samples,
                       "num_classes": dataset.num_classes}
@@ -297,13 +184,14 @@ def _report(ctx: JobContext, outcome: JobOutcome, blobs: list[tuple[OutputFile, 
     """The report files of a job about to succeed; they describe the artifacts, so they come after them."""
     artifacts = [{"kind": output.kind, "filename": output.filename, "runtime": output.runtime,
                   "sha256": blob.sha256, "bytes": blob.bytes} for output, blob in blobs]
-    document = report.build_document({"id": ctx.job_id, "kind": ctx.kind, "attempt": ctx.attempt, "spec": ctx.spec},
-                                     ctx.provenance, outcome.metrics, artifacts, report.environment(_device_name(ctx)))
+    job = {"id": ctx.job_id, "kind": ctx.kind, "attempt": ctx.attempt, "spec": stored_form(ctx.spec)}
+    document = report.build_document(job, ctx.provenance, outcome.metrics, artifacts,
+                                     report.environment(_device_name(ctx)))
     return [OutputFile(item.kind, item.path, item.path.name, item.media_type, "report")
             for item in report.write_report(ctx.work_dir / "report", document)]
 
 
 def _device_name(ctx: JobContext) -> str:
     """The device the job trained and measured on, as the engine picked it from the spec."""
-    device = pick_device(ctx.spec.get("device", "auto"))
+    device = pick_device(ctx.spec.device)
     return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"

@@ -10,10 +10,11 @@ from typing import Any
 
 from celery import signals
 
-from app.config import get_settings
-from app.db.session import get_engine
-from app.logs import configure_logging, job_context
-from worker.celery_app import RUN_JOB_TASK, get_celery
+from core.broker import RUN_JOB_TASK, get_celery
+from core.db.session import get_engine
+from core.logs import configure_logging, job_context
+from core.settings import get_settings
+from core.threads import host_cpus
 from worker.preemption import install_stop_handlers
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def run_job(job_id: str) -> None:
 
 @signals.setup_logging.connect
 def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
-    # A receiver here tells Celery to leave logging alone: API and worker log the same way (app.logs).
+    # A receiver here tells Celery to leave logging alone: API and worker log the same way (core.logs).
     configure_logging(get_settings(), loglevel)
 
 
@@ -53,7 +54,7 @@ def _start_reaper(**_: Any) -> None:
 
 @signals.worker_ready.connect
 def _start_webhook_sender(**_: Any) -> None:
-    from app.webhooks.delivery import deliver_due
+    from core.webhooks.delivery import deliver_due
     from worker.periodic import PeriodicThread
 
     PeriodicThread("condenser-webhooks", get_settings().webhook_poll_seconds, deliver_due).start()
@@ -71,8 +72,6 @@ def _prepare_job_process(**_: Any) -> None:
     settings = get_settings()
     install_stop_handlers(settings.soft_time_limit_seconds)
     import torch
-
-    from worker.engine.distill import host_cpus
 
     # One job per child and `concurrency` children per host: more threads than the CPUs this process may use
     # (its affinity and container quota, not the machine's cores) makes OpenMP spin against itself (measured

@@ -1,17 +1,8 @@
-"""Artifact queries; every one is filtered by tenant."""
+"""Artifact queries; every one is filtered by tenant. The worker writes the rows (see core.db.repository)."""
 
 from __future__ import annotations
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from app.repository import TenantRepository
+from core.db.models import Artifact
 
-from app.db.models import Artifact
-
-
-def get(session: Session, tenant: str, artifact_id: str) -> Artifact | None:
-    return session.scalar(select(Artifact).where(Artifact.tenant == tenant, Artifact.id == artifact_id))
-
-
-def for_job(session: Session, tenant: str, job_id: str) -> list[Artifact]:
-    statement = select(Artifact).where(Artifact.tenant == tenant, Artifact.job_id == job_id)
-    return list(session.scalars(statement.order_by(Artifact.created_at, Artifact.kind)))
+artifacts = TenantRepository(Artifact, noun="artifact", id_prefix="art")

@@ -10,12 +10,12 @@ from starlette.responses import MalformedRangeHeader
 from starlette.types import Message, Receive, Scope, Send
 
 from app.artifacts import service
-from app.artifacts.schemas import ArtifactOut
 from app.deps import CurrentPrincipal, DbSession, StoreDep
 from app.ids import ArtifactId
 from app.metrics import SERVED_BYTES
 from app.routing import BoundedBodyRoute
 from app.schemas import error_responses
+from core.views import ArtifactOut
 
 router = APIRouter(prefix="/artifacts", tags=["artifacts"], route_class=BoundedBodyRoute)
 SHA256_HEADER = "X-Content-SHA256"

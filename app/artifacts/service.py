@@ -7,12 +7,13 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from app.artifacts import repository
-from app.db.models import Artifact
-from app.errors import NotFound
+from app.artifacts.repository import artifacts
 from app.filenames import safe_filename
-from app.jobs import repository as jobs_repository
-from app.storage import BlobStore
+from app.jobs.repository import jobs
+from core.db.models import Artifact
+from core.db.repository import job_artifacts
+from core.errors import NotFound
+from core.storage import BlobStore
 
 
 @dataclass(frozen=True)
@@ -29,16 +30,12 @@ class Download:
 
 
 def get_artifact(session: Session, tenant: str, artifact_id: str) -> Artifact:
-    artifact = repository.get(session, tenant, artifact_id)
-    if artifact is None:
-        raise NotFound(f"artifact {artifact_id} not found")
-    return artifact
+    return artifacts.require(session, tenant, artifact_id)
 
 
 def artifacts_of_job(session: Session, tenant: str, job_id: str) -> list[Artifact]:
-    if jobs_repository.get(session, tenant, job_id) is None:
-        raise NotFound(f"job {job_id} not found")
-    return repository.for_job(session, tenant, job_id)
+    jobs.require(session, tenant, job_id)
+    return job_artifacts(session, tenant, job_id)
 
 
 def prepare_download(session: Session, tenant: str, artifact_id: str, store: BlobStore) -> Download:

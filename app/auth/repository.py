@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db.models import ApiKey
+from core.db.models import ApiKey
 
 
 def add(session: Session, key: ApiKey) -> None:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from app.auth import repository
-from app.db.models import ApiKey, utcnow
-from app.errors import Invalid, NotFound, Unauthorized
+from core.db.models import ApiKey, utcnow
+from core.errors import Invalid, NotFound, Unauthorized
 
 KEY_SCHEME = "cnd"
 PREFIX_LENGTH = 8

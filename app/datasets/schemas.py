@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from app.db.models import Dataset
-from app.schemas import OutModel, Page, UtcDatetime
+from app.schemas import Page
 from app.uploads import multipart_openapi
+from core.db.models import Dataset
+from core.views import OutModel, UtcDatetime
 from worker.engine.config import BUILTIN_DATASETS
 
 

@@ -5,25 +5,18 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db.models import Job, JobEvent
-from app.pagination import PageRequest, fetch_page
+from app.pagination import PageRequest
+from app.repository import TenantRepository
+from core.db.models import Job, JobEvent
 
-
-def add(session: Session, job: Job) -> None:
-    session.add(job)
-    # The job's events reference it; write the row first.
-    session.flush()
-
-
-def get(session: Session, tenant: str, job_id: str) -> Job | None:
-    return session.scalar(select(Job).where(Job.tenant == tenant, Job.id == job_id))
+jobs = TenantRepository(Job, noun="job", id_prefix="job")
 
 
 def page(session: Session, tenant: str, status: str | None, request: PageRequest) -> tuple[list[Job], str | None]:
-    statement = select(Job).where(Job.tenant == tenant)
-    if status is not None:
-        statement = statement.where(Job.status == status)
-    return fetch_page(session, statement, Job, request)
+    """The tenant's jobs, or only those in `status`."""
+    if status is None:
+        return jobs.page(session, tenant, request)
+    return jobs.page(session, tenant, request, Job.status == status)
 
 
 def latest_events(session: Session, job_id: str, limit: int) -> list[JobEvent]:

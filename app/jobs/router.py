@@ -7,17 +7,17 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 
-from app.artifacts.schemas import ArtifactOut
 from app.artifacts.service import artifacts_of_job
 from app.deps import CurrentPrincipal, DbSession, IdempotencyKey, SettingsDep, mark_replayed
-from app.errors import Invalid
 from app.idempotency import CREATED_RESPONSE
 from app.ids import JobId
 from app.jobs import service, stream
-from app.jobs.schemas import JobDetail, JobEventOut, JobOut, JobPage, JobStatus, JobSubmission
+from app.jobs.schemas import JobDetail, JobEventOut, JobPage, JobSubmission
 from app.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, PageRequest, next_link
 from app.routing import BoundedBodyRoute
 from app.schemas import error_responses
+from core.errors import Invalid
+from core.views import ArtifactOut, JobOut, JobStatus
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=BoundedBodyRoute)
 

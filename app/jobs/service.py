@@ -12,21 +12,24 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from app import quotas
-from app.artifacts import repository as artifacts_repository
 from app.auth.service import Principal
-from app.config import Settings
-from app.datasets import repository as datasets_repository
+from app.datasets.repository import datasets
 from app.datasets.service import builtin_summary
-from app.db.models import Artifact, Job, JobEvent, Model, new_id
-from app.errors import Invalid, NotFound
-from app.idempotency import Outcome, claim, idempotent_request, previous_resource
-from app.jobs import lifecycle, repository
+from app.idempotency import Outcome, create_once, idempotent_request
+from app.jobs import repository
+from app.jobs.repository import jobs
 from app.jobs.schemas import AnyJobCreate, JobCreate
-from app.models import repository as models_repository
+from app.models.repository import models
 from app.pagination import PageRequest
 from app.schemas import invalid_from
 from app.webhooks import service as webhooks
-from worker.engine.config import BUILTIN_DATASETS, ArchSpec, InputSpec, StudentSpec, check_dataset_fits
+from core import lifecycle
+from core.db.models import Artifact, Job, JobEvent, Model
+from core.db.repository import job_artifacts
+from core.errors import Invalid
+from core.jobspec import SPEC_CLASSES, stored_form
+from core.settings import Settings
+from worker.engine.config import BUILTIN_DATASETS, ArchSpec, InputSpec, StudentSpec, check_dataset_fits, student_arch
 from worker.engine.errors import SpecError
 
 ROUTE = "POST /v1/jobs"
@@ -51,46 +54,41 @@ class JobView:
 def submit_job(session: Session, principal: Principal, body: AnyJobCreate, idempotency_key: str | None,
                settings: Settings) -> Outcome[Job]:
     request = idempotent_request(principal.tenant, ROUTE, idempotency_key, body.model_dump(mode="json"))
-    earlier = previous_resource(session, request)
-    if earlier is not None:
-        return Outcome(get_job(session, principal.tenant, earlier), replayed=True)
+    outcome = create_once(session, jobs, principal.tenant, request,
+                          lambda: _prepare(session, principal.tenant, body, settings))
+    if not outcome.replayed:
+        job = outcome.resource
+        lifecycle.record_event(session, job, "state", principal.actor, "submitted")
+        # The message names a row that must exist when a worker reads it: send only after the commit.
+        _after_commit(session, lambda: lifecycle.dispatch([job.id]))
+    return outcome
 
-    quotas.check_job_slot(session, principal.tenant, settings)
+
+def _prepare(session: Session, tenant: str, body: AnyJobCreate, settings: Settings) -> Callable[[str], Job]:
+    """Check everything the job names; returns how to build its row from its id."""
+    quotas.check_job_slot(session, tenant, settings)
     # A distillation names its input model "teacher"; pruning and quantization name it "model".
-    field, model_id = ("teacher", body.teacher) if isinstance(body, JobCreate) else ("model", body.model)
-    source = _input_model(session, principal.tenant, model_id, field)
+    field = "teacher" if isinstance(body, JobCreate) else "model"
+    source = _input_model(session, tenant, body.input_model, field)
     source_input = InputSpec.model_validate(source.input_spec)
-    dataset_id, dataset = _dataset(session, principal.tenant, body.dataset)
+    dataset_id, dataset = _dataset(session, tenant, body.dataset)
     spec = _stored_spec(body, source, source_input)
     if body.webhook_url is not None:
-        webhooks.check_job_webhook(session, principal.tenant, body.webhook_url, settings)
+        webhooks.check_job_webhook(session, tenant, body.webhook_url, settings)
     _check_dataset(dataset, source, source_input, field, body.kind)
-
-    job_id = new_id("job")
-    winner = claim(session, request, job_id)
-    if winner is not None:
-        return Outcome(get_job(session, principal.tenant, winner), replayed=True)
     # The input model goes in teacher_id whatever the kind: the worker loads it from there.
-    job = Job(id=job_id, tenant=principal.tenant, kind=body.kind, spec=spec, teacher_id=source.id,
-              dataset_id=dataset_id, status="queued", max_attempts=settings.max_attempts,
-              webhook_url=body.webhook_url)
-    repository.add(session, job)
-    lifecycle.record_event(session, job, "state", principal.actor, "submitted")
-    # The message names a row that must exist when a worker reads it: send only after the commit.
-    _after_commit(session, lambda: lifecycle.dispatch([job_id]))
-    return Outcome(job)
+    return lambda job_id: Job(id=job_id, tenant=tenant, kind=body.kind, spec=spec, teacher_id=source.id,
+                              dataset_id=dataset_id, status="queued", max_attempts=settings.max_attempts,
+                              webhook_url=body.webhook_url)
 
 
 def get_job(session: Session, tenant: str, job_id: str) -> Job:
-    job = repository.get(session, tenant, job_id)
-    if job is None:
-        raise NotFound(f"job {job_id} not found")
-    return job
+    return jobs.require(session, tenant, job_id)
 
 
 def describe_job(session: Session, tenant: str, job_id: str) -> JobView:
     job = get_job(session, tenant, job_id)
-    return JobView(job=job, artifacts=artifacts_repository.for_job(session, tenant, job.id),
+    return JobView(job=job, artifacts=job_artifacts(session, tenant, job.id),
                    events=repository.latest_events(session, job.id, EVENTS_SHOWN))
 
 
@@ -121,22 +119,19 @@ def _after_commit(session: Session, action: Callable[[], None]) -> None:
 
 
 def _stored_spec(body: AnyJobCreate, source: Model, source_input: InputSpec) -> dict[str, Any]:
-    """The submission with every default filled in (and a distillation student's classes taken from its
-    teacher), as the worker will read it."""
+    """The submission as its typed spec with every default filled in (and a distillation student's classes
+    taken from its teacher, here and only here), as the worker will read it."""
     # Where to announce the end is not a compression setting: it has its own column.
-    spec: dict[str, Any] = body.model_dump(mode="json", exclude={"webhook_url"})
+    fields: dict[str, Any] = {name: getattr(body, name) for name in SPEC_CLASSES[body.kind].model_fields}
     if isinstance(body, JobCreate):
         student = _student_arch(body.student, source, source_input)
-        spec["student"] = {"arch": student.arch, "kwargs": student.kwargs}
-    return spec
+        fields["student"] = StudentSpec(arch=student.arch, kwargs=student.kwargs)
+    return stored_form(SPEC_CLASSES[body.kind](**fields))
 
 
 def _input_model(session: Session, tenant: str, model_id: str, field: str) -> Model:
     _expect_kind(model_id, field, "model", "an uploaded model's id (mdl_...)")
-    model = models_repository.get(session, tenant, model_id)
-    if model is None:
-        raise NotFound(f"model {model_id} not found")
-    return model
+    return models.require(session, tenant, model_id)
 
 
 def _dataset(session: Session, tenant: str, name_or_id: str) -> tuple[str | None, DatasetShape]:
@@ -145,9 +140,7 @@ def _dataset(session: Session, tenant: str, name_or_id: str) -> tuple[str | None
         return None, builtin_summary(name_or_id)
     _expect_kind(name_or_id, "dataset", "dataset",
                  f"an uploaded dataset's id (dst_...) or a built-in name ({', '.join(BUILTIN_DATASETS)})")
-    dataset = datasets_repository.get(session, tenant, name_or_id)
-    if dataset is None:
-        raise NotFound(f"dataset {name_or_id} not found")
+    dataset = datasets.require(session, tenant, name_or_id)
     return dataset.id, dataset
 
 
@@ -160,14 +153,11 @@ def _expect_kind(value: str, field: str, kind: str, expected: str) -> None:
 
 
 def _student_arch(student: StudentSpec, teacher: Model, teacher_input: InputSpec) -> ArchSpec:
-    """The student's full spec: its own architecture and kwargs, the teacher's input and classes."""
-    declared = student.kwargs.get("num_classes", teacher.num_classes)
-    if declared != teacher.num_classes:
-        raise Invalid(f"student.kwargs.num_classes is {declared} but the teacher {teacher.id} predicts "
-                      f"{teacher.num_classes} classes; omit it to use the teacher's")
+    teacher_arch = ArchSpec(arch=teacher.arch["arch"], kwargs=teacher.arch["kwargs"], input=teacher_input)
     try:
-        return ArchSpec(arch=student.arch, kwargs={**student.kwargs, "num_classes": teacher.num_classes},
-                        input=teacher_input)
+        return student_arch(student, teacher_arch, f"the teacher {teacher.id}")
+    except SpecError as exc:
+        raise Invalid(str(exc)) from exc
     except ValidationError as exc:
         raise invalid_from(exc, "student") from exc
 

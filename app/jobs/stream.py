@@ -19,12 +19,13 @@ from typing import Any
 from fastapi.concurrency import run_in_threadpool
 
 from app.auth.service import Principal, revoked
-from app.config import Settings
-from app.db.session import session_scope
-from app.errors import NotFound
 from app.jobs import repository, service
-from app.jobs.lifecycle import FINISHED
-from app.jobs.schemas import JobEventOut, JobProgress
+from app.jobs.schemas import JobEventOut
+from core.db.session import session_scope
+from core.errors import NotFound
+from core.lifecycle import FINISHED
+from core.settings import Settings
+from core.views import JobProgress
 
 MEDIA_TYPE = "text/event-stream"
 BATCH = 200

@@ -7,9 +7,10 @@ from typing import Any
 
 from pydantic import Field
 
-from app.db.models import Model
-from app.schemas import OutModel, Page, UtcDatetime
+from app.schemas import Page
 from app.uploads import multipart_openapi
+from core.db.models import Model
+from core.views import OutModel, UtcDatetime
 from worker.engine.config import CODE_FORMATS, TENSOR_FORMATS, WeightsFormat
 
 SPEC_EXAMPLE: dict[str, Any] = {

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import struct
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from app import quotas
-from app.config import Settings
-from app.db.models import Model, new_id
-from app.errors import Invalid, NotFound
-from app.idempotency import Outcome, claim, idempotent_request, previous_resource
-from app.models import repository
+from app.idempotency import Outcome, create_once, idempotent_request
+from app.models.repository import models
 from app.models.validator import WeightsReport, check_weights
 from app.pagination import PageRequest
 from app.schemas import invalid_from
-from app.storage import BlobStore
 from app.uploads import Upload
+from core.db.models import Model
+from core.errors import Invalid
+from core.settings import Settings
+from core.storage import BlobStore
 from worker.engine.config import CODE_FORMATS, TENSOR_FORMATS, ArchSpec
 
 ROUTE = "POST /v1/models"
@@ -34,10 +35,12 @@ _UNCOUNTED_PARAMS = 0
 def register_model(session: Session, tenant: str, upload: Upload, idempotency_key: str | None,
                    store: BlobStore, settings: Settings) -> Outcome[Model]:
     request = idempotent_request(tenant, ROUTE, idempotency_key, upload.fingerprint())
-    earlier = previous_resource(session, request)
-    if earlier is not None:
-        return Outcome(get_model(session, tenant, earlier), replayed=True)
+    return create_once(session, models, tenant, request, lambda: _prepare(session, tenant, upload, store, settings))
 
+
+def _prepare(session: Session, tenant: str, upload: Upload, store: BlobStore,
+             settings: Settings) -> Callable[[str], Model]:
+    """Check the upload and store its weights; returns how to build the row from its id."""
     quotas.check_storage(session, tenant, settings, upload.bytes)
     spec = parse_arch_spec(upload.fields.get("spec"))
     name = upload.display_name(fallback="model")
@@ -48,27 +51,18 @@ def register_model(session: Session, tenant: str, upload: Upload, idempotency_ke
 
     # Publish before the claim: hashing and fsyncing a large file must not hold SQLite's write lock.
     blob = store.put_file(upload.path)
-    model_id = new_id("mdl")
-    winner = claim(session, request, model_id)
-    if winner is not None:
-        return Outcome(get_model(session, tenant, winner), replayed=True)
-    model = Model(id=model_id, tenant=tenant, name=name, format=weights_format,
-                  sha256=blob.sha256, bytes=blob.bytes, arch={"arch": spec.arch, "kwargs": spec.kwargs},
-                  input_spec=spec.input.model_dump(mode="json"), num_classes=report.num_classes,
-                  param_count=report.param_count)
-    repository.add(session, model)
-    return Outcome(model)
+    return lambda model_id: Model(
+        id=model_id, tenant=tenant, name=name, format=weights_format, sha256=blob.sha256, bytes=blob.bytes,
+        arch={"arch": spec.arch, "kwargs": spec.kwargs}, input_spec=spec.input.model_dump(mode="json"),
+        num_classes=report.num_classes, param_count=report.param_count)
 
 
 def get_model(session: Session, tenant: str, model_id: str) -> Model:
-    model = repository.get(session, tenant, model_id)
-    if model is None:
-        raise NotFound(f"model {model_id} not found")
-    return model
+    return models.require(session, tenant, model_id)
 
 
 def list_models(session: Session, tenant: str, page: PageRequest) -> tuple[list[Model], str | None]:
-    return repository.page(session, tenant, page)
+    return models.page(session, tenant, page)
 
 
 def parse_arch_spec(raw: str | None) -> ArchSpec:

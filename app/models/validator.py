@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.errors import Invalid
+from core.errors import Invalid
 from worker.engine.config import ArchSpec
 
 log = logging.getLogger(__name__)

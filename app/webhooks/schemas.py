@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.db.models import TenantWebhook
-from app.schemas import UtcDatetime
+from core.db.models import TenantWebhook
+from core.views import UtcDatetime
 
 URL_EXAMPLE = "https://ci.example.com/hooks/condenser"
 

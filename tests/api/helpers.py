@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import func, select
 
-from app.db.models import Base
-from app.db.session import session_scope
+from core.db.models import Base
+from core.db.session import session_scope
 
 
 def upload_model(client: TestClient, headers: dict[str, str], path: Path, spec: dict[str, Any] | str,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 from fastapi.testclient import TestClient
 
-from app.storage import sha256_file
+from core.storage import sha256_file
 from tests.conftest import AppEnv
 
 SIZE = 200_000  # several 64 KiB chunks

@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.auth.service import create_key, list_keys, revoke_key
-from app.db.session import session_scope
-from app.errors import Invalid, NotFound
+from core.db.session import session_scope
+from core.errors import Invalid, NotFound
 from tests.conftest import bearer
 
 

@@ -10,8 +10,8 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from app.dashboard.router import STATIC_DIR
-from app.db.models import Job
-from app.db.session import session_scope
+from core.db.models import Job
+from core.db.session import session_scope
 from tests.worker.test_report import DISTILL_METRICS
 
 

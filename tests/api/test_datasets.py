@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.db.models import Dataset
+from core.db.models import Dataset
 from tests.api.helpers import count_rows, files_in, npz_dataset, png, upload_dataset, zip_archive
 from tests.conftest import AppEnv
 

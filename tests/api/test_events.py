@@ -13,9 +13,9 @@ from fastapi.testclient import TestClient
 
 from app.auth.service import revoke_key
 from app.client import Event, parse_sse
-from app.db.models import Job
-from app.db.session import session_scope
-from app.jobs import lifecycle
+from core import lifecycle
+from core.db.models import Job
+from core.db.session import session_scope
 
 SSE = {"Accept": "text/event-stream"}
 
@@ -137,7 +137,7 @@ def test_a_malformed_last_event_id_is_a_422(client: TestClient, auth_headers: di
 
 def test_the_stream_holds_no_database_connection_between_polls(client: TestClient, auth_headers: dict[str, str],
                                                               job_id: str) -> None:
-    from app.db.session import get_engine
+    from core.db.session import get_engine
 
     pool: Any = get_engine().pool
     if not hasattr(pool, "checkedout"):

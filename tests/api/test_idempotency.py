@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from app.db.models import IdempotencyRecord
-from app.db.session import session_scope
-from app.errors import Conflict
 from app.idempotency import claim, idempotent_request, previous_resource
+from core.db.models import IdempotencyRecord
+from core.db.session import session_scope
+from core.errors import Conflict
 from tests.conftest import AppEnv
 
 

@@ -10,8 +10,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.db.models import Job
-from app.db.session import session_scope
+from core.db.models import Job
+from core.db.session import session_scope
 from tests.api.helpers import count_rows, files_in, npz_dataset, upload_dataset
 from tests.conftest import SMALL_CNN_SPEC, AppEnv
 
@@ -42,7 +42,10 @@ def test_submit_queues_and_dispatches(client: TestClient, app_env: AppEnv, auth_
     assert (job["attempt"], job["max_attempts"]) == (0, app_env.settings.max_attempts)
     # Stored normalized: every default filled in, the student's classes taken from the teacher.
     assert job["spec"]["student"] == {"arch": "small_cnn", "kwargs": {"width": 2, "depth": 1, "num_classes": 10}}
-    assert (job["spec"]["epochs"], job["spec"]["lr"], job["spec"]["batch_size"]) == (2, 0.01, 64)
+    # The flat training fields of the body are stored in the distillation config they belong to.
+    training = job["spec"]["distill"]["training"]
+    assert (training["epochs"], training["lr"], training["batch_size"]) == (2, 0.01, 64)
+    assert "epochs" not in job["spec"] and job["spec"]["distill"]["temperature"] == 4.0
     assert job["progress"]["epoch"] is None
     assert job["artifacts"] == [] and job["metrics"] == {} and job["error"] is None
     (event,) = job["events"]

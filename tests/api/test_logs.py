@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from app.logs import job_context, make_handler
+from core.logs import job_context, make_handler
 
 
 def format_record(log_format: str, message: str, **extra: object) -> str:

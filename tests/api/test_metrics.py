@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.db.models import Job, utcnow
-from app.db.session import session_scope
+from core.db.models import Job, utcnow
+from core.db.session import session_scope
 from tests.api.helpers import npz_dataset, upload_dataset
 from tests.conftest import AppEnv
 

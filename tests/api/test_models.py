@@ -12,7 +12,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.db.models import Model
+from core.db.models import Model
 from tests.api.helpers import count_rows, files_in, multipart_body, upload_model
 from tests.conftest import AppEnv, SmallCnnFiles
 

@@ -16,10 +16,10 @@ SCRIPT = textwrap.dedent(
     import importlib, pkgutil, sys
     import app
     from app.main import create_app
-    from app.db.migrate import upgrade_to_head
-    from app.config import get_settings
-    from app.db.session import session_scope
-    from app.db.models import Model
+    from core.db.migrate import upgrade_to_head
+    from core.settings import get_settings
+    from core.db.session import session_scope
+    from core.db.models import Model
     from app.auth.service import create_key
     from fastapi.testclient import TestClient
 

@@ -25,8 +25,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.db.models import Artifact, Dataset, Job, Model
 from app.models import service as models_service
+from core.db.models import Artifact, Dataset, Job, Model
 from tests.api.helpers import (
     count_rows,
     files_in,

@@ -16,13 +16,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from app.config import Settings
-from app.db.models import Job, JobEvent, TenantWebhook, WebhookDelivery, utcnow
-from app.db.session import session_scope
-from app.webhooks import delivery as sender
-from app.webhooks import repository
-from app.webhooks.signing import signature, signed_headers, verify
-from app.webhooks.targets import RefusedTarget, check_target
+from core.db.models import Job, JobEvent, TenantWebhook, WebhookDelivery, utcnow
+from core.db.session import session_scope
+from core.settings import Settings
+from core.webhooks import delivery as sender
+from core.webhooks import repository
+from core.webhooks.signing import signature, signed_headers, verify
+from core.webhooks.targets import RefusedTarget, check_target
 from tests.conftest import AppEnv
 
 PUBLIC = "https://93.184.215.14/hooks"  # an address literal: no DNS needed to judge it

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from app.cli import app as cli_app
 from app.client import Client, IntegrityError
-from app.client_cli import progress_fields
+from app.client_cli.jobs import progress_fields
 from tests.harness import Service
 from tests.support import REPO, wait_for
 

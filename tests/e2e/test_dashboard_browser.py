@@ -77,7 +77,7 @@ def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train, val = data.train_val_tensors(data.load_builtin("digits"), arch.input, 0.2, 0)
     torch.manual_seed(0)
     teacher = models.build_model(arch)
-    distill(None, teacher, train, val, DistillConfig(epochs=4, batch_size=32, lr=5e-3, seed=0), lambda _: None)
+    distill(None, teacher, train, val, DistillConfig(epochs=4, batch_size=32, lr=5e-3), lambda _: None)
     path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
     export.save_safetensors(teacher, path)
     return path

@@ -40,7 +40,7 @@ def trained_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     torch.manual_seed(0)
     teacher = models.build_model(arch)
-    config = DistillConfig(epochs=6, batch_size=32, lr=3e-3, seed=0)
+    config = DistillConfig(epochs=6, batch_size=32, lr=3e-3)
     distill(None, teacher, part(train_idx), part(val_idx), config, on_progress=lambda _: None)
     path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
     export.save_safetensors(teacher, path)

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from app.config import Settings
-from app.webhooks.delivery import post
-from app.webhooks.signing import verify
+from core.settings import Settings
+from core.webhooks.delivery import post
+from core.webhooks.signing import verify
 from tests.harness import Service
 from tests.support import wait_for
 

@@ -39,6 +39,6 @@ def trained_small_cnn(digits_splits) -> tuple[ArchSpec, torch.nn.Module]:
     arch = small_cnn(16, depth=3)
     torch.manual_seed(0)
     model = build_model(arch)
-    config = DistillConfig(epochs=4, batch_size=64, lr=1e-2, seed=0, device="cpu")
-    distill(None, model, digits_splits[0], digits_splits[1], config, lambda _: None)
+    config = DistillConfig(epochs=4, batch_size=64, lr=1e-2)
+    distill(None, model, digits_splits[0], digits_splits[1], config, lambda _: None, device="cpu")
     return arch, model.eval()

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from tests.engine.conftest import small_cnn
 from tests.hostile import PickleCanary
 from worker.engine import models
-from worker.engine.config import ArchSpec, InputSpec, StudentSpec
+from worker.engine.config import ArchSpec, InputSpec, StudentSpec, student_arch
 from worker.engine.errors import ModelLoadError, SpecError
 from worker.engine.export import save_safetensors
 
@@ -151,17 +152,10 @@ def test_code_checkpoints_are_read_only_when_allowed_and_only_for_their_tensors(
 
 def test_student_arch_takes_the_teachers_input_and_classes() -> None:
     teacher = ArchSpec(arch="resnet18", kwargs={"num_classes": 10}, input=RESNET_INPUT)
-    student = models.student_arch(StudentSpec(arch="small_cnn", kwargs={"width": 8}), teacher)
+    student = student_arch(StudentSpec(arch="small_cnn", kwargs={"width": 8}), teacher)
     assert student.input == teacher.input and student.num_classes == 10
-    with pytest.raises(SpecError, match="num_classes=3"):
-        models.student_arch(StudentSpec(arch="small_cnn", kwargs={"num_classes": 3}), teacher)
-    with pytest.raises(SpecError, match="width"):
-        models.student_arch(StudentSpec(arch="small_cnn", kwargs={"width": 0}), teacher)
-
-
-def test_pick_device() -> None:
-    assert models.pick_device("cpu").type == "cpu"
-    assert models.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(SpecError, match="no usable GPU"):
-            models.pick_device("cuda")
+    assert student_arch(StudentSpec(arch=student.arch, kwargs=student.kwargs), teacher) == student  # idempotent
+    with pytest.raises(SpecError, match="num_classes is 3 but the teacher predicts 10 classes"):
+        student_arch(StudentSpec(arch="small_cnn", kwargs={"num_classes": 3}), teacher)
+    with pytest.raises(ValidationError, match="width"):
+        student_arch(StudentSpec(arch="small_cnn", kwargs={"width": 0}), teacher)

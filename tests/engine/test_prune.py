@@ -150,8 +150,8 @@ def test_unstructured_reaches_the_sparsity_and_fine_tuning_keeps_the_zeros(train
     assert prune.weight_sparsity(pruned, (), 10)["pruned_weights"] == pytest.approx(0.7, abs=1e-3)
     assert torch.count_nonzero(pruned.classifier.weight) == pruned.classifier.weight.numel()  # kept
 
-    config = DistillConfig(epochs=1, batch_size=64, lr=1e-3, seed=0, device="cpu")
-    distill(model, pruned, digits_splits[0], digits_splits[1], config, lambda _: None)
+    config = DistillConfig(epochs=1, batch_size=64, lr=1e-3)
+    distill(model, pruned, digits_splits[0], digits_splits[1], config, lambda _: None, device="cpu")
     prune.make_permanent_(pruned)
     sparsity = prune.weight_sparsity(pruned, (), 10)
     assert sparsity["pruned_weights"] == pytest.approx(0.7, abs=1e-3)

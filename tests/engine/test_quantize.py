@@ -165,8 +165,8 @@ def test_qat_trains_resumes_and_gives_back_its_float_weights(trained_small_cnn, 
     train, val = digits_splits
     checkpoints: list[dict] = []
     prepared = quantize.prepare_qat(model, "x86", calibration[:1])
-    config = DistillConfig(epochs=1, batch_size=64, lr=1e-4, seed=0, device="cpu")
-    distill(model, prepared, train, val, config, lambda _: None, on_checkpoint=checkpoints.append)
+    config = DistillConfig(epochs=1, batch_size=64, lr=1e-4)
+    distill(model, prepared, train, val, config, lambda _: None, on_checkpoint=checkpoints.append, device="cpu")
     int8 = quantize.convert_qat(prepared, "x86")
     assert quantize.layer_report(int8)["float_layers"] == []
     assert evaluate.accuracy(int8, *val) >= evaluate.accuracy(model, *val) - 0.02

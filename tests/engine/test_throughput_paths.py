@@ -1,5 +1,5 @@
 """The fast paths of distill() on CPU: cached teacher logits, device augmentation, no per-step sync, the
-per-device plan (compile, fused optimizer, bf16), background checkpoints, and host thread limits."""
+per-device plan (compile, fused optimizer, bf16), and background checkpoints."""
 
 from __future__ import annotations
 
@@ -7,20 +7,22 @@ import io
 import itertools
 import sys
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tests.engine.conftest import small_cnn
-from worker.engine import augment, distill, evaluate, models
+from worker.engine import augment, distill, evaluate, models, training
 from worker.engine.config import DistillConfig, QuantizeConfig
-from worker.engine.distill import LOSS_REFRESH_STEPS, Progress
 from worker.engine.errors import Canceled, Interrupted
+from worker.engine.training import LOSS_REFRESH_STEPS, Progress
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")  # only planned for, never run: these tests pass on machines without a GPU
-QUICK = DistillConfig(epochs=1, batch_size=64, lr=1e-2, seed=0, device="cpu")
+QUICK = DistillConfig(epochs=1, batch_size=64, lr=1e-2)
 
 
 def _build(width: int, seed: int = 0) -> torch.nn.Module:
@@ -32,15 +34,23 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.clone() for key, value in model.state_dict().items()}
 
 
+def _set_up(teacher: torch.nn.Module, train, val, config: DistillConfig) -> distill.Distillation:
+    """The distillation task as distill() sets it up, before the first step."""
+    task = distill.Distillation(teacher, config)
+    training._Run(task, _build(8), train, val, config.training, 0, "cpu")
+    return task
+
+
 def test_cached_teacher_logits_equal_recomputed_ones(digits_splits) -> None:
     train, val = digits_splits
     teacher = _build(16)
-    run = distill._Run(teacher, _build(8), train, val, QUICK)
+    task = _set_up(teacher, train, val, QUICK)
 
-    assert run.cached_logits.dtype == torch.float32  # bf16 is for CUDA only
-    torch.testing.assert_close(run.cached_logits, evaluate.logits(teacher, train[0]))
+    assert task.cached_logits.dtype == torch.float32  # bf16 is for CUDA only
+    torch.testing.assert_close(task.cached_logits, evaluate.logits(teacher, train[0]))
     batch = torch.tensor([5, 0, 700, 3])
-    torch.testing.assert_close(run._soft_targets(batch, run._inputs(batch)), run._teacher_logits(train[0][batch]))
+    soft_targets = task._soft_targets(batch, task.data.inputs(batch))
+    torch.testing.assert_close(soft_targets, task._teacher_logits(train[0][batch]))
 
 
 def _count_teacher_calls(teacher: torch.nn.Module) -> list[int]:
@@ -53,7 +63,7 @@ def test_without_augmentation_the_teacher_runs_once_per_image(digits_splits) -> 
     train, val = digits_splits
     teacher = _build(16)
     calls = _count_teacher_calls(teacher)
-    distill.distill(teacher, _build(8), train, val, QUICK.model_copy(update={"epochs": 2}), lambda _: None)
+    distill.distill(teacher, _build(8), train, val, QUICK.replace(epochs=2), lambda _: None, device="cpu")
     assert sum(calls) == len(train[0])
 
 
@@ -61,27 +71,26 @@ def test_with_augmentation_the_teacher_runs_on_every_augmented_batch(digits_spli
     train, val = digits_splits
     teacher = _build(16)
     calls = _count_teacher_calls(teacher)
-    config = QUICK.model_copy(update={"epochs": 2, "augment": "crop"})
-    run = distill._Run(teacher, _build(8), train, val, config)
-    assert run.cached_logits is None
+    config = QUICK.replace(epochs=2, augment="crop")
+    assert _set_up(teacher, train, val, config).cached_logits is None
 
-    distill.distill(teacher, _build(8), train, val, config, lambda _: None)
+    distill.distill(teacher, _build(8), train, val, config, lambda _: None, device="cpu")
     steps = 2 * (len(train[0]) // 64)
     assert calls == [64] * steps
 
 
 def test_augmented_training_learns_digits(digits_splits) -> None:
-    config = QUICK.model_copy(update={"epochs": 4, "augment": "crop"})
-    result = distill.distill(None, _build(8), *digits_splits, config, lambda _: None)
+    config = QUICK.replace(epochs=4, augment="crop")
+    result = distill.distill(None, _build(8), *digits_splits, config, lambda _: None, device="cpu")
     assert result.final_val_accuracy >= 0.7  # chance is 0.1
 
 
 def test_augmented_run_resumes_mid_epoch_exactly(digits_splits) -> None:
     """The crops come from the global generator, which checkpoints carry."""
-    config = QUICK.model_copy(update={"epochs": 2, "augment": "crop_flip"})
+    config = QUICK.replace(epochs=2, augment="crop_flip")
     teacher = _build(16)
     straight = _build(8)
-    distill.distill(teacher, straight, *digits_splits, config, lambda _: None)
+    distill.distill(teacher, straight, *digits_splits, config, lambda _: None, device="cpu")
 
     def interrupt(progress: Progress) -> None:
         if progress.step == 30:
@@ -89,13 +98,13 @@ def test_augmented_run_resumes_mid_epoch_exactly(digits_splits) -> None:
 
     checkpoints: list[dict] = []
     with pytest.raises(Interrupted):
-        distill.distill(teacher, _build(8), *digits_splits, config, interrupt, checkpoints.append)
+        distill.distill(teacher, _build(8), *digits_splits, config, interrupt, checkpoints.append, device="cpu")
     buffer = io.BytesIO()
     torch.save(checkpoints[-1], buffer)
     buffer.seek(0)
     resumed = _build(8, seed=1)
     distill.distill(teacher, resumed, *digits_splits, config, lambda _: None,
-                    resume=torch.load(buffer, weights_only=True))
+                    resume=torch.load(buffer, weights_only=True), device="cpu")
     assert all(torch.equal(value, _weights(straight)[key]) for key, value in _weights(resumed).items())
 
 
@@ -113,24 +122,27 @@ def test_random_crop_is_a_shift_of_the_reflect_padded_image(flip: bool) -> None:
 
 
 def test_the_progress_path_reads_the_loss_only_every_refresh(digits_splits, monkeypatch) -> None:
-    """Reading a tensor (item) waits for the device; between refreshes the loop must not. (The optimizer's own
-    reads of its CPU step counters wait for nothing, so only the engine's are counted.)"""
+    """Reading a tensor (item, tolist) waits for the device; between refreshes the loop must not. (The optimizer's
+    own reads of its CPU step counters wait for nothing, so only the engine's are counted.)"""
     reads = 0
-    real_item = torch.Tensor.item
 
-    def counted_item(tensor: torch.Tensor) -> float:
-        nonlocal reads
-        reads += sys._getframe(1).f_code.co_filename == distill.__file__
-        return real_item(tensor)
+    def counted(read: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], Any]:
+        def counted_read(tensor: torch.Tensor) -> Any:
+            nonlocal reads
+            reads += sys._getframe(1).f_code.co_filename in (training.__file__, distill.__file__)
+            return read(tensor)
 
-    monkeypatch.setattr(torch.Tensor, "item", counted_item)
+        return counted_read
+
+    monkeypatch.setattr(torch.Tensor, "item", counted(torch.Tensor.item))
+    monkeypatch.setattr(torch.Tensor, "tolist", counted(torch.Tensor.tolist))
     seen: list[tuple[int, int, float | None]] = []
 
     def on_progress(progress: Progress) -> None:
         if progress.val_accuracy is None:
             seen.append((progress.step, reads, progress.train_loss))
 
-    distill.distill(None, _build(8), *digits_splits, QUICK.model_copy(update={"batch_size": 16}), on_progress)
+    distill.distill(None, _build(8), *digits_splits, QUICK.replace(batch_size=16), on_progress, device="cpu")
     assert len(seen) > 2 * LOSS_REFRESH_STEPS
     for (_, before, _), (step, after, loss) in itertools.pairwise(seen):
         refreshed = step % LOSS_REFRESH_STEPS == 0
@@ -141,16 +153,16 @@ def test_the_progress_path_reads_the_loss_only_every_refresh(digits_splits, monk
 @pytest.mark.parametrize(("device", "compile_mode", "steps", "compiled"), [
     (CPU, "auto", 100_000, False),
     (CPU, "on", 10, True),
-    (CUDA, "auto", distill.COMPILE_AUTO_MIN_STEPS, True),
-    (CUDA, "auto", distill.COMPILE_AUTO_MIN_STEPS - 1, False),
+    (CUDA, "auto", training.COMPILE_AUTO_MIN_STEPS, True),
+    (CUDA, "auto", training.COMPILE_AUTO_MIN_STEPS - 1, False),
     (CUDA, "off", 100_000, False),
 ])
 def test_compile_mode_resolves_per_device_and_run_length(device, compile_mode, steps, compiled) -> None:
-    assert distill.plan(device, QUICK.model_copy(update={"compile": compile_mode}), steps).compile is compiled
+    assert training.plan(device, QUICK.replace(compile=compile_mode).training, steps).compile is compiled
 
 
 def test_cuda_plan_uses_bf16_channels_last_and_a_fused_optimizer_cpu_plan_none() -> None:
-    cuda, cpu = distill.plan(CUDA, QUICK, 10), distill.plan(CPU, QUICK, 10)
+    cuda, cpu = training.plan(CUDA, QUICK.training, 10), training.plan(CPU, QUICK.training, 10)
     assert (cuda.autocast, cuda.memory_format, cuda.fused_optimizer, cuda.logits_dtype) == (
         True, torch.channels_last, True, torch.bfloat16)
     assert (cpu.autocast, cpu.memory_format, cpu.fused_optimizer, cpu.logits_dtype) == (
@@ -159,9 +171,9 @@ def test_cuda_plan_uses_bf16_channels_last_and_a_fused_optimizer_cpu_plan_none()
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_fused_optimizer_only_where_the_plan_asks(optimizer: str) -> None:
-    config = QUICK.model_copy(update={"optimizer": optimizer})
+    config = QUICK.replace(optimizer=optimizer).training
     for device, fused in ((CPU, None), (CUDA, True)):
-        built = distill._optimizer(_build(8), config, distill.plan(device, config, 10).fused_optimizer)
+        built = training._optimizer(_build(8), config, training.plan(device, config, 10).fused_optimizer)
         assert built.defaults["fused"] is fused
 
 
@@ -177,8 +189,8 @@ def test_compiled_student_checkpoints_its_plain_state_dict(digits_splits, monkey
     monkeypatch.setattr(torch, "compile", eager_compile)
     student = _build(8)
     checkpoints: list[dict] = []
-    distill.distill(None, student, *digits_splits, QUICK.model_copy(update={"compile": "on"}), lambda _: None,
-                    checkpoints.append)
+    distill.distill(None, student, *digits_splits, QUICK.replace(compile="on"), lambda _: None,
+                    checkpoints.append, device="cpu")
     assert compiled == [student]
     buffer = io.BytesIO()
     torch.save(checkpoints[-1], buffer)
@@ -196,8 +208,8 @@ def test_epoch_checkpoints_are_handed_over_in_order_off_the_loop_thread(digits_s
         threads.append(threading.current_thread().name)
         epochs.append(state["epoch"])
 
-    distill.distill(None, _build(8), *digits_splits, QUICK.model_copy(update={"epochs": 3}), lambda _: None,
-                    on_checkpoint)
+    distill.distill(None, _build(8), *digits_splits, QUICK.replace(epochs=3), lambda _: None,
+                    on_checkpoint, device="cpu")
     assert epochs == [1, 2, 3]
     assert threading.current_thread().name not in threads
 
@@ -207,7 +219,7 @@ def test_a_failed_checkpoint_write_fails_the_run(digits_splits) -> None:
         raise OSError("No space left on device")
 
     with pytest.raises(OSError, match="No space left"):
-        distill.distill(None, _build(8), *digits_splits, QUICK, lambda _: None, disk_full)
+        distill.distill(None, _build(8), *digits_splits, QUICK, lambda _: None, disk_full, device="cpu")
 
 
 def test_a_cancel_is_not_masked_by_a_failing_checkpoint_write(digits_splits) -> None:
@@ -219,19 +231,11 @@ def test_a_cancel_is_not_masked_by_a_failing_checkpoint_write(digits_splits) -> 
             raise Canceled("canceled by request")
 
     with pytest.raises(Canceled):
-        distill.distill(None, _build(8), *digits_splits, QUICK.model_copy(update={"epochs": 2}),
-                        cancel_in_second_epoch, disk_full)
-
-
-@pytest.mark.parametrize(("quota", "expected"), [("max 100000", None), ("150000 100000", 2), ("50000 100000", 1)])
-def test_host_cpus_follow_the_cgroup_quota(tmp_path, monkeypatch, quota: str, expected: int | None) -> None:
-    (tmp_path / "cpu.max").write_text(quota + "\n")
-    monkeypatch.setattr(distill, "CGROUP_CPU_QUOTA", tmp_path / "cpu.max")
-    monkeypatch.setattr(distill.os, "sched_getaffinity", lambda _pid: set(range(8)))
-    assert distill.host_cpus() == (expected or 8)
+        distill.distill(None, _build(8), *digits_splits, QUICK.replace(epochs=2),
+                        cancel_in_second_epoch, disk_full, device="cpu")
 
 
 def test_training_only_fields_are_refused_where_nothing_trains() -> None:
     with pytest.raises(ValueError, match="augment"):
         QuantizeConfig(method="static", augment="crop")
-    assert QuantizeConfig(method="qat", augment="crop", compile="off").compile == "off"
+    assert QuantizeConfig(method="qat", augment="crop", compile="off").qat.training.compile == "off"

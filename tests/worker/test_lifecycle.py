@@ -7,11 +7,11 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from app.config import get_settings
-from app.db.models import Job, JobEvent, Model, utcnow
-from app.db.session import session_scope
-from app.errors import Conflict
-from app.jobs import lifecycle
+from core import lifecycle
+from core.db.models import Job, JobEvent, Model, utcnow
+from core.db.session import session_scope
+from core.errors import Conflict
+from core.settings import get_settings
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
+from core.summary import describe_change, format_figure, summarize
 from worker import plots, report
 from worker.engine import cpu
 from worker.jobs import measure
-from worker.summary import describe_change, format_figure, summarize
 
 SVG = "{http://www.w3.org/2000/svg}"
 HISTORY = [{"epoch": 1, "train_loss": 1.9, "val_accuracy": 0.41}, {"epoch": 2, "train_loss": 0.8, "val_accuracy": 0.77},

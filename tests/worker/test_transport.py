@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from app.db.models import Job
+from core.broker import QUEUE, RUN_JOB_TASK, make_celery
+from core.db.models import Job
 from tests.api.helpers import count_rows
 from tests.conftest import AppEnv
 from tests.harness import fresh_redis_url
 from tests.hostile import PickleCanary
 from tests.support import WorkerProcess, wait_for
-from worker.celery_app import QUEUE, RUN_JOB_TASK, make_celery
 
 pytestmark = pytest.mark.redis
 

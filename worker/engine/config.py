@@ -6,7 +6,7 @@ Every model forbids unknown fields and bounds every number, so a typo or an absu
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -23,6 +23,10 @@ CODE_FORMATS: tuple[str, ...] = ("torchscript", "pt2")
 
 class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def replace(self, **changes: Any) -> Self:
+        """A validated copy with `changes` (flat fields of nested configs included), unlike model_copy."""
+        return type(self).model_validate({**self.model_dump(), **changes})
 
 
 # Constructor arguments are passed on to torchvision as they are: plain values only, and numbers small
@@ -137,20 +141,67 @@ class StudentSpec(Spec):
     kwargs: ModelKwargs = Field(default_factory=dict)
 
 
-class DistillConfig(Spec):
-    """Hyper-parameters of a distillation run (the engine's view; no ids, no tenants)."""
+def flat_field_names(config_type: type[Spec]) -> set[str]:
+    """The names a config's fields may be given by at the top level: its own, and those of its nested configs."""
+    names = set(config_type.model_fields)
+    for field in config_type.model_fields.values():
+        for candidate in (field.annotation, *getattr(field.annotation, "__args__", ())):
+            if isinstance(candidate, type) and issubclass(candidate, Spec):
+                names |= flat_field_names(candidate)
+    return names
+
+
+def nest_flat_fields(data: Any, name: str, config_type: type[Spec],
+                     defaults: dict[str, Any] | None = None) -> tuple[Any, list[str]]:
+    """`data` with the fields of its nested config `name` that were given at the top level (`{"epochs": 3}` for
+    `{"training": {"epochs": 3}}`) moved into it, over what was given nested, over `defaults` (this use's own
+    defaults of the nested config): the flat form that API bodies, the stored specs of earlier versions and engine
+    callers use. Returns (data, the names moved)."""
+    if not isinstance(data, dict):
+        return data, []
+    lifted = dict(data)
+    moved = {field: lifted.pop(field) for field in flat_field_names(config_type) - {name} if field in lifted}
+    inner = lifted.get(name, ...)
+    if inner is None and moved:
+        raise ValueError(f"{name} is null, which skips it, but {', '.join(sorted(moved))} configure it; remove one")
+    if isinstance(inner, dict) or (inner is ... and (moved or defaults)):
+        base = config_type.model_validate(defaults).model_dump() if defaults else {}
+        lifted[name] = {**_merged(base, {} if inner is ... else inner), **moved}
+    return lifted, sorted(moved)
+
+
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base`, nested dicts merged key by key."""
+    merged = dict(base)
+    for key, value in override.items():
+        both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merged(merged[key], value) if both_dicts else value
+    return merged
+
+
+def student_arch(student: StudentSpec, teacher: ArchSpec, teacher_name: str = "the teacher") -> ArchSpec:
+    """The student's full spec: its own architecture and kwargs, the teacher's input and classes. Raises SpecError
+    when it declares other classes, ValidationError when the rest does not validate."""
+    from worker.engine.errors import SpecError
+
+    declared = student.kwargs.get("num_classes", teacher.num_classes)
+    if declared != teacher.num_classes:
+        raise SpecError(f"student.kwargs.num_classes is {declared} but {teacher_name} predicts "
+                        f"{teacher.num_classes} classes; omit it to use the teacher's")
+    return ArchSpec(arch=student.arch, kwargs={**student.kwargs, "num_classes": teacher.num_classes},
+                    input=teacher.input)
+
+
+class TrainingConfig(Spec):
+    """The training loop: optimizer, schedule, batches, augmentation. (The seed and the device belong to the
+    run, not the recipe: distill() takes them as arguments.)"""
 
     epochs: int = Field(default=10, ge=1, le=1000)
     batch_size: int = Field(default=64, ge=1, le=4096)
     lr: float = Field(default=3e-3, gt=0, le=10)
     weight_decay: float = Field(default=1e-4, ge=0, le=1)
-    temperature: float = Field(default=4.0, gt=0, le=100)
-    alpha: Annotated[float, Field(ge=0, le=1, description="Weight of the KD term; 1-alpha weights CE.")] = 0.9
     optimizer: Literal["adamw", "sgd"] = "adamw"
     scheduler: Literal["cosine", "onecycle", "none"] = "cosine"
-    val_fraction: float = Field(default=0.2, ge=0.05, le=0.5)
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     augment: Literal["none", "crop", "crop_flip"] = Field(
         default="none", description="Random augmentation on the device, per step: crop shifts each image by up to "
         "1/8 of its side (reflect padding), crop_flip also mirrors half of them left-right (not for digits or "
@@ -158,9 +209,20 @@ class DistillConfig(Spec):
     compile: Literal["auto", "on", "off"] = Field(
         default="auto", description="torch.compile the student. auto: on CUDA for runs of at least 1000 steps "
         "(compiling takes tens of seconds, then each step is faster); never on CPU, where the warm-up dominates.")
-    time_limit_seconds: int | None = Field(
-        default=None, ge=60, le=7 * 24 * 3600, description="Fail the job if it is still running this long after it "
-        "first started (retries included); the server's own time limits apply as well.")
+
+
+class DistillConfig(Spec):
+    """Distillation: Hinton's loss, alpha * KL(softmax(t/T) || softmax(s/T)) * T^2 + (1 - alpha) * CE, minimised
+    by a training loop. Training fields may also be given flat (`DistillConfig(epochs=3)`)."""
+
+    temperature: float = Field(default=4.0, gt=0, le=100)
+    alpha: Annotated[float, Field(ge=0, le=1, description="Weight of the KD term; 1-alpha weights CE.")] = 0.9
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_training(cls, data: Any) -> Any:
+        return nest_flat_fields(data, "training", TrainingConfig)[0]
 
 
 def check_dataset_fits(image_shape: list[int] | tuple[int, ...], input_spec: InputSpec) -> None:
@@ -180,22 +242,22 @@ def check_dataset_fits(image_shape: list[int] | tuple[int, ...], input_spec: Inp
         )
 
 
-# Fields of DistillConfig that only matter when a job trains (recovery fine-tuning or QAT).
-TRAINING_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "temperature", "alpha", "optimizer", "scheduler",
-                   "augment", "compile", "device")
+RECOVERY_DEFAULTS: dict[str, Any] = {"epochs": 3, "lr": 1e-3}
+QAT_DEFAULTS: dict[str, Any] = {"epochs": 2, "lr": 1e-4}
+_STRUCTURED_DEFAULTS: dict[str, Any] = {"importance": "magnitude", "iterative_steps": 1, "global_pruning": False}
 
 
-class PruneConfig(DistillConfig):
-    """Pruning, then recovery fine-tuning with the unpruned model as the distillation teacher.
+class PruneConfig(Spec):
+    """Pruning, then recovery fine-tuning (`recovery`) with the unpruned model as the distillation teacher.
 
     structured: whole channels removed with Torch-Pruning (the model gets really smaller and faster);
     unstructured: single weights zeroed by global magnitude (sparsity only: dense latency does not change).
     """
 
     method: Literal["structured", "unstructured"] = "structured"
-    importance: Literal["magnitude", "taylor", "lamp"] = Field(
-        default="magnitude", description="How channels are ranked (structured): L2 magnitude, first-order "
-        "Taylor (gradient x weight on the calibration batch) or LAMP.")
+    importance: Literal["magnitude", "taylor", "lamp"] | None = Field(
+        default=None, description="How channels are ranked (structured; default magnitude): L2 magnitude, "
+        "first-order Taylor (gradient x weight on the calibration batch) or LAMP.")
     channel_ratio: float | None = Field(
         default=None, gt=0, le=0.9, description="Fraction of each layer's channels removed (structured).")
     target_macs_reduction: float | None = Field(
@@ -203,9 +265,11 @@ class PruneConfig(DistillConfig):
         "e.g. 2.0 (structured; instead of channel_ratio).")
     sparsity: float | None = Field(
         default=None, gt=0, le=0.99, description="Fraction of the weights zeroed (unstructured).")
-    iterative_steps: int = Field(default=1, ge=1, le=32, description="Prune in this many equal steps.")
-    global_pruning: bool = Field(
-        default=False, description="Rank channels across layers instead of removing channel_ratio of each.")
+    iterative_steps: int | None = Field(
+        default=None, ge=1, le=32, description="Prune in this many equal steps (structured; default 1).")
+    global_pruning: bool | None = Field(
+        default=None, description="Rank channels across layers instead of removing channel_ratio of each "
+        "(structured; default false).")
     round_to: int | None = Field(
         default=None, ge=2, le=128, description="Keep channel counts multiples of this (faster kernels).")
     keep_layers: tuple[Annotated[str, Field(min_length=1, max_length=200)], ...] = Field(
@@ -213,9 +277,26 @@ class PruneConfig(DistillConfig):
         "classifier is always kept.")
     calibration_samples: int = Field(
         default=128, ge=1, le=4096, description="Training images used to rank channels (taylor needs gradients).")
-    epochs: int = Field(default=3, ge=0, le=1000, description="Recovery fine-tuning epochs; 0 skips it.")
-    lr: float = Field(default=1e-3, gt=0, le=10, description="Recovery fine-tuning learning rate: lower than a "
-                      "distillation's, since the pruned weights start trained.")
+    recovery: DistillConfig | None = Field(
+        default_factory=lambda: DistillConfig(**RECOVERY_DEFAULTS), description="Recovery fine-tuning, distilled "
+        f"from the unpruned model (defaults {RECOVERY_DEFAULTS}: a lower lr than a distillation's, since the pruned "
+        "weights start trained); null, or epochs 0, skips it. Its fields may be given flat.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_and_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if data.get("epochs") == 0:
+            # The flat way of saying "no fine-tuning", which has always let the other training fields be (unused).
+            ignored = flat_field_names(DistillConfig)
+            data = {**{name: value for name, value in data.items() if name not in ignored}, "recovery": None}
+        data = nest_flat_fields(data, "recovery", DistillConfig, RECOVERY_DEFAULTS)[0]
+        if data.get("method", "structured") == "structured":
+            # Filled here, so that the stored spec says what ran; unstructured refuses them (below).
+            data = {**data, **{name: default for name, default in _STRUCTURED_DEFAULTS.items()
+                               if data.get(name) is None}}
+        return data
 
     @model_validator(mode="after")
     def _check_method(self) -> PruneConfig:
@@ -223,18 +304,18 @@ class PruneConfig(DistillConfig):
             if (self.channel_ratio is None) == (self.target_macs_reduction is None):
                 raise ValueError("structured pruning needs exactly one of channel_ratio (e.g. 0.5: half of each "
                                  "layer's channels removed) or target_macs_reduction (e.g. 2.0)")
-            _reject_unused(self, ("sparsity",), "method 'unstructured'")
+            _refuse_given(self, ("sparsity",), "method 'unstructured'")
         else:
             if self.sparsity is None:
                 raise ValueError("unstructured pruning needs sparsity, e.g. 0.5: half of the weights zeroed")
-            _reject_unused(self, ("channel_ratio", "target_macs_reduction", "importance", "global_pruning",
-                                  "round_to", "iterative_steps"), "method 'structured'")
+            _refuse_given(self, ("channel_ratio", "target_macs_reduction", "importance", "global_pruning",
+                                 "round_to", "iterative_steps"), "method 'structured'")
         return self
 
 
-class QuantizeConfig(DistillConfig):
+class QuantizeConfig(Spec):
     """int8 quantization: dynamic (Linear layers), static post-training (calibrated), or quantization-aware
-    training (distilled from the float model). The training fields apply to 'qat' only."""
+    training (distilled from the float model, with the settings in `qat`)."""
 
     method: Literal["dynamic", "static", "qat"] = Field(
         default="static", description="dynamic: Linear weights int8, activations quantized on the fly; static: "
@@ -242,26 +323,39 @@ class QuantizeConfig(DistillConfig):
         "quantization.")
     backend: Literal["x86", "qnnpack"] = Field(
         default="x86", description="The CPU the model will run on: x86 (fbgemm/oneDNN) or ARM (qnnpack).")
-    calibration_samples: int = Field(
-        default=256, ge=1, le=10_000, description="Training images used to calibrate activation ranges.")
-    epochs: int = Field(default=2, ge=1, le=1000, description="QAT epochs.")
-    lr: float = Field(default=1e-4, gt=0, le=10)
+    calibration_samples: int | None = Field(
+        default=None, ge=1, le=10_000, description="Training images used to calibrate activation ranges (static "
+        "and qat; default 256).")
+    qat: DistillConfig | None = Field(
+        default=None, description=f"Quantization-aware training (method qat only; defaults {QAT_DEFAULTS}): "
+        "fake-quantized fine-tuning distilled from the float model. Its fields may be given flat.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_and_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        method = data.get("method", "static")
+        lifted, moved = nest_flat_fields(data, "qat", DistillConfig, QAT_DEFAULTS if method == "qat" else None)
+        if moved and method != "qat":
+            raise ValueError(f"{', '.join(moved)} only apply to method 'qat'; remove them or change method")
+        if method != "dynamic" and lifted.get("calibration_samples") is None:
+            lifted = {**lifted, "calibration_samples": 256}
+        return lifted
 
     @model_validator(mode="after")
     def _check_method(self) -> QuantizeConfig:
-        if self.method != "qat":
-            _reject_unused(self, TRAINING_FIELDS, "method 'qat'")
-        elif self.compile == "on":
-            raise ValueError("compile 'on' is not available with method 'qat': fake quantization trains eagerly")
         if self.method == "dynamic":
-            _reject_unused(self, ("calibration_samples",), "methods 'static' and 'qat'")
+            _refuse_given(self, ("calibration_samples",), "methods 'static' and 'qat'")
+        if self.method != "qat":
+            _refuse_given(self, ("qat",), "method 'qat'")
+        elif self.qat is not None and self.qat.training.compile == "on":
+            raise ValueError("compile 'on' is not available with method 'qat': fake quantization trains eagerly")
         return self
 
 
-def _reject_unused(config: Spec, fields: tuple[str, ...], applies_to: str) -> None:
-    """A field changed from its default for a method that ignores it is a misunderstanding worth a 422, not a
-    silent no-op. (Defaults pass: the stored spec of a job has every field filled in.)"""
-    defaults = type(config).model_fields
-    unused = [name for name in fields if getattr(config, name) != defaults[name].default]
-    if unused:
-        raise ValueError(f"{', '.join(unused)} only apply to {applies_to}; remove them or change method")
+def _refuse_given(config: Spec, fields: tuple[str, ...], applies_to: str) -> None:
+    """A field set for a method that ignores it is a misunderstanding worth a 422, not a silent no-op."""
+    given = [name for name in fields if getattr(config, name) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} only apply to {applies_to}; remove them or change method")

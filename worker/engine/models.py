@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from worker.engine.catalog import SMALL_CNN
-from worker.engine.config import CODE_FORMATS, ArchSpec, StudentSpec, WeightsFormat
+from worker.engine.config import CODE_FORMATS, ArchSpec, WeightsFormat
 from worker.engine.errors import ModelLoadError, SpecError
 
 # Containers that training scripts commonly wrap a state_dict in.
@@ -72,23 +72,6 @@ def build_model(arch: ArchSpec) -> nn.Module:
         raise SpecError(f"cannot build {arch.arch} with kwargs {arch.kwargs}: {exc}") from exc
 
 
-def student_arch(student: StudentSpec, teacher: ArchSpec) -> ArchSpec:
-    """The student's full spec: its own architecture, the teacher's input and classes."""
-    declared = student.kwargs.get("num_classes", teacher.num_classes)
-    if declared != teacher.num_classes:
-        raise SpecError(
-            f"the student has num_classes={declared} but the teacher predicts {teacher.num_classes} classes"
-        )
-    try:
-        return ArchSpec(
-            arch=student.arch,
-            kwargs={**student.kwargs, "num_classes": teacher.num_classes},
-            input=teacher.input,
-        )
-    except ValidationError as exc:
-        raise SpecError(f"invalid student spec: {describe_validation_error(exc)}") from exc
-
-
 def describe_validation_error(exc: ValidationError) -> str:
     """Pydantic's errors as one short line: 'field.path: message; ...'."""
     parts = []
@@ -105,16 +88,6 @@ def logits_of(output: Any) -> torch.Tensor:
 
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def pick_device(preference: str) -> torch.device:
-    if preference == "cpu":
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if preference == "cuda":
-        raise SpecError("device 'cuda' was requested but this worker has no usable GPU; use 'auto' or 'cpu'")
-    return torch.device("cpu")
 
 
 def load_model(path: Path, fmt: WeightsFormat, arch: ArchSpec, allow_code: bool = False) -> nn.Module:

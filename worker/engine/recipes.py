@@ -15,7 +15,7 @@ from worker.engine.config import ArchSpec, DistillConfig, InputSpec, StudentSpec
 if TYPE_CHECKING:
     from torch import nn
 
-    from worker.engine.distill import Progress
+    from worker.engine.training import Progress
 
 # The 8x8 digits upscaled to 32x32: resnet18's stride-32 trunk still ends on a 1x1 map there.
 DIGITS_INPUT = InputSpec(image_size=32, channels=3, mean=(0.5,), std=(0.5,), resize="resize")
@@ -24,11 +24,12 @@ DIGITS_TEACHER = ArchSpec(arch="resnet18", kwargs={"num_classes": 10}, input=DIG
 
 DIGITS_STUDENT = StudentSpec(arch="small_cnn", kwargs={"width": 16, "depth": 3})
 
-# distill(teacher=None, ...) with this trains the teacher from labels alone. Its seed and val_fraction
-# equal the distillation's, so the teacher never sees the images its student is validated on.
-DIGITS_TEACHER_TRAINING = DistillConfig(epochs=10, batch_size=64, lr=3e-3, seed=0)
+# distill(teacher=None, ...) with this trains the teacher from labels alone. The teacher's split (seed and
+# val_fraction) is the distillation's, so it never sees the images its student is validated on.
+DIGITS_SEED, DIGITS_VAL_FRACTION = 0, 0.2
+DIGITS_TEACHER_TRAINING = DistillConfig(epochs=10, batch_size=64, lr=3e-3)
 
-DIGITS_DISTILLATION = DistillConfig(epochs=30, batch_size=64, lr=1e-2, temperature=4.0, alpha=0.9, seed=0)
+DIGITS_DISTILLATION = DistillConfig(epochs=30, batch_size=64, lr=1e-2, temperature=4.0, alpha=0.9)
 
 
 def train_digits_teacher(on_progress: Callable[[Progress], None] | None = None) -> tuple[nn.Module, float]:
@@ -41,8 +42,8 @@ def train_digits_teacher(on_progress: Callable[[Progress], None] | None = None) 
     from worker.engine.models import build_model
 
     config = DIGITS_TEACHER_TRAINING
-    train, val = train_val_tensors(load_builtin("digits"), DIGITS_INPUT, config.val_fraction, config.seed)
-    torch.manual_seed(config.seed)
+    train, val = train_val_tensors(load_builtin("digits"), DIGITS_INPUT, DIGITS_VAL_FRACTION, DIGITS_SEED)
+    torch.manual_seed(DIGITS_SEED)
     teacher = build_model(DIGITS_TEACHER)
-    result = distill(None, teacher, train, val, config, on_progress or (lambda _: None))
+    result = distill(None, teacher, train, val, config, on_progress or (lambda _: None), seed=DIGITS_SEED)
     return teacher, result.final_val_accuracy

@@ -3,33 +3,32 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from core.jobspec import DistillJobSpec
 from worker.engine import evaluate, export, models
-from worker.engine.config import ArchSpec, DistillConfig
+from worker.engine.config import ArchSpec, student_arch
 from worker.engine.distill import distill
 from worker.jobs import inputs, measure
-
-if TYPE_CHECKING:
-    from worker.runner import Checkpoints, JobContext, JobGuard, JobOutcome
+from worker.jobs.base import Checkpoints, Guard, JobContext, JobOutcome, OutputFile, job_kind
 
 
-def run_distill(ctx: JobContext, guard: JobGuard, checkpoints: Checkpoints) -> JobOutcome:
-    from worker.runner import JobOutcome, OutputFile
-
+@job_kind("distill")
+def run_distill(ctx: JobContext[DistillJobSpec], guard: Guard, checkpoints: Checkpoints) -> JobOutcome:
     guard.stage("loading")
     spec = ctx.spec
-    loaded = inputs.load(ctx, DistillConfig)
-    config, teacher_arch, teacher, train, val = loaded.config, loaded.arch, loaded.model, loaded.train, loaded.val
-    student_arch = ArchSpec(arch=spec["student"]["arch"], input=teacher_arch.input,
-                            kwargs={"num_classes": teacher_arch.num_classes, **spec["student"].get("kwargs", {})})
-    student = models.build_model(student_arch)
+    loaded = inputs.load(ctx)
+    teacher_arch, teacher, train, val = loaded.arch, loaded.model, loaded.train, loaded.val
+    # The API stored the student with the teacher's classes; this rebuilds it over the teacher's input.
+    student_spec = student_arch(spec.student, teacher_arch)
+    student = models.build_model(student_spec)
 
     guard.stage("training")
-    result = distill(teacher, student, train, val, config, on_progress=guard.on_progress,
-                     on_checkpoint=guard.on_checkpoint, resume=checkpoints.load())
+    result = distill(teacher, student, train, val, spec.distill, on_progress=guard.on_progress,
+                     on_checkpoint=guard.on_checkpoint, resume=checkpoints.load(), seed=spec.seed,
+                     device=spec.device)
 
     guard.stage("exporting")
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
@@ -38,11 +37,11 @@ def run_distill(ctx: JobContext, guard: JobGuard, checkpoints: Checkpoints) -> J
     scripted = ctx.work_dir / "student.torchscript.pt"
     example = val[0][:1]
     export.save_safetensors(student, weights)
-    export.save_json(export.arch_spec_document(student_arch), spec_file)
+    export.save_json(export.arch_spec_document(student_spec), spec_file)
     export.export_torchscript(student, example, scripted)
 
     guard.stage("evaluating")
-    metrics = _measure(ctx, teacher, student_arch, weights, scripted, val)
+    metrics = _measure(ctx, teacher, student_spec, weights, scripted, val)
     metrics["history"] = result.history
     files = [
         OutputFile("student_safetensors", weights, "student.safetensors", "application/octet-stream",
@@ -54,14 +53,14 @@ def run_distill(ctx: JobContext, guard: JobGuard, checkpoints: Checkpoints) -> J
     return JobOutcome(files=files, metrics=metrics)
 
 
-def _measure(ctx: JobContext, teacher: torch.nn.Module, student_arch: ArchSpec, weights: Path, scripted: Path,
-             val: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+def _measure(ctx: JobContext[DistillJobSpec], teacher: torch.nn.Module, student_spec: ArchSpec, weights: Path,
+             scripted: Path, val: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
     """Both models measured by measure.py: the student's downloaded files reloaded from disk, the teacher
     exported to TorchScript and reloaded the same way."""
     held_out = measure.HeldOut.of(teacher, val)
     teacher_summary = measure.float_model_summary(teacher, held_out)
     teacher_script = measure.input_baseline(teacher, held_out, ctx.work_dir / "baseline", (measure.TORCHSCRIPT,))
-    student = models.load_model(weights, "safetensors", student_arch)
+    student = models.load_model(weights, "safetensors", student_spec)
     student_summary = measure.float_model_summary(student, held_out)
     student_script = measure.measure_artifact(scripted, measure.runtime_of(measure.TORCHSCRIPT), held_out,
                                               evaluate.predict(student, held_out.x))

@@ -9,36 +9,36 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
+from core.jobspec import PruneJobSpec
 from worker.engine import evaluate, export, onnxio, prune
 from worker.engine.config import ArchSpec, PruneConfig
 from worker.engine.distill import distill
 from worker.jobs import inputs, measure
-
-if TYPE_CHECKING:
-    from worker.runner import Checkpoints, JobContext, JobGuard, JobOutcome, OutputFile
+from worker.jobs.base import Checkpoints, Guard, JobContext, JobOutcome, OutputFile, job_kind
 
 DENSE_NOTE = ("unstructured pruning only zeroes weights: shapes, file size and dense latency are those of the "
               "input model; the zeros pay off only with a sparse runtime or compression")
 
 
-def run_prune(ctx: JobContext, guard: JobGuard, checkpoints: Checkpoints) -> JobOutcome:
-    from worker.runner import JobOutcome
-
+@job_kind("prune")
+def run_prune(ctx: JobContext[PruneJobSpec], guard: Guard, checkpoints: Checkpoints) -> JobOutcome:
     guard.stage("loading")
-    loaded = inputs.load(ctx, PruneConfig)
-    config, arch, model, train, val = loaded.config, loaded.arch, loaded.model, loaded.train, loaded.val
+    config = ctx.spec.prune
+    loaded = inputs.load(ctx)
+    arch, model, train, val = loaded.arch, loaded.model, loaded.train, loaded.val
 
     guard.stage("pruning")
-    pruned, details = _pruned(model, config, train, arch)
+    pruned, details = _pruned(model, config, train, arch, ctx.spec.seed)
     history: list[dict[str, float]] = []
-    if config.epochs > 0:
+    if config.recovery is not None:
         guard.stage("fine-tuning")
-        history = distill(model, pruned, train, val, inputs.training_config(config), on_progress=guard.on_progress,
-                          on_checkpoint=guard.on_checkpoint, resume=checkpoints.load()).history
+        history = distill(model, pruned, train, val, config.recovery, on_progress=guard.on_progress,
+                          on_checkpoint=guard.on_checkpoint, resume=checkpoints.load(), seed=ctx.spec.seed,
+                          device=ctx.spec.device).history
     if config.method == "unstructured":
         prune.make_permanent_(pruned)
         details["sparsity"] = prune.weight_sparsity(pruned, config.keep_layers, arch.num_classes)
@@ -52,7 +52,7 @@ def run_prune(ctx: JobContext, guard: JobGuard, checkpoints: Checkpoints) -> Job
     return JobOutcome(files=files, metrics={**metrics, "pruning": details, "history": history, "notes": notes})
 
 
-def _pruned(model: nn.Module, config: PruneConfig, train: inputs.TensorPair, arch: ArchSpec) -> (
+def _pruned(model: nn.Module, config: PruneConfig, train: inputs.TensorPair, arch: ArchSpec, seed: int) -> (
         tuple[nn.Module, dict[str, Any]]):
     """A pruned copy of `model`, and what was done to it."""
     pruned = copy.deepcopy(model)
@@ -60,7 +60,7 @@ def _pruned(model: nn.Module, config: PruneConfig, train: inputs.TensorPair, arc
         assert config.sparsity is not None  # the config validates it
         prune.prune_unstructured_(pruned, config.sparsity, config.keep_layers, arch.num_classes)
         return pruned, {"method": "unstructured", "requested_sparsity": config.sparsity, "pruned_shapes": {}}
-    calibration = inputs.calibration_subset(train, config.calibration_samples, config.seed)
+    calibration = inputs.calibration_subset(train, config.calibration_samples, seed)
     result = prune.prune_structured_(pruned, config, calibration, arch.num_classes)
     # Recorded (and checked to rebuild) before fine-tuning, so an unloadable result fails fast.
     shapes = prune.pruned_shapes(pruned, model)
@@ -77,8 +77,6 @@ _FILES = {  # kind: (file name, media type)
 
 
 def _export(pruned: nn.Module, arch_document: dict[str, Any], example: Any, folder: Path) -> list[OutputFile]:
-    from worker.runner import OutputFile
-
     folder.mkdir(parents=True, exist_ok=True)
     paths = {kind: folder / filename for kind, (filename, _) in _FILES.items()}
     export.save_safetensors(pruned, paths["pruned_safetensors"])
@@ -92,7 +90,7 @@ def _export(pruned: nn.Module, arch_document: dict[str, Any], example: Any, fold
             for kind, (filename, media_type) in _FILES.items()]
 
 
-def _measure(ctx: JobContext, model: nn.Module, arch: ArchSpec, files: list[OutputFile],
+def _measure(ctx: JobContext[PruneJobSpec], model: nn.Module, arch: ArchSpec, files: list[OutputFile],
              val: inputs.TensorPair) -> dict[str, Any]:
     """The engine model is the one rebuilt from the downloaded weights and arch spec, so the measurement
     also proves that those two files load; TorchScript and ONNX are compared with it."""

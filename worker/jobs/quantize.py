@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from core.jobspec import QuantizeJobSpec
 from worker.engine import evaluate, export, onnxio, quantize
 from worker.engine.config import ArchSpec, QuantizeConfig
 from worker.engine.distill import distill
 from worker.jobs import inputs, measure
-
-if TYPE_CHECKING:
-    from worker.runner import Checkpoints, JobContext, JobGuard, JobOutcome, OutputFile
+from worker.jobs.base import Checkpoints, Guard, JobContext, JobOutcome, OutputFile, job_kind
 
 TORCHSCRIPT_FILE = "quantized" + measure.SUFFIXES[measure.TORCHSCRIPT]
 ONNX_FILE = "quantized" + measure.SUFFIXES[measure.ONNX]
@@ -30,22 +29,23 @@ QNNPACK_ON_X86 = ("backend 'qnnpack' targets ARM CPUs; its TorchScript latency h
                   "kernels on x86, which says little about ARM: measure on the target device")
 
 
-def run_quantize(ctx: JobContext, guard: JobGuard, checkpoints: Checkpoints) -> JobOutcome:
-    from worker.runner import JobOutcome
-
+@job_kind("quantize")
+def run_quantize(ctx: JobContext[QuantizeJobSpec], guard: Guard, checkpoints: Checkpoints) -> JobOutcome:
     guard.stage("loading")
-    loaded = inputs.load(ctx, QuantizeConfig)
-    config, arch, model, train, val = loaded.config, loaded.arch, loaded.model, loaded.train, loaded.val
-    calibration = inputs.calibration_subset(train, config.calibration_samples, config.seed)[0]
+    config = ctx.spec.quantize
+    loaded = inputs.load(ctx)
+    arch, model, train, val = loaded.arch, loaded.model, loaded.train, loaded.val
+    calibration = inputs.calibration_subset(train, config.calibration_samples or 0, ctx.spec.seed)[0]
 
     history: list[dict[str, float]] = []
-    if config.method == "qat":
+    if config.qat is not None:
         guard.stage("training")
         prepared = quantize.prepare_qat(model, config.backend, calibration[:1])
         # Fake quantization trains eagerly (QuantizeConfig refuses compile 'on'): compiling observers is untested.
-        training = inputs.training_config(config).model_copy(update={"compile": "off"})
+        training = config.qat.replace(compile="off")
         history = distill(model, prepared, train, val, training, on_progress=guard.on_progress,
-                          on_checkpoint=guard.on_checkpoint, resume=checkpoints.load()).history
+                          on_checkpoint=guard.on_checkpoint, resume=checkpoints.load(), seed=ctx.spec.seed,
+                          device=ctx.spec.device).history
         guard.stage("converting")
         int8 = quantize.convert_qat(prepared, config.backend)
         float_source = quantize.trained_float_model(prepared, model)
@@ -64,7 +64,7 @@ def run_quantize(ctx: JobContext, guard: JobGuard, checkpoints: Checkpoints) -> 
                "calibration_samples": 0 if config.method == "dynamic" else len(calibration)}
     notes = [NOT_EXPORTED] + ([QNNPACK_ON_X86] if config.backend == "qnnpack" and _on_x86() else [])
     metrics.update(quantization=details, history=history, notes=notes,
-                   gpu=quantize.torchao_gpu_variants(model, val[0], config.device))
+                   gpu=quantize.torchao_gpu_variants(model, val[0], ctx.spec.device))
     return JobOutcome(files=files, metrics=metrics)
 
 
@@ -72,8 +72,6 @@ def _export(int8: nn.Module, float_source: nn.Module, config: QuantizeConfig, ar
             calibration: torch.Tensor, folder: Path) -> list[OutputFile]:
     """int8 TorchScript from the engine's model; int8 ONNX by ONNX Runtime from the same float weights and
     calibration images; a JSON document saying how to run each."""
-    from worker.runner import OutputFile
-
     folder.mkdir(parents=True, exist_ok=True)
     example = calibration[:1]
     with quantize.quantized_engine(config.backend):
@@ -125,8 +123,8 @@ def _info_document(config: QuantizeConfig, arch: ArchSpec, runtimes: dict[str, s
     return document
 
 
-def _measure(ctx: JobContext, model: nn.Module, int8: nn.Module, config: QuantizeConfig, files: list[OutputFile],
-             val: inputs.TensorPair) -> dict[str, Any]:
+def _measure(ctx: JobContext[QuantizeJobSpec], model: nn.Module, int8: nn.Module, config: QuantizeConfig,
+             files: list[OutputFile], val: inputs.TensorPair) -> dict[str, Any]:
     """The int8 files against the input model exported to the same formats; parameters and MACs are the
     float model's (quantization changes their width, not their number)."""
     paths = {output.kind: output.path for output in files}

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.db.models import TenantWebhook, WebhookDelivery
+from core.db.models import TenantWebhook, WebhookDelivery
 
 
 def tenant_webhook(session: Session, tenant: str) -> TenantWebhook | None:

@@ -118,6 +118,6 @@ def sha256_file(path: Path) -> str:
 
 
 def get_store() -> BlobStore:
-    from app.config import get_settings
+    from core.settings import get_settings
 
     return BlobStore(get_settings().storage_dir)

@@ -27,13 +27,13 @@ from typing import Any
 import httpx
 from sqlalchemy import update
 
-from app.config import Settings, get_settings
-from app.db.models import Job, WebhookDelivery, utcnow
-from app.db.session import session_scope
-from app.jobs import lifecycle
-from app.webhooks import repository
-from app.webhooks.signing import DELIVERY_HEADER, EVENT_HEADER, signed_headers
-from app.webhooks.targets import RefusedTarget, check_target
+from core import lifecycle
+from core.db.models import Job, WebhookDelivery, utcnow
+from core.db.session import session_scope
+from core.settings import Settings, get_settings
+from core.webhooks import repository
+from core.webhooks.signing import DELIVERY_HEADER, EVENT_HEADER, signed_headers
+from core.webhooks.targets import RefusedTarget, check_target
 
 log = logging.getLogger(__name__)
 BATCH = 20

@@ -12,7 +12,7 @@ from typing import Any
 
 from celery import Celery
 
-from app.config import Settings, get_settings
+from core.settings import Settings, get_settings
 
 RUN_JOB_TASK = "condenser.run_job"
 QUEUE = "condenser"
@@ -52,8 +52,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         # Take one job at a time; a prefetched job would wait behind an hours-long one.
         worker_prefetch_multiplier=1,
-        # A fresh child per job: no CUDA context, allocator state or leaked memory carries over.
-        worker_max_tasks_per_child=1,
+        # By default a fresh child per job: no CUDA context, allocator state or leaked memory carries over.
+        worker_max_tasks_per_child=settings.jobs_per_child or None,
         # JSON only: a pickled message could run code in the worker.
         task_serializer="json",
         accept_content=["json"],

@@ -14,9 +14,9 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from app.db.models import Job, JobEvent, utcnow
-from app.errors import Conflict
-from app.webhooks.service import announce_end
+from core.db.models import Job, JobEvent, utcnow
+from core.errors import Conflict
+from core.webhooks.outbox import announce_end
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def request_cancel(session: Session, job: Job, actor: str) -> list[str]:
 
 def revoke_after_commit(task_ids: list[str]) -> None:
     """Revoke queued deliveries too; a running job stops through the database flag."""
-    from worker.celery_app import get_celery
+    from core.broker import get_celery
 
     try:
         get_celery().control.revoke(task_ids)
@@ -80,8 +80,8 @@ def dispatch(job_ids: list[str]) -> list[str]:
     A broker outage is not an error here: the job stays queued with enqueued_at NULL and the
     reaper sends it when the broker is back.
     """
-    from app.db.session import session_scope
-    from worker.celery_app import RUN_JOB_TASK, get_celery
+    from core.broker import RUN_JOB_TASK, get_celery
+    from core.db.session import session_scope
 
     sent = []
     for job_id in job_ids:

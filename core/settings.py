@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     device: str = "auto"
     # Torch threads per job process; 0: the host's cores divided by the worker's concurrency.
     torch_threads: int = Field(default=0, ge=0, le=512)
+    # Jobs a worker child process runs before a fresh one replaces it; 0: no limit. 1 (the default) lets no
+    # CUDA context, allocator state or leaked memory carry over from one job to the next, at about a second
+    # of process start per job, which only a stream of short jobs notices.
+    jobs_per_child: int = Field(default=1, ge=0)
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:

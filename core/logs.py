@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
-from app.config import Settings
+from core.settings import Settings
 
 current_job_id: ContextVar[str | None] = ContextVar("current_job_id", default=None)
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(job_suffix)s: %(message)s"

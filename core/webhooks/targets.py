@@ -15,8 +15,8 @@ import ipaddress
 import socket
 from urllib.parse import urlsplit
 
-from app.config import Settings
-from app.errors import Invalid
+from core.errors import Invalid
+from core.settings import Settings
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 MAX_URL_LENGTH = 2048

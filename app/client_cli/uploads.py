@@ -1,0 +1,91 @@
+"""`condenser models` and `condenser datasets`: upload and list."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from app.client_cli.common import (
+    JsonOption,
+    existing_file,
+    load_document,
+    print_json,
+    print_table,
+    stderr_console,
+    timestamp,
+)
+from app.client_cli.connection import connected
+
+models_app = typer.Typer(help="Upload and list models.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Upload and list datasets.", no_args_is_help=True)
+
+
+@models_app.command("upload")
+def models_upload(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="Weights: .safetensors or a state_dict .pt.")],
+    spec: Annotated[str, typer.Option(help="Architecture and input, as JSON or a .json/.yaml file: "
+                                      '{"arch": "small_cnn", "kwargs": {"num_classes": 10}, '
+                                      '"input": {"image_size": 8, "channels": 1}}')],
+    name: Annotated[str | None, typer.Option(help="A name to recognize it by.")] = None,
+    model_format: Annotated[str | None, typer.Option("--format", help="Override the detected format.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Upload a model; prints its id (mdl_...)."""
+    with connected(ctx) as client:
+        model = client.upload_model(existing_file(file), load_document(spec), name=name, model_format=model_format)
+    if as_json:
+        return print_json(model)
+    typer.echo(model["id"])
+    stderr_console().print(f"uploaded {model['name']}: {model['arch']}, {model['num_classes']} classes, "
+                           f"{_count(model['param_count'])} parameters, sha256 {model['sha256'][:12]}", highlight=False)
+
+
+def _count(value: int | None) -> str:
+    return "?" if value is None else f"{value:,}"
+
+
+@models_app.command("list")
+def models_list(ctx: typer.Context, limit: Annotated[int, typer.Option(min=1, max=100)] = 20,
+                as_json: JsonOption = False) -> None:
+    """Your models, newest first."""
+    _list_resource(ctx, "models", limit, as_json, ["id", "name", "arch", "classes", "params", "created"],
+                   lambda m: [m["id"], m["name"], m["arch"], m["num_classes"], _count(m["param_count"]),
+                              timestamp(m["created_at"])])
+
+
+@datasets_app.command("upload")
+def datasets_upload(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="An ImageFolder .zip/.tar, or an .npz with x and y.")],
+    name: Annotated[str | None, typer.Option(help="A name to recognize it by.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Upload a dataset; prints its id (dst_...)."""
+    with connected(ctx) as client:
+        dataset = client.upload_dataset(existing_file(file), name=name)
+    if as_json:
+        return print_json(dataset)
+    typer.echo(dataset["id"])
+    stderr_console().print(f"uploaded {dataset['name']}: {dataset['num_samples']:,} images, "
+                           f"{dataset['num_classes']} classes, shape {dataset['image_shape']}", highlight=False)
+
+
+@datasets_app.command("list")
+def datasets_list(ctx: typer.Context, limit: Annotated[int, typer.Option(min=1, max=100)] = 20,
+                  as_json: JsonOption = False) -> None:
+    """Your datasets, newest first (the built-in `digits` needs no upload)."""
+    _list_resource(ctx, "datasets", limit, as_json, ["id", "name", "images", "classes", "shape", "created"],
+                   lambda d: [d["id"], d["name"], d["num_samples"], d["num_classes"], d["image_shape"],
+                              timestamp(d["created_at"])])
+
+
+def _list_resource(ctx: typer.Context, resource: str, limit: int, as_json: bool, columns: list[str],
+                   row: Any) -> None:
+    with connected(ctx) as client:
+        page = client.page(resource, limit=limit)
+    if as_json:
+        return print_json(page)
+    print_table(columns, [row(item) for item in page["items"]])

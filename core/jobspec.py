@@ -1,0 +1,169 @@
+"""The typed job spec: one class per kind, parsed once at the API, stored with every default filled in, and read
+back by the worker into the same class.
+
+Each spec *contains* the engine's config for its kind (DistillConfig, PruneConfig, QuantizeConfig) next to what
+every job has (its data split, seed, device and time limit). Request bodies may give the configs' fields flat, at
+the top level (`{"kind": "prune", "channel_ratio": 0.5, "epochs": 2}`), as the API has always taken them; the
+stored spec is nested. Specs stored by earlier versions (flat, with every field filled in) load through
+`load_stored`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field, TypeAdapter, model_validator
+
+from worker.engine.config import (
+    BUILTIN_DATASETS,
+    DistillConfig,
+    PruneConfig,
+    QuantizeConfig,
+    Spec,
+    StudentSpec,
+    flat_field_names,
+    nest_flat_fields,
+)
+
+MODEL_ID_EXAMPLE = "mdl_4f0c2a9e1b7d3c5a6e8f0b1d"
+
+
+def _dataset_field(purpose: str) -> Any:
+    return Field(
+        min_length=1, max_length=64,
+        description=f"Id of an uploaded dataset (dst_...) or a built-in name ({', '.join(BUILTIN_DATASETS)}), "
+        f"for {purpose}. Its classes must be the model's classes; the held-out part (val_fraction, seed) is "
+        "used only for evaluation.",
+        examples=["digits"],
+    )
+
+
+def _model_field(role: str) -> Any:
+    return Field(min_length=1, max_length=64, description=f"Id of an uploaded model (mdl_...): {role}.",
+                 examples=[MODEL_ID_EXAMPLE])
+
+
+class JobSpecBase(Spec):
+    """What every kind of job has: its dataset and the split it evaluates on, its seed, device and time limit."""
+
+    dataset: str = _dataset_field("the job")
+    val_fraction: float = Field(default=0.2, ge=0.05, le=0.5, description="Share of the dataset held out "
+                                "(stratified, by seed) for evaluation only.")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Fixes the split, the calibration images and "
+                      "the training order.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    time_limit_seconds: int | None = Field(
+        default=None, ge=60, le=7 * 24 * 3600, description="Fail the job if it is still running this long after it "
+        "first started (retries included); the server's own time limits apply as well.")
+
+    # The field that holds this kind's engine config, whose fields may also be given flat.
+    config_field: ClassVar[str] = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_config(cls, data: Any) -> Any:
+        name = cls.config_field
+        if not name or not isinstance(data, dict):
+            return data
+        nested = nest_flat_fields(data, name, cls.model_fields[name].annotation)[0]
+        # Nothing given: the config validates its defaults, and says what it needs if they are not enough.
+        return {name: {}, **nested}
+
+    @property
+    def input_model(self) -> str:
+        """The id of the model the job starts from (a distillation's teacher)."""
+        raise NotImplementedError
+
+
+class DistillJobSpec(JobSpecBase):
+    """A distillation job: teacher, data, student architecture, and how to distill (all optional)."""
+
+    config_field: ClassVar[str] = "distill"
+    kind: Literal["distill"] = Field(default="distill", description="The job type: distill (the default), prune "
+                                     "or quantize.")
+    teacher: str = _model_field("the teacher")
+    dataset: str = _dataset_field("distillation")
+    student: StudentSpec = Field(
+        description="The student architecture. Its input is the teacher's; kwargs.num_classes defaults to the "
+        "teacher's and must equal it (the stored spec holds it).",
+        examples=[{"arch": "small_cnn", "kwargs": {"width": 8, "depth": 2}}])
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="The loss and the training loop; "
+                                   "its fields (temperature, alpha, epochs, lr, ...) may be given flat.")
+
+    @property
+    def input_model(self) -> str:
+        return self.teacher
+
+
+class PruneJobSpec(JobSpecBase):
+    """A pruning job: structured channel pruning (or unstructured sparsity) of the model, then recovery
+    fine-tuning with the unpruned model as the distillation teacher."""
+
+    config_field: ClassVar[str] = "prune"
+    kind: Literal["prune"]
+    model: str = _model_field("the model to prune, and the teacher of its recovery fine-tuning")
+    dataset: str = _dataset_field("ranking channels (calibration_samples) and recovery fine-tuning")
+    prune: PruneConfig = Field(description="How to prune; its fields (channel_ratio, method, epochs, ...) may be "
+                               "given flat.")
+
+    @property
+    def input_model(self) -> str:
+        return self.model
+
+
+class QuantizeJobSpec(JobSpecBase):
+    """An int8 quantization job: TorchScript and ONNX Runtime artifacts, measured as they will run."""
+
+    config_field: ClassVar[str] = "quantize"
+    kind: Literal["quantize"]
+    model: str = _model_field("the model to quantize (and the teacher of quantization-aware training)")
+    dataset: str = _dataset_field("calibration (calibration_samples training images) and quantization-aware "
+                                  "training")
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig, description="How to quantize; its fields "
+                                     "(method, backend, calibration_samples, and for qat epochs, lr, ...) may be "
+                                     "given flat.")
+
+    @property
+    def input_model(self) -> str:
+        return self.model
+
+
+JobSpec = Annotated[DistillJobSpec | PruneJobSpec | QuantizeJobSpec, Field(discriminator="kind")]
+SPEC_CLASSES: dict[str, type[JobSpecBase]] = {
+    cls.model_fields["kind"].annotation.__args__[0]: cls for cls in (DistillJobSpec, PruneJobSpec, QuantizeJobSpec)
+}
+KINDS: tuple[str, ...] = tuple(SPEC_CLASSES)
+_JOB_SPEC = TypeAdapter(JobSpec)
+
+
+def stored_form(spec: JobSpecBase) -> dict[str, Any]:
+    """What the jobs table holds: JSON with every default filled in."""
+    return spec.model_dump(mode="json")
+
+
+def load_stored(stored: dict[str, Any]) -> JobSpecBase:
+    """A job's stored spec as its typed spec, whichever version of condenser stored it."""
+    return _JOB_SPEC.validate_python(_upgraded(stored))
+
+
+# Fields that only matter when a job trains, which specs stored before the nested configs hold even when it did not.
+_TRAINING_FIELDS = frozenset(flat_field_names(DistillConfig) - {"training"})
+# Defaults of structured-only fields that earlier versions stored for unstructured pruning too.
+_OLD_STRUCTURED_DEFAULTS = {"importance": "magnitude", "iterative_steps": 1, "global_pruning": False}
+
+
+def _upgraded(stored: dict[str, Any]) -> dict[str, Any]:
+    """Specs stored before the configs were nested are flat and hold every field of every method; the fields the
+    job's method ignored are dropped, so that the flat form's checks pass on them as they did then."""
+    kind = stored.get("kind", "distill")
+    if kind not in SPEC_CLASSES or SPEC_CLASSES[kind].config_field in stored:
+        return stored
+    ignored: set[str] = set()
+    if kind == "prune" and stored.get("method") == "unstructured":
+        ignored |= {name for name, value in _OLD_STRUCTURED_DEFAULTS.items() if stored.get(name) == value}
+    if kind == "quantize" and stored.get("method", "static") != "qat":
+        ignored |= _TRAINING_FIELDS
+    if kind == "quantize" and stored.get("method") == "dynamic":
+        ignored.add("calibration_samples")
+    return {name: value for name, value in stored.items() if name not in ignored}
+
