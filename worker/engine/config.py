@@ -162,6 +162,8 @@ def nest_flat_fields(data: Any, name: str, config_type: type[Spec],
     lifted = dict(data)
     moved = {field: lifted.pop(field) for field in flat_field_names(config_type) - {name} if field in lifted}
     inner = lifted.get(name, ...)
+    if isinstance(inner, Spec):  # an engine caller's config object: its fields, under the flat ones
+        inner = inner.model_dump()
     if inner is None and moved:
         raise ValueError(f"{name} is null, which skips it, but {', '.join(sorted(moved))} configure it; remove one")
     if isinstance(inner, dict) or (inner is ... and (moved or defaults)):
