@@ -225,8 +225,8 @@ def quantize_onnx_static(float_onnx: Path, output: Path, calibration: torch.Tens
     overflows it, so the same file lost 7 points of accuracy on an AVX2 host that it kept on a VNNI one.
     With weights in [-64, 63] a pair is at most 255 * 64 * 2 = 32640, exact on every x86-64 CPU, at no
     latency cost (the same kernels run); per-channel scales keep the lost bit's precision small.
-    s8 activations do not help (MLAS shifts them to u8 for the same instruction); u8 weights avoid the
-    saturation but take slower kernels. bench/quantize_cpu.py measures all three."""
+    s8 activations lost the same points on AVX2 as u8 ones; u8 weights avoid the saturation but took 2-3x
+    longer. bench/quantize_cpu.py measures the variants; tests/engine/test_quantize.py runs them on AVX2."""
     with _preprocessed(float_onnx, output) as (preprocessed, quantized):
         ort_quantization.quantize_static(
             str(preprocessed), str(quantized), _Calibration(calibration), quant_format=QuantFormat.QDQ,
