@@ -80,3 +80,11 @@ def test_a_field_its_method_ignores_is_refused(body: dict[str, Any], message: st
         body.pop("model")
     with pytest.raises(ValidationError, match=message):
         SPEC.validate_python(body)
+
+
+def test_every_spec_kind_has_a_registered_job_function_and_no_other() -> None:
+    from core.jobspec import KINDS
+    from worker.jobs.base import job_function, registered_kinds
+
+    assert registered_kinds() == sorted(KINDS)
+    assert job_function("prune").__module__ == "worker.jobs.prune"
