@@ -55,6 +55,18 @@ class JobSpecBase(Spec):
     time_limit_seconds: int | None = Field(
         default=None, ge=60, le=7 * 24 * 3600, description="Fail the job if it is still running this long after it "
         "first started (retries included); the server's own time limits apply as well.")
+    eval_dataset: str | None = Field(
+        default=None, min_length=1, max_length=64,
+        description="Id of another uploaded dataset (dst_...) or a built-in name, with the same classes, that "
+        "nothing in the job trains or calibrates on: when given, every reported accuracy (the input model's and "
+        "every file's) is measured on it, and the held-out split of `dataset` only drives progress and "
+        "choices made during training. Without it, accuracies come from that split, which the input model "
+        "may have been trained on.", examples=["dst_9b1e4c7a2f0d8e6b3a5c1f7d"])
+    max_accuracy_drop_pts: float | None = Field(
+        default=2.0, ge=0, le=100, description="Acceptance gate: a published file may score at most this many "
+        "points of top-1 accuracy below the input model (a distillation's teacher). A file that misses it is "
+        "kept only as a diagnostic; a job whose every result misses it fails. null turns the gate off; the "
+        "floor (no result at chance level or predicting one class) always applies.")
 
     # The field that holds this kind's engine config, whose fields may also be given flat.
     config_field: ClassVar[str] = ""
@@ -89,6 +101,12 @@ class DistillJobSpec(JobSpecBase):
         examples=[{"arch": "small_cnn", "kwargs": {"width": 8, "depth": 2}}])
     distill: DistillConfig = Field(default_factory=DistillConfig, description="The loss and the training loop; "
                                    "its fields (temperature, alpha, epochs, lr, ...) may be given flat.")
+    # A student is meant to be smaller than its teacher, so how far below it may land is the user's call: off.
+    max_accuracy_drop_pts: float | None = Field(
+        default=None, ge=0, le=100, description="Acceptance gate against the teacher, off by default (a student "
+        "smaller than its teacher is expected to score lower): when set, a student file more than this many points "
+        "below the teacher is kept only as a diagnostic. The floor (no result at chance level or predicting one "
+        "class) always applies.")
 
     @property
     def input_model(self) -> str:

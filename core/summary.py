@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 FIGURE_NAMES = {
-    "accuracy": "Top-1 accuracy (held out)",
+    "accuracy": "Top-1 accuracy",
     "params": "Parameters",
     "macs": "MACs per image",
     "file_bytes": "Weights file size",
@@ -23,8 +23,8 @@ AFTER_LABELS = {"distill": "student", "prune": "pruned", "quantize": "int8"}
 
 
 def summarize(kind: str, metrics: dict[str, Any]) -> dict[str, Any] | None:
-    """{"before": figures, "after": figures, "validation_samples": n, "formats": each published format's accuracy
-    against its float source, "failed_formats": those more than the tolerance below it, "measured_on": the CPU},
+    """{"before": figures, "after": figures, "validation_samples": n, "evaluation": which images, "formats": each
+    model file's acceptance verdict, "failed_formats": those not published as results, "measured_on": the CPU},
     or None until a job's metrics hold both
     sides (queued, running, failed, or from a version that measured less). A figure a side lacks is None:
     an int8 model has no weights file, a distillation before TorchScript sizes were kept has none of those."""
@@ -36,12 +36,21 @@ def summarize(kind: str, metrics: dict[str, Any]) -> dict[str, Any] | None:
         figures, labels = _compression_figures, ("input", AFTER_LABELS.get(kind, "output"))
     if not source or not result:
         return None
-    check = metrics.get("format_check") or {}
-    formats = [{"format": fmt, **entry} for fmt, entry in (check.get("formats") or {}).items()]
+    formats = _format_verdicts(metrics)
     return {"before": figures(labels[0], source), "after": figures(labels[1], result),
-            "validation_samples": metrics.get("validation_samples"), "formats": formats,
-            "failed_formats": [entry["format"] for entry in formats if not entry["passed"]],
+            "validation_samples": metrics.get("validation_samples"), "evaluation": metrics.get("evaluation"),
+            "formats": formats, "failed_formats": [entry["format"] for entry in formats if not entry["passed"]],
             "measured_on": metrics.get("measured_on")}
+
+
+def _format_verdicts(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each model file's acceptance verdict; jobs measured before the acceptance checks had a format check against
+    the float source alone, whose drop is the source drop."""
+    if "acceptance" in metrics:
+        return [{"format": fmt, **entry} for fmt, entry in metrics["acceptance"]["formats"].items()]
+    legacy = (metrics.get("format_check") or {}).get("formats") or {}
+    return [{"format": fmt, "accuracy": entry["accuracy"], "source_drop_pts": entry["drop_pts"],
+             "passed": entry["passed"]} for fmt, entry in legacy.items()]
 
 
 def _distill_figures(label: str, side: dict[str, Any]) -> dict[str, Any]:

@@ -67,13 +67,36 @@ class ModelFigures(BaseModel):
 
 
 class FormatCheck(BaseModel):
-    """One published file's accuracy against the float model it was made from."""
+    """One model file's acceptance verdict: its accuracy, how it compares with the input model and with the float
+    model it was made from, and whether it is a result."""
 
-    format: str = Field(examples=["onnx"])
+    format: str = Field(description="safetensors (rebuilt from its spec), torchscript, onnx, pt2.",
+                        examples=["onnx"])
     accuracy: float = Field(examples=[0.97])
-    drop_pts: float = Field(description="Points below the float source (negative: above it).", examples=[0.2])
-    passed: bool = Field(description="False when the file scores more than the tolerance below its float source: "
-                         "not a usable result.")
+    agreement: float | None = Field(default=None, description="Share of images on which its top-1 equals that of "
+                                    "`agreement_with`.", examples=[0.995])
+    agreement_with: str | None = Field(default=None, description="The model agreement is measured against: the "
+                                       "float model the file was made from (for the float weights file itself, "
+                                       "the input model).", examples=["float input model"])
+    drop_pts: float | None = Field(default=None, description="Points below the input model (the teacher of a "
+                                   "distillation); negative: above it. What max_accuracy_drop_pts limits.",
+                                   examples=[0.4])
+    source_drop_pts: float | None = Field(default=None, description="Points below the float model it was made "
+                                          "from.", examples=[0.2])
+    passed: bool = Field(description="False when the file failed any acceptance check: not a result, kept only as "
+                         "a diagnostic (REJECTED-*).")
+    reasons: list[str] = Field(default_factory=list, description="Why it failed, in words.")
+
+
+class Evaluation(BaseModel):
+    """What the accuracies were measured on."""
+
+    source: Literal["eval_dataset", "split"] = Field(description="eval_dataset: a separate dataset that nothing in "
+                                                     "the job trained on; split: a held-out part of the training "
+                                                     "dataset, which the input model may have seen.")
+    dataset: str = Field(examples=["dst_9b1e4c7a2f0d8e6b3a5c1f7d"])
+    samples: int = Field(examples=[360])
+    note: str
 
 
 class MeasuredOn(BaseModel):
@@ -92,10 +115,12 @@ class JobSummary(BaseModel):
 
     before: ModelFigures
     after: ModelFigures
-    validation_samples: int | None = Field(description="Held-out images the accuracies are measured on.")
-    formats: list[FormatCheck] = Field(default_factory=list, description="Every published format's accuracy, "
-                                       "checked against its float source.")
-    failed_formats: list[str] = Field(default_factory=list, description="Formats that failed that check.")
+    validation_samples: int | None = Field(description="Images the accuracies are measured on.")
+    evaluation: Evaluation | None = Field(default=None, description="Which images those are (absent for jobs "
+                                          "measured before this was recorded).")
+    formats: list[FormatCheck] = Field(default_factory=list, description="Every model file's acceptance verdict.")
+    failed_formats: list[str] = Field(default_factory=list, description="Formats that failed their acceptance "
+                                      "checks: not published as results.")
     measured_on: MeasuredOn | None = Field(default=None, description="The CPU the figures were measured on.")
 
 

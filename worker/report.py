@@ -97,23 +97,27 @@ def _inputs_section(inputs: dict[str, Any]) -> list[str]:
              f"| Architecture | `{_cell(json.dumps(model['arch'], sort_keys=True))}` |",
              f"| Input | `{_cell(json.dumps(model['input_spec'], sort_keys=True))}` |",
              f"| Model sha256 | `{model['sha256']}` |"]
-    if dataset.get("builtin"):
-        lines.append(f"| Dataset | built-in `{dataset['builtin']}` |")
-    else:
-        lines += [f"| Dataset | {_cell(dataset['name'])} (`{dataset['id']}`), {dataset['format']}, "
-                  f"{dataset['num_samples']:,} images, {dataset['num_classes']} classes |",
-                  f"| Dataset sha256 (as uploaded) | `{dataset['sha256']}` |",
-                  f"| Dataset sha256 (canonical .npz) | `{dataset['canonical_sha256']}` |"]
+    lines += _dataset_lines("Dataset", dataset)
+    if inputs.get("eval_dataset"):
+        lines += _dataset_lines("Evaluation dataset", inputs["eval_dataset"])
     return lines
+
+
+def _dataset_lines(title: str, dataset: dict[str, Any]) -> list[str]:
+    if dataset.get("builtin"):
+        return [f"| {title} | built-in `{dataset['builtin']}` |"]
+    return [f"| {title} | {_cell(dataset['name'])} (`{dataset['id']}`), {dataset['format']}, "
+            f"{dataset['num_samples']:,} images, {dataset['num_classes']} classes |",
+            f"| {title} sha256 (as uploaded) | `{dataset['sha256']}` |",
+            f"| {title} sha256 (canonical .npz) | `{dataset['canonical_sha256']}` |"]
 
 
 def _comparison_section(summary: dict[str, Any] | None) -> list[str]:
     if not summary:
         return []
     before, after = summary["before"], summary["after"]
-    lines = ["## Before and after", "",
-             f"Measured on {summary['validation_samples']} held-out images that training never saw; latency "
-             "of the TorchScript files on the worker's CPU.", "",
+    lines = ["## Before and after", "", f"{_evaluation_sentence(summary)} Latency of the TorchScript files on the "
+             "worker's CPU.", "",
              f"| | {before['label']} | {after['label']} | change |", "|---|---:|---:|---:|"]
     for name, title in FIGURE_NAMES.items():
         lines.append(f"| {title} | {format_figure(name, before.get(name))} | {format_figure(name, after.get(name))} "
@@ -121,20 +125,47 @@ def _comparison_section(summary: dict[str, Any] | None) -> list[str]:
     return lines + _formats_lines(summary)
 
 
+def _evaluation_sentence(summary: dict[str, Any]) -> str:
+    evaluation = summary.get("evaluation")
+    if not evaluation:
+        return f"Accuracies measured on {summary['validation_samples']} held-out images."
+    if evaluation["source"] == "eval_dataset":
+        return (f"Accuracies measured on {evaluation['samples']} images of the evaluation dataset "
+                f"`{_cell(evaluation['dataset'])}`, which the job neither trained nor calibrated on.")
+    return (f"Accuracies measured on {evaluation['samples']} images held out from the uploaded dataset "
+            f"`{_cell(evaluation['dataset'])}`: the job did not train on them, but the input model may have, so its "
+            "accuracy and the drops against it may look better than on new images (give eval_dataset to avoid it).")
+
+
 def _formats_lines(summary: dict[str, Any]) -> list[str]:
-    """Each published file's accuracy against its float source, and the CPU the figures come from."""
+    """Each model file's acceptance verdict, and the CPU the figures come from."""
     lines = []
     if summary.get("formats"):
-        lines += ["", "| file format | accuracy | vs float source | check |", "|---|---:|---:|---|"]
+        lines += ["", "| file format | accuracy | top-1 agreement | vs input model | vs float source | verdict |",
+                  "|---|---:|---:|---:|---:|---|"]
         lines += [f"| {entry['format']} | {format_figure('accuracy', entry['accuracy'])} | "
-                  f"{-entry['drop_pts']:+.2f} pts | {'passed' if entry['passed'] else '**FAILED**: not usable'} |"
-                  for entry in summary["formats"]]
+                  f"{_agreement(entry)} | {_points(entry.get('drop_pts'))} | {_points(entry.get('source_drop_pts'))} "
+                  f"| {_verdict(entry)} |" for entry in summary["formats"]]
     if summary.get("failed_formats"):
-        lines += ["", f"**Not a usable result:** the {' and '.join(summary['failed_formats'])} file(s) score more "
-                  "than the allowed points below their float source (see the notes)."]
+        lines += ["", f"**Not results:** the {' and '.join(summary['failed_formats'])} file(s) failed their "
+                  "acceptance checks and are kept only as diagnostics (REJECTED-*); see the notes."]
     if summary.get("measured_on"):
         lines += ["", f"Measured on {cpu.summary_line(summary['measured_on'])}."]
     return lines
+
+
+def _agreement(entry: dict[str, Any]) -> str:
+    if entry.get("agreement") is None:
+        return "n/a"
+    return f"{entry['agreement']:.2%} with the {_cell(entry['agreement_with'])}"
+
+
+def _verdict(entry: dict[str, Any]) -> str:
+    return "passed" if entry["passed"] else "**REJECTED**: " + _cell("; ".join(entry.get("reasons", [])))
+
+
+def _points(drop_pts: float | None) -> str:
+    return "n/a" if drop_pts is None else f"{-drop_pts:+.2f} pts"
 
 
 def _training_section(history: list[dict[str, float]]) -> list[str]:

@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import socket
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,13 @@ from core.storage import BlobStore, StoredBlob, get_store
 from core.views import as_utc
 from worker import report
 from worker.engine import cpu
+from worker.engine.config import BUILTIN_DATASETS
 from worker.engine.errors import Canceled, EngineError
 from worker.engine.hardware import pick_device
 from worker.engine.models import describe_validation_error
 from worker.guard import JobGuard, LeaseLost, Preempted, record_epochs
 from worker.heartbeat import Heartbeat
+from worker.jobs import acceptance
 from worker.jobs.base import Checkpoints, JobContext, JobOutcome, ModelSource, OutputFile, job_function
 from worker.preemption import stop_requested
 
@@ -74,6 +77,9 @@ def _context(session: Any, job: Job, spec: JobSpecBase, owner: str, settings: Se
     store = get_store()
     teacher = session.get(Model, job.teacher_id)
     dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
+    # The API checked that the evaluation set is the tenant's and fits; datasets are never deleted.
+    eval_dataset = session.get(Dataset, spec.eval_dataset) if spec.eval_dataset not in (None, *BUILTIN_DATASETS) \
+        else None
     return JobContext(
         job_id=job.id, kind=job.kind, owner=owner, attempt=job.attempt, max_attempts=job.max_attempts,
         spec=spec,
@@ -81,8 +87,9 @@ def _context(session: Any, job: Job, spec: JobSpecBase, owner: str, settings: Se
                             input_spec=teacher.input_spec, bytes=teacher.bytes),
         dataset_path=store.path_for(dataset.canonical_sha256) if dataset else None,
         work_dir=job_work_dir(settings, job.id),
-        provenance=_provenance(spec, teacher, dataset),
+        provenance=_provenance(spec, teacher, dataset, eval_dataset),
         deadline=_deadline(job, spec),
+        eval_dataset_path=store.path_for(eval_dataset.canonical_sha256) if eval_dataset else None,
     )
 
 
@@ -93,15 +100,22 @@ def _deadline(job: Job, spec: JobSpecBase) -> datetime | None:
     return as_utc(job.started_at) + timedelta(seconds=limit)
 
 
-def _provenance(spec: JobSpecBase, model: Model, dataset: Dataset | None) -> dict[str, Any]:
+def _provenance(spec: JobSpecBase, model: Model, dataset: Dataset | None,
+                eval_dataset: Dataset | None) -> dict[str, Any]:
     model_fields = {"id": model.id, "name": model.name, "format": model.format, "sha256": model.sha256,
                     "bytes": model.bytes, "arch": model.arch, "input_spec": model.input_spec}
+    inputs = {"model": model_fields, "dataset": _dataset_fields(spec.dataset, dataset)}
+    if spec.eval_dataset is not None:
+        inputs["eval_dataset"] = _dataset_fields(spec.eval_dataset, eval_dataset)
+    return inputs
+
+
+def _dataset_fields(name: str, dataset: Dataset | None) -> dict[str, Any]:
     if dataset is None:
-        return {"model": model_fields, "dataset": {"builtin": spec.dataset}}
-    dataset_fields = {"id": dataset.id, "name": dataset.name, "format": dataset.format, "sha256": dataset.sha256,
-                      "canonical_sha256": dataset.canonical_sha256, "num_samples": dataset.num_samples,
-                      "num_classes": dataset.num_classes}
-    return {"model": model_fields, "dataset": dataset_fields}
+        return {"builtin": name}
+    return {"id": dataset.id, "name": dataset.name, "format": dataset.format, "sha256": dataset.sha256,
+            "canonical_sha256": dataset.canonical_sha256, "num_samples": dataset.num_samples,
+            "num_classes": dataset.num_classes}
 
 
 def _run_claimed(ctx: JobContext, heartbeat: Heartbeat, settings: Settings) -> None:
@@ -149,35 +163,57 @@ def _retry_or_fail(ctx: JobContext, reason: str) -> None:
 
 
 def _publish(ctx: JobContext, outcome: JobOutcome, store: BlobStore) -> None:
-    """Store the files, then in one transaction add their rows (and any epoch events not yet recorded)
-    and mark the job succeeded."""
-    message = _conclude(outcome.metrics)
-    blobs = [(output, store.put_file(output.path)) for output in outcome.files]
+    """Store the files (those that failed their acceptance checks marked as diagnostics), then in one transaction
+    add their rows, the epochs not yet recorded and the acceptance outcome, and end the job: succeeded, or failed
+    when no result passed."""
+    status, message, error = _conclude(ctx.kind, outcome.metrics)
+    acceptance_result = outcome.metrics.get("acceptance") or {}
+    files = [_as_diagnostic(output) if output.format in acceptance_result.get("failed_formats", ()) else output
+             for output in outcome.files]
+    blobs = [(output, store.put_file(output.path)) for output in files]
     blobs += [(output, store.put_file(output.path)) for output in _report(ctx, outcome, blobs)]
     with session_scope() as session:
         record_epochs(session, ctx, outcome.metrics.get("history", []))
-        tenant = session.get(Job, ctx.job_id).tenant
+        job = session.get(Job, ctx.job_id)
         for output, blob in blobs:
-            session.add(Artifact(tenant=tenant, job_id=ctx.job_id, kind=output.kind, filename=output.filename,
+            session.add(Artifact(tenant=job.tenant, job_id=ctx.job_id, kind=output.kind, filename=output.filename,
                                  media_type=output.media_type, runtime=output.runtime, sha256=blob.sha256,
                                  bytes=blob.bytes))
-        if not lifecycle.finish(session, ctx.job_id, ctx.owner, "succeeded", message, metrics=outcome.metrics):
+        if acceptance_result:
+            lifecycle.record_event(session, job, "acceptance", ctx.owner, _acceptance_line(acceptance_result),
+                                   {"formats": acceptance_result["formats"]})
+        if not lifecycle.finish(session, ctx.job_id, ctx.owner, status, message, error=error,
+                                metrics=outcome.metrics):
             # Someone else owns the job now: roll back so that only one attempt ever publishes.
             raise LeaseLost(ctx.job_id)
     shutil.rmtree(ctx.work_dir, ignore_errors=True)
 
 
-def _conclude(metrics: dict[str, Any]) -> str:
-    """Adds what every kind's figures need (the CPU they were measured on; a failed format check first among
-    the notes) and returns the job's closing message, which names any format that failed its check."""
+DIAGNOSTIC_PREFIX = "REJECTED-"
+
+
+def _as_diagnostic(output: OutputFile) -> OutputFile:
+    """A file that failed its acceptance checks: kept for diagnosis under a name and kind no client takes for the
+    result (clients that ask for `quantized_onnx` find none)."""
+    return replace(output, kind=f"{output.kind}_rejected", filename=DIAGNOSTIC_PREFIX + output.filename,
+                   runtime="diagnostic only: failed acceptance")
+
+
+def _acceptance_line(acceptance_result: dict[str, Any]) -> str:
+    verdicts = [f"{fmt} {entry['accuracy']:.2%} {'passed' if entry['passed'] else 'FAILED'}"
+                for fmt, entry in acceptance_result["formats"].items()]
+    return "acceptance checks: " + ", ".join(verdicts)
+
+
+def _conclude(kind: str, metrics: dict[str, Any]) -> tuple[str, str, str | None]:
+    """Adds what every kind's figures need (the CPU they were measured on; the acceptance notes first among the
+    notes) and returns the job's (status, closing message, error) from its acceptance checks."""
     metrics["measured_on"] = cpu.describe()
-    check = metrics.get("format_check") or {}
-    metrics["notes"] = [*check.get("notes", []), *metrics.get("notes", [])]
-    failed = [fmt for fmt, entry in check.get("formats", {}).items() if not entry["passed"]]
-    if failed:
-        return (f"succeeded, but the {' and '.join(failed)} file(s) failed the accuracy check against their float "
-                f"source: not usable results (see the notes)")
-    return "succeeded; artifacts published"
+    acceptance_result = metrics.get("acceptance")
+    if not acceptance_result:
+        return "succeeded", "succeeded; artifacts published", None
+    metrics["notes"] = [*acceptance_result["notes"], *metrics.get("notes", [])]
+    return acceptance.conclusion(kind, acceptance_result)
 
 
 def _report(ctx: JobContext, outcome: JobOutcome, blobs: list[tuple[OutputFile, StoredBlob]]) -> list[OutputFile]:

@@ -86,8 +86,8 @@ class JobEventOut(OutModel):
     id: int = Field(description="Increases with every event; resume a listing or stream after it.",
                     examples=[42])
     at: UtcDatetime
-    kind: str = Field(description="state (a transition), progress (an epoch ended), log, or webhook (a "
-                      "delivery attempt).", examples=["state"])
+    kind: str = Field(description="state (a transition), progress (an epoch ended), acceptance (each file's "
+                      "verdict, in data.formats), log, or webhook (a delivery attempt).", examples=["state"])
     status: str | None = Field(description="The job's status after the event.", examples=["queued"])
     attempt: int
     actor: str = Field(description="api-key:<prefix> for API calls, the worker or reaper otherwise.",

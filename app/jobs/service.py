@@ -41,6 +41,7 @@ class DatasetShape(Protocol):
     """An uploaded Dataset row or a built-in's summary: what a job checks against."""
 
     num_classes: int
+    class_names: list[Any]
     image_shape: list[int]
 
 
@@ -76,6 +77,8 @@ def _prepare(session: Session, tenant: str, body: AnyJobCreate, settings: Settin
     if body.webhook_url is not None:
         webhooks.check_job_webhook(session, tenant, body.webhook_url, settings)
     _check_dataset(dataset, source, source_input, field, body.kind)
+    if body.eval_dataset is not None:
+        _check_eval_dataset(session, tenant, body.eval_dataset, body.dataset, dataset, source, source_input, field)
     # The input model goes in teacher_id whatever the kind: the worker loads it from there.
     return lambda job_id: Job(id=job_id, tenant=tenant, kind=body.kind, spec=spec, teacher_id=source.id,
                               dataset_id=dataset_id, status="queued", max_attempts=settings.max_attempts,
@@ -134,11 +137,12 @@ def _input_model(session: Session, tenant: str, model_id: str, field: str) -> Mo
     return models.require(session, tenant, model_id)
 
 
-def _dataset(session: Session, tenant: str, name_or_id: str) -> tuple[str | None, DatasetShape]:
+def _dataset(session: Session, tenant: str, name_or_id: str, field: str = "dataset") -> (
+        tuple[str | None, DatasetShape]):
     """(dataset id or None for a built-in, its shape)."""
     if name_or_id in BUILTIN_DATASETS:
         return None, builtin_summary(name_or_id)
-    _expect_kind(name_or_id, "dataset", "dataset",
+    _expect_kind(name_or_id, field, "dataset",
                  f"an uploaded dataset's id (dst_...) or a built-in name ({', '.join(BUILTIN_DATASETS)})")
     dataset = datasets.require(session, tenant, name_or_id)
     return dataset.id, dataset
@@ -174,3 +178,30 @@ def _check_dataset(dataset: DatasetShape, model: Model, model_input: InputSpec, 
         check_dataset_fits(dataset.image_shape, model_input)
     except SpecError as exc:
         raise Invalid(str(exc)) from exc
+
+
+def _check_eval_dataset(session: Session, tenant: str, eval_name: str, train_name: str, train: DatasetShape,
+                        model: Model, model_input: InputSpec, role: str) -> None:
+    """The evaluation set must be other images of the same classes, in the same order, that the model can read."""
+    _, evaluation = _dataset(session, tenant, eval_name, "eval_dataset")
+    if eval_name == train_name or _same_images(evaluation, train):
+        raise Invalid(f"eval_dataset '{eval_name}' holds the same images as dataset '{train_name}'; give a dataset "
+                      "that the job does not train on, or omit eval_dataset to evaluate on a held-out split")
+    if list(evaluation.class_names) != list(train.class_names):
+        raise Invalid(f"eval_dataset '{eval_name}' has classes {_names(evaluation)} but dataset '{train_name}' has "
+                      f"{_names(train)}; an evaluation set needs the same classes in the same order")
+    try:
+        check_dataset_fits(evaluation.image_shape, model_input)
+    except SpecError as exc:
+        raise Invalid(f"eval_dataset: {exc} (the {role} {model.id})") from exc
+
+
+def _same_images(a: DatasetShape, b: DatasetShape) -> bool:
+    """Two uploads of the same images (a built-in has no canonical hash: its name says which it is)."""
+    hashes = [getattr(dataset, "canonical_sha256", None) for dataset in (a, b)]
+    return hashes[0] is not None and hashes[0] == hashes[1]
+
+
+def _names(dataset: DatasetShape, shown: int = 12) -> str:
+    names = [str(name)[:40] for name in dataset.class_names]
+    return str(names[:shown])[:-1] + (f", ... {len(names) - shown} more]" if len(names) > shown else "]")

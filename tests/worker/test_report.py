@@ -14,7 +14,7 @@ import pytest
 from core.summary import describe_change, format_figure, summarize
 from worker import plots, report
 from worker.engine import cpu
-from worker.jobs import measure
+from worker.jobs import acceptance
 
 SVG = "{http://www.w3.org/2000/svg}"
 HISTORY = [{"epoch": 1, "train_loss": 1.9, "val_accuracy": 0.41}, {"epoch": 2, "train_loss": 0.8, "val_accuracy": 0.77},
@@ -85,7 +85,7 @@ def test_figures_and_changes_read_plainly() -> None:
 def test_model_card_holds_the_real_numbers() -> None:
     card = report.model_card(document("distill", DISTILL_METRICS), ["training_curves.svg"])
     rows = {line.split("|")[1].strip(): line for line in card.splitlines() if line.startswith("| ")}
-    assert "97.11%" in rows["Top-1 accuracy (held out)"] and "95.33%" in rows["Top-1 accuracy (held out)"]
+    assert "97.11%" in rows["Top-1 accuracy"] and "95.33%" in rows["Top-1 accuracy"]
     assert "123,456" in rows["Parameters"] and "5,321" in rows["Parameters"] and "23.20x fewer" in rows["Parameters"]
     assert "0.900 ms" in rows["CPU latency, batch 1"] and "3.00x faster" in rows["CPU latency, batch 1"]
     assert "a" * 64 in card and "b" * 64 in card  # input and artifact hashes
@@ -133,33 +133,38 @@ def test_written_report_files_parse(tmp_path: Path, kind: str, metrics: dict[str
         assert "## Training" not in files["report_model_card"].path.read_text()
 
 
-def test_a_format_far_below_its_float_source_fails_its_check_in_words() -> None:
-    check = measure.format_check("float input model", 0.97, {"torchscript": {"accuracy": 0.968},
-                                                             "onnx": {"accuracy": 0.43}})
-    assert check["formats"]["torchscript"] == {"accuracy": 0.968, "drop_pts": 0.2, "passed": True}
-    assert check["formats"]["onnx"] == {"accuracy": 0.43, "drop_pts": 54.0, "passed": False}
-    assert check["notes"] == ["NOT A USABLE RESULT: the onnx file scores 43.00%, 54.00 points below the float input "
-                              "model it was made from (97.00%; at most 3 allowed); do not deploy it"]
-    # At the tolerance itself it passes; just past it, it does not.
-    edge = measure.format_check("float input model", 0.95, {"a": {"accuracy": 0.92}, "b": {"accuracy": 0.9199}})
-    assert (edge["formats"]["a"]["passed"], edge["formats"]["b"]["passed"]) == (True, False)
-
-
-def test_summary_and_model_card_show_each_format_and_the_cpu() -> None:
+def test_summary_and_model_card_show_each_files_verdict_the_evaluation_and_the_cpu() -> None:
     host = {"model": "Some CPU", "machine": "x86_64", "features": ["avx2", "avx512_vnni"], "int8_dot_product": True}
-    metrics = {**QUANTIZE_METRICS, "measured_on": host,
-               "format_check": measure.format_check("float input model", 0.95, {"torchscript": {"accuracy": 0.94},
-                                                                                "onnx": {"accuracy": 0.40}})}
+    gate = acceptance.Gate(reference="input model", reference_accuracy=0.95, max_drop_pts=2.0,
+                           float_source="float input model", float_source_accuracy=0.95, num_classes=10,
+                           label_counts=[36] * 10)
+    verdicts = acceptance.check(gate, {
+        "torchscript": {"accuracy": 0.94, "agreement": 0.98, "agreement_with": "float input model",
+                        "dominant_class_share": 0.11},
+        "onnx": {"accuracy": 0.40, "agreement": 0.41, "agreement_with": "float input model",
+                 "dominant_class_share": 0.3}})
+    evaluation = {"source": "split", "dataset": "digits", "samples": 360, "note": "a split"}
+    metrics = {**QUANTIZE_METRICS, "measured_on": host, "acceptance": verdicts, "evaluation": evaluation}
     summary = summarize("quantize", metrics)
     assert summary is not None and summary["failed_formats"] == ["onnx"] and summary["measured_on"] == host
+    assert summary["evaluation"] == evaluation
     assert [(entry["format"], entry["passed"]) for entry in summary["formats"]] == [("torchscript", True),
                                                                                      ("onnx", False)]
     card = report.model_card(document("quantize", metrics), [])
-    assert "| onnx | 40.00% | -55.00 pts | **FAILED**: not usable |" in card
-    assert "| torchscript | 94.00% | -1.00 pts | passed |" in card
-    assert "**Not a usable result:** the onnx file(s)" in card
+    assert ("| onnx | 40.00% | 41.00% with the float input model | -55.00 pts | -55.00 pts | **REJECTED**: scores "
+            "40.00%, 55.00 points below the float input model") in card
+    assert "| torchscript | 94.00% | 98.00% with the float input model | -1.00 pts | -1.00 pts | passed |" in card
+    assert "**Not results:** the onnx file(s) failed their acceptance checks" in card
+    assert "images held out from the uploaded dataset `digits`" in card and "may have" in card
     assert "Measured on Some CPU (x86_64: avx2, avx512_vnni)." in card
     assert f"CPU {cpu.summary_line(cpu.describe())}." in card  # the environment: the host that wrote the report
+
+
+def test_a_job_measured_before_the_acceptance_checks_still_summarizes() -> None:
+    legacy = {"formats": {"onnx": {"accuracy": 0.4, "drop_pts": 55.0, "passed": False}}}
+    summary = summarize("quantize", {**QUANTIZE_METRICS, "format_check": legacy})
+    assert summary is not None and summary["failed_formats"] == ["onnx"]
+    assert summary["formats"] == [{"format": "onnx", "accuracy": 0.4, "source_drop_pts": 55.0, "passed": False}]
 
 
 def test_cpu_features_come_from_the_host() -> None:

@@ -49,6 +49,7 @@ class JobContext(Generic[SpecT]):
     work_dir: Path
     provenance: dict[str, Any]  # what went in, with sha256s, for the report
     deadline: datetime | None = None  # from the spec's time_limit_seconds, counted from the first start
+    eval_dataset_path: Path | None = None  # None: no spec.eval_dataset, or the built-in it names
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class OutputFile:
     filename: str
     media_type: str
     runtime: str
+    format: str | None = None  # the format key (measure.SUFFIXES) of a file that holds a model: judged, may be rejected
 
 
 @dataclass

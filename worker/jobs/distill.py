@@ -41,23 +41,23 @@ def run_distill(ctx: JobContext[DistillJobSpec], guard: Guard, checkpoints: Chec
     export.export_torchscript(student, example, scripted)
 
     guard.stage("evaluating")
-    metrics = _measure(ctx, teacher, student_spec, weights, scripted, val)
-    metrics["history"] = result.history
+    metrics = _measure(ctx, teacher, student_spec, weights, scripted, loaded.evaluation)
+    metrics.update(history=result.history, evaluation=loaded.evaluation_source)
     files = [
         OutputFile("student_safetensors", weights, "student.safetensors", "application/octet-stream",
-                   "safetensors (+ student.arch.json)"),
+                   "safetensors (+ student.arch.json)", measure.SAFETENSORS),
         OutputFile("student_arch_spec", spec_file, "student.arch.json", "application/json", "spec"),
         OutputFile("student_torchscript", scripted, "student.torchscript.pt", "application/octet-stream",
-                   measure.runtime_of(measure.TORCHSCRIPT)),
+                   measure.runtime_of(measure.TORCHSCRIPT), measure.TORCHSCRIPT),
     ]
     return JobOutcome(files=files, metrics=metrics)
 
 
 def _measure(ctx: JobContext[DistillJobSpec], teacher: torch.nn.Module, student_spec: ArchSpec, weights: Path,
-             scripted: Path, val: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+             scripted: Path, evaluation: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
     """Both models measured by measure.py: the student's downloaded files reloaded from disk, the teacher
     exported to TorchScript and reloaded the same way."""
-    held_out = measure.HeldOut.of(teacher, val)
+    held_out = measure.HeldOut.of(teacher, evaluation)
     teacher_summary = measure.float_model_summary(teacher, held_out)
     teacher_script = measure.input_baseline(teacher, held_out, ctx.work_dir / "baseline", (measure.TORCHSCRIPT,))
     student = models.load_model(weights, "safetensors", student_spec)
@@ -78,8 +78,9 @@ def _measure(ctx: JobContext[DistillJobSpec], teacher: torch.nn.Module, student_
             "param_count": student_summary["params"], "macs": student_summary["macs"], "file_bytes": student_bytes,
             "torchscript_bytes": student_script["file_bytes"], **student_latency,
         },
-        "format_check": measure.format_check(measure.FLOAT_SOURCES["output"], student_summary["accuracy"],
-                                             {measure.TORCHSCRIPT: student_script}),
+        "acceptance": measure.judge(held_out, ctx.spec.max_accuracy_drop_pts, "teacher", "output",
+                                    student_summary["accuracy"], {measure.TORCHSCRIPT: student_script},
+                                    weights=student_summary),
         "ratios": {"params": teacher_summary["params"] / student_summary["params"],
                    "macs": teacher_summary["macs"] / student_summary["macs"],
                    "file_bytes": ctx.teacher.bytes / student_bytes,

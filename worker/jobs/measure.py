@@ -2,7 +2,8 @@
 they will run it (TorchScript with torch.jit.load, ONNX with an ONNX Runtime CPU session), and the input
 model is exported to the same formats and measured the same way, so each ratio compares like with like.
 
-Accuracy and agreement are on the held-out split only (never used for training or calibration).
+Accuracy and agreement are on the job's evaluation images (inputs.JobInputs.evaluation: the eval_dataset, or the
+held-out split), never used for training or calibration; acceptance.py judges each file on them.
 """
 
 from __future__ import annotations
@@ -17,37 +18,46 @@ from torch import nn
 from worker.engine import evaluate, export, models, onnxio
 from worker.engine.evaluate import AnyModel
 from worker.engine.macs import count_macs
+from worker.jobs import acceptance
 
 LATENCY_BATCH_SIZES = (1, 32)
-# How far below its float source a published format may score before the job says it is not a usable result:
-# int8 rounding costs a fraction of a point on a healthy model; a broken kernel or export costs tens.
-FORMAT_TOLERANCE_PTS = 3.0
 FLOAT_SOURCES = {"input": "float input model", "output": "float model in the weights file"}
 # Artifact formats as users run them, with the file suffix that tells them apart.
-TORCHSCRIPT, ONNX = "torchscript", "onnx"
+TORCHSCRIPT, ONNX, SAFETENSORS = "torchscript", "onnx", "safetensors"
 SUFFIXES = {TORCHSCRIPT: ".torchscript.pt", ONNX: ".onnx"}
 
 
 @dataclass(frozen=True)
 class HeldOut:
-    """The held-out split and the input model's predictions on it, the reference for agreement."""
+    """The evaluation images and the input model's predictions on them, the reference for agreement."""
 
     x: torch.Tensor
     y: torch.Tensor
     input_predictions: torch.Tensor
+    num_classes: int
 
     @classmethod
-    def of(cls, input_model: AnyModel, val: tuple[torch.Tensor, torch.Tensor]) -> HeldOut:
-        x, y = val
-        return cls(x=x, y=y.cpu(), input_predictions=evaluate.predict(input_model, x))
+    def of(cls, input_model: AnyModel, evaluation: tuple[torch.Tensor, torch.Tensor]) -> HeldOut:
+        x, y = evaluation
+        logits = evaluate.logits(input_model, x)
+        return cls(x=x, y=y.cpu(), input_predictions=logits.argmax(dim=1), num_classes=logits.shape[1])
+
+    @property
+    def input_accuracy(self) -> float:
+        return _fraction_equal(self.input_predictions, self.y)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
 
+    @property
+    def label_counts(self) -> list[int]:
+        return torch.bincount(self.y, minlength=self.num_classes).tolist()
+
     def scores(self, predictions: torch.Tensor) -> dict[str, float]:
         return {"accuracy": _fraction_equal(predictions, self.y),
-                "agreement_with_input": _fraction_equal(predictions, self.input_predictions)}
+                "agreement_with_input": _fraction_equal(predictions, self.input_predictions),
+                "dominant_class_share": torch.bincount(predictions).max().item() / len(predictions)}
 
 
 def _fraction_equal(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -108,28 +118,35 @@ def runtime_of(fmt: str, detail: str = "fp32") -> str:
     return f"onnxruntime (CPU, {detail})"
 
 
-def format_check(float_source: str, source_accuracy: float,
-                 artifacts: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Each published format's accuracy against the float model it was made from (`float_source` names it):
-    a format more than FORMAT_TOLERANCE_PTS below it is marked failed, and `notes` says so in words."""
-    formats = {}
-    for fmt, artifact in artifacts.items():
-        drop_pts = round((source_accuracy - artifact["accuracy"]) * 100, 2)
-        formats[fmt] = {"accuracy": artifact["accuracy"], "drop_pts": drop_pts,
-                        "passed": drop_pts <= FORMAT_TOLERANCE_PTS}
-    notes = [f"NOT A USABLE RESULT: the {fmt} file scores {entry['accuracy']:.2%}, {entry['drop_pts']:.2f} points "
-             f"below the {float_source} it was made from ({source_accuracy:.2%}; at most {FORMAT_TOLERANCE_PTS:g} "
-             f"allowed); do not deploy it" for fmt, entry in formats.items() if not entry["passed"]]
-    return {"float_source": float_source, "float_source_accuracy": source_accuracy,
-            "tolerance_pts": FORMAT_TOLERANCE_PTS, "formats": formats, "notes": notes}
+def judge(held_out: HeldOut, max_drop_pts: float | None, reference: str, float_source: str,
+          float_source_accuracy: float, artifacts: dict[str, dict[str, Any]],
+          weights: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every model file's acceptance verdict (acceptance.check): each format in `artifacts` (measured by
+    measure_artifact) against its float source ("input" for an int8 model, "output" for a float one), and the
+    float weights file rebuilt from its spec (`weights`, a float_model_summary), if the job has one, against the
+    reference, which is the input model (`reference` names it: "teacher" for a distillation)."""
+    source_name = FLOAT_SOURCES[float_source]
+    agreement_key = "agreement_with_input" if float_source == "input" else "agreement_with_engine_model"
+    formats = {fmt: _gate_entry(artifact, agreement_key, source_name) for fmt, artifact in artifacts.items()}
+    if weights is not None:
+        formats = {SAFETENSORS: _gate_entry(weights, "agreement_with_input", reference), **formats}
+    gate = acceptance.Gate(reference=reference, reference_accuracy=held_out.input_accuracy, max_drop_pts=max_drop_pts,
+                           float_source=source_name, float_source_accuracy=float_source_accuracy,
+                           num_classes=held_out.num_classes, label_counts=held_out.label_counts)
+    return acceptance.check(gate, formats)
+
+
+def _gate_entry(measured: dict[str, Any], agreement_key: str, agreement_with: str) -> dict[str, Any]:
+    return {"accuracy": measured["accuracy"], "agreement": measured[agreement_key], "agreement_with": agreement_with,
+            "dominant_class_share": measured["dominant_class_share"]}
 
 
 def compression_metrics(input_summary: dict[str, Any], output_summary: dict[str, Any],
                         input_artifacts: dict[str, dict[str, Any]], output_artifacts: dict[str, dict[str, Any]],
-                        held_out: HeldOut, float_source: str) -> dict[str, Any]:
+                        held_out: HeldOut, float_source: str, max_drop_pts: float | None) -> dict[str, Any]:
     """The metrics of a prune or quantize job: input and output side by side, their ratios (input / output:
-    above 1 means smaller or faster), and each output format checked against its float source ("input" for
-    an int8 model, "output" for a float one)."""
+    above 1 means smaller or faster), and every output file judged (judge): a float output's weights file and its
+    formats against the float output ("output"), an int8 output's formats against the input model ("input")."""
     ratios: dict[str, Any] = {name: input_summary[name] / output_summary[name]
                               for name in ("params", "macs", "file_bytes") if output_summary.get(name)}
     for fmt, output in output_artifacts.items():
@@ -143,7 +160,7 @@ def compression_metrics(input_summary: dict[str, Any], output_summary: dict[str,
         "input": {**input_summary, "artifacts": input_artifacts},
         "output": {**output_summary, "artifacts": output_artifacts},
         "ratios": ratios,
-        "format_check": format_check(FLOAT_SOURCES[float_source],
-                                     (input_summary if float_source == "input" else output_summary)["accuracy"],
-                                     output_artifacts),
+        "acceptance": judge(held_out, max_drop_pts, "input model", float_source,
+                            (input_summary if float_source == "input" else output_summary)["accuracy"],
+                            output_artifacts, weights=output_summary if float_source == "output" else None),
     }

@@ -47,9 +47,10 @@ def run_prune(ctx: JobContext[PruneJobSpec], guard: Guard, checkpoints: Checkpoi
     files = _export(pruned, prune.pruned_arch_document(arch, details["pruned_shapes"]), val[0][:1], ctx.work_dir)
 
     guard.stage("evaluating")
-    metrics = _measure(ctx, model, arch, files, val)
+    metrics = _measure(ctx, model, arch, files, loaded.evaluation)
     notes = [DENSE_NOTE] if config.method == "unstructured" else []
-    return JobOutcome(files=files, metrics={**metrics, "pruning": details, "history": history, "notes": notes})
+    return JobOutcome(files=files, metrics={**metrics, "pruning": details, "history": history, "notes": notes,
+                                            "evaluation": loaded.evaluation_source})
 
 
 def _pruned(model: nn.Module, config: PruneConfig, train: inputs.TensorPair, arch: ArchSpec, seed: int) -> (
@@ -75,6 +76,9 @@ _FILES = {  # kind: (file name, media type)
     "pruned_onnx": ("pruned" + measure.SUFFIXES[measure.ONNX], "application/octet-stream"),
 }
 
+_FORMATS = {"pruned_safetensors": measure.SAFETENSORS, "pruned_torchscript": measure.TORCHSCRIPT,
+            "pruned_onnx": measure.ONNX}
+
 
 def _export(pruned: nn.Module, arch_document: dict[str, Any], example: Any, folder: Path) -> list[OutputFile]:
     folder.mkdir(parents=True, exist_ok=True)
@@ -86,17 +90,17 @@ def _export(pruned: nn.Module, arch_document: dict[str, Any], example: Any, fold
     runtimes = {"pruned_safetensors": "safetensors (+ pruned.arch.json)", "pruned_arch_spec": "spec",
                 "pruned_torchscript": measure.runtime_of(measure.TORCHSCRIPT),
                 "pruned_onnx": measure.runtime_of(measure.ONNX)}
-    return [OutputFile(kind, paths[kind], filename, media_type, runtimes[kind])
+    return [OutputFile(kind, paths[kind], filename, media_type, runtimes[kind], _FORMATS.get(kind))
             for kind, (filename, media_type) in _FILES.items()]
 
 
 def _measure(ctx: JobContext[PruneJobSpec], model: nn.Module, arch: ArchSpec, files: list[OutputFile],
-             val: inputs.TensorPair) -> dict[str, Any]:
+             evaluation: inputs.TensorPair) -> dict[str, Any]:
     """The engine model is the one rebuilt from the downloaded weights and arch spec, so the measurement
     also proves that those two files load; TorchScript and ONNX are compared with it."""
     paths = {output.kind: output.path for output in files}
     runtimes = {output.kind: output.runtime for output in files}
-    held_out = measure.HeldOut.of(model, val)
+    held_out = measure.HeldOut.of(model, evaluation)
     shapes = json.loads(paths["pruned_arch_spec"].read_text())["pruned_shapes"]
     engine_model = prune.load_pruned(paths["pruned_safetensors"], arch, shapes)
     engine_predictions = evaluate.predict(engine_model, held_out.x)
@@ -109,4 +113,5 @@ def _measure(ctx: JobContext[PruneJobSpec], model: nn.Module, arch: ArchSpec, fi
                         "file_bytes": paths["pruned_safetensors"].stat().st_size},
         input_artifacts=measure.input_baseline(model, held_out, ctx.work_dir / "baseline"),
         output_artifacts=output_artifacts, held_out=held_out, float_source="output",
+        max_drop_pts=ctx.spec.max_accuracy_drop_pts,
     )

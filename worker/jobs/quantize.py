@@ -23,6 +23,8 @@ from worker.jobs.base import Checkpoints, Guard, JobContext, JobOutcome, OutputF
 TORCHSCRIPT_FILE = "quantized" + measure.SUFFIXES[measure.TORCHSCRIPT]
 ONNX_FILE = "quantized" + measure.SUFFIXES[measure.ONNX]
 INFO_FILE = "quantized.json"
+# A quantization that shrinks every file by less than this share has left the model as it was.
+UNCHANGED_SIZE_SHARE = 0.05
 NOT_EXPORTED = ("no ExportedProgram (.pt2): torch.export cannot serialize the packed int8 weights of "
                 "PyTorch's int8 CPU kernels; use the TorchScript file with plain torch")
 QNNPACK_ON_X86 = ("backend 'qnnpack' targets ARM CPUs; its TorchScript latency here was measured with QNNPACK's "
@@ -59,11 +61,12 @@ def run_quantize(ctx: JobContext[QuantizeJobSpec], guard: Guard, checkpoints: Ch
     files = _export(int8, float_source, config, arch, calibration, ctx.work_dir)
 
     guard.stage("evaluating")
-    metrics = _measure(ctx, model, int8, config, files, val)
+    metrics = _measure(ctx, model, int8, config, files, loaded.evaluation)
     details = {"method": config.method, "backend": config.backend, **quantize.layer_report(int8),
                "calibration_samples": 0 if config.method == "dynamic" else len(calibration)}
-    notes = [NOT_EXPORTED] + ([QNNPACK_ON_X86] if config.backend == "qnnpack" and _on_x86() else [])
-    metrics.update(quantization=details, history=history, notes=notes,
+    notes = [*_unchanged_size_notes(config, metrics), NOT_EXPORTED,
+             *([QNNPACK_ON_X86] if config.backend == "qnnpack" and _on_x86() else [])]
+    metrics.update(quantization=details, history=history, notes=notes, evaluation=loaded.evaluation_source,
                    gpu=quantize.torchao_gpu_variants(model, val[0], ctx.spec.device))
     return JobOutcome(files=files, metrics=metrics)
 
@@ -87,9 +90,9 @@ def _export(int8: nn.Module, float_source: nn.Module, config: QuantizeConfig, ar
     export.save_json(_info_document(config, arch, runtimes), folder / INFO_FILE)
     return [
         OutputFile("quantized_torchscript", folder / TORCHSCRIPT_FILE, TORCHSCRIPT_FILE, "application/octet-stream",
-                   runtimes[measure.TORCHSCRIPT]),
+                   runtimes[measure.TORCHSCRIPT], measure.TORCHSCRIPT),
         OutputFile("quantized_onnx", folder / ONNX_FILE, ONNX_FILE, "application/octet-stream",
-                   runtimes[measure.ONNX]),
+                   runtimes[measure.ONNX], measure.ONNX),
         OutputFile("quantized_info", folder / INFO_FILE, INFO_FILE, "application/json", "spec"),
     ]
 
@@ -124,12 +127,12 @@ def _info_document(config: QuantizeConfig, arch: ArchSpec, runtimes: dict[str, s
 
 
 def _measure(ctx: JobContext[QuantizeJobSpec], model: nn.Module, int8: nn.Module, config: QuantizeConfig,
-             files: list[OutputFile], val: inputs.TensorPair) -> dict[str, Any]:
+             files: list[OutputFile], evaluation: inputs.TensorPair) -> dict[str, Any]:
     """The int8 files against the input model exported to the same formats; parameters and MACs are the
     float model's (quantization changes their width, not their number)."""
     paths = {output.kind: output.path for output in files}
     runtimes = {output.kind: output.runtime for output in files}
-    held_out = measure.HeldOut.of(model, val)
+    held_out = measure.HeldOut.of(model, evaluation)
     input_summary = {**measure.float_model_summary(model, held_out), "file_bytes": ctx.teacher.bytes}
     with quantize.quantized_engine(config.backend):
         engine_predictions = evaluate.predict(int8, held_out.x)
@@ -140,7 +143,21 @@ def _measure(ctx: JobContext[QuantizeJobSpec], model: nn.Module, int8: nn.Module
                       "macs": input_summary["macs"]}
     return measure.compression_metrics(input_summary, output_summary,
                                        measure.input_baseline(model, held_out, ctx.work_dir / "baseline"),
-                                       output_artifacts, held_out, float_source="input")
+                                       output_artifacts, held_out, float_source="input",
+                                       max_drop_pts=ctx.spec.max_accuracy_drop_pts)
+
+
+def _unchanged_size_notes(config: QuantizeConfig, metrics: dict[str, Any]) -> list[str]:
+    """Dynamic quantization converts only Linear layers: on a CNN, whose weights are mostly convolutions, the
+    files barely shrink, which users mistake for a quantized model."""
+    changes = {fmt: 1 - 1 / ratio["file_bytes"] for fmt, ratio in metrics["ratios"].items()
+               if isinstance(ratio, dict) and "file_bytes" in ratio}
+    if config.method != "dynamic" or not changes or max(changes.values()) >= UNCHANGED_SIZE_SHARE:
+        return []
+    sizes = ", ".join(f"{fmt} {change:.1%}" for fmt, change in changes.items())
+    return [f"ALMOST UNCHANGED: dynamic quantization converts only Linear layers, and this model's weights are mostly "
+            f"elsewhere (convolutions): the files shrank by {sizes} and run as before; use method 'static' (or 'qat') "
+            "to quantize the convolutions too"]
 
 
 def _on_x86() -> bool:

@@ -1,7 +1,7 @@
 // How figures read on the dashboard: the same units and words as the report's model card.
 
 export const FIGURES = [
-  ["accuracy", "Top-1 accuracy (held out)"],
+  ["accuracy", "Top-1 accuracy"],
   ["params", "Parameters"],
   ["macs", "MACs per image"],
   ["file_bytes", "Weights file size"],
