@@ -83,6 +83,9 @@ class FormatCheck(BaseModel):
                                    examples=[0.4])
     source_drop_pts: float | None = Field(default=None, description="Points below the float model it was made "
                                           "from.", examples=[0.2])
+    dominant_class_share: float | None = Field(default=None, description="Share of the images given its most "
+                                               "frequent prediction (near 1: collapsed onto one class).",
+                                               examples=[0.11])
     passed: bool = Field(description="False when the file failed any acceptance check: not a result, kept only as "
                          "a diagnostic (REJECTED-*).")
     reasons: list[str] = Field(default_factory=list, description="Why it failed, in words.")

@@ -11,13 +11,14 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
 
 from tests.harness import Service
 from tests.support import wait_for
-from worker.engine import data, export, models
+from worker.engine import data, evaluate, export, models
 from worker.engine.config import ArchSpec, DistillConfig
 from worker.engine.distill import distill
 
@@ -127,4 +128,41 @@ def test_distill_over_http_and_load_the_artifact_independently(service_factory: 
     assert metrics["student"]["param_count"] * 10 <= metrics["teacher"]["param_count"]
     assert metrics["student"]["cpu_latency_ms_batch1"] > 0 and metrics["teacher"]["cpu_latency_ms_batch1"] > 0
     assert job["attempt"] == 1
+    # Without an eval_dataset the figures say that they come from a split the teacher may have seen.
+    assert job["summary"]["evaluation"]["source"] == "split" and "may have" in job["summary"]["evaluation"]["note"]
     check_report(service, job)
+
+
+def npz_of(x: Any, y: Any) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, x=x, y=y)
+    return buffer.getvalue()
+
+
+def test_accuracies_come_from_the_eval_dataset_when_one_is_given(service_factory: Any, trained_teacher: Path) -> None:
+    """Two uploads cut from digits: the job trains on one and reports every accuracy on the other."""
+    service = service_factory("distributed")
+    service.start_worker()
+    digits = data.load_builtin("digits")
+    train_idx, eval_idx = data.stratified_split(digits.y, 0.3, seed=11)
+    train_id = service.upload_dataset(npz_of(digits.x[train_idx][..., 0], digits.y[train_idx]), "train.npz")
+    eval_id = service.upload_dataset(npz_of(digits.x[eval_idx][..., 0], digits.y[eval_idx]), "eval.npz")
+    teacher_id = service.upload_teacher(trained_teacher, TEACHER_SPEC)
+    job_id = service.submit({"kind": "distill", "teacher": teacher_id, "dataset": train_id, "eval_dataset": eval_id,
+                             "epochs": 2, "batch_size": 32, "student": {"arch": "small_cnn",
+                                                                        "kwargs": {"width": 8, "depth": 2}}})
+    job = service.api_job(service.wait_status(job_id, ("succeeded", "failed"), timeout=240).id)
+    assert job["status"] == "succeeded", job["error"]
+
+    x_eval = data.to_model_input(digits.x[eval_idx], ArchSpec.model_validate(TEACHER_SPEC).input)
+    teacher = models.load_model(trained_teacher, "safetensors", ArchSpec.model_validate(TEACHER_SPEC))
+    # Batched as the worker batches, so that no borderline image flips between batch shapes.
+    expected = evaluate.accuracy(teacher, x_eval, torch.from_numpy(digits.y[eval_idx]))
+    metrics, summary = job["metrics"], job["summary"]
+    assert metrics["teacher"]["accuracy"] == pytest.approx(expected, abs=1e-9)
+    assert metrics["validation_samples"] == len(eval_idx)
+    assert summary["evaluation"]["source"] == "eval_dataset" and summary["evaluation"]["dataset"] == eval_id
+    report = check_report(service, job)
+    assert report["inputs"]["eval_dataset"]["id"] == eval_id
+    card = download(service, {a["kind"]: a for a in job["artifacts"]}["report_model_card"]).decode()
+    assert f"images of the evaluation dataset `{eval_id}`, which the job neither trained nor calibrated on" in card
