@@ -221,3 +221,34 @@ def test_huge_json_body_is_refused_before_it_is_buffered(client: TestClient, aut
                            content=content)
     assert response.status_code == 413
     assert "exceeds the limit of 1048576 bytes" in response.json()["detail"]
+
+
+def test_eval_dataset_must_be_other_images_of_the_same_classes(client: TestClient, auth_headers: dict[str, str],
+                                                               teacher_id: str, tenant: str) -> None:
+    train_id = upload_dataset(client, auth_headers, npz_dataset(num_classes=10), "train.npz").json()["id"]
+    eval_id = upload_dataset(client, auth_headers, npz_dataset(num_classes=10, seed=1), "eval.npz").json()["id"]
+    same_images = upload_dataset(client, auth_headers, npz_dataset(num_classes=10), "again.npz").json()["id"]
+    five = upload_dataset(client, auth_headers, npz_dataset(num_classes=5, per_class=8), "five.npz").json()["id"]
+    rgb = upload_dataset(client, auth_headers, npz_dataset(num_classes=10, shape=(8, 8, 3), seed=2), "rgb.npz")
+    cases: list[tuple[dict[str, Any], int, str]] = [
+        ({"eval_dataset": train_id}, 422, "holds the same images as dataset"),
+        ({"eval_dataset": same_images}, 422, "holds the same images as dataset"),
+        ({"eval_dataset": "digits", "dataset": "digits"}, 422, "holds the same images as dataset"),
+        ({"eval_dataset": five}, 422, "an evaluation set needs the same classes in the same order"),
+        ({"eval_dataset": rgb.json()["id"]}, 422, "eval_dataset: the dataset has 3-channel images"),
+        ({"eval_dataset": teacher_id}, 422, f"eval_dataset must be an uploaded dataset's id (dst_...) or a built-in "
+                                            f"name (digits); '{teacher_id}' is a model id"),
+        ({"eval_dataset": "dst_000000000000000000000000"}, 404, "dataset dst_000000000000000000000000 not found"),
+    ]
+    for overrides, status, message_part in cases:
+        response = submit(client, auth_headers, job_body(teacher_id, **{"dataset": train_id, **overrides}))
+        assert response.status_code == status, (overrides, response.text)
+        assert message_part in response.json()["detail"], (overrides, response.json())
+    assert count_rows(Job, tenant) == 0
+
+    response = submit(client, auth_headers, job_body(teacher_id, dataset=train_id, eval_dataset=eval_id))
+    assert response.status_code == 201, response.text
+    assert response.json()["spec"]["eval_dataset"] == eval_id
+    # A built-in evaluates an upload of the same classes, and the gate is stored with its kind's default.
+    built_in = submit(client, auth_headers, job_body(teacher_id, dataset=train_id, eval_dataset="digits")).json()
+    assert built_in["spec"]["eval_dataset"] == "digits" and built_in["spec"]["max_accuracy_drop_pts"] is None
