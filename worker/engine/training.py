@@ -16,7 +16,7 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -28,6 +28,9 @@ from worker.engine.config import TrainingConfig
 from worker.engine.errors import DataError, Interrupted
 from worker.engine.hardware import configure_backends, pick_device
 from worker.engine.models import logits_of
+
+if TYPE_CHECKING:
+    from worker.engine.batchnorm import BatchNormRecalibration
 
 # Reading the loss forces a device sync, so the running value is refreshed only this often.
 LOSS_REFRESH_STEPS = 20
@@ -59,10 +62,15 @@ class Progress:
 
 @dataclass
 class TrainingResult:
-    history: list[dict[str, float]]  # per epoch: epoch, train_loss, the task's parts (kd_loss...), val_accuracy
-    best_val_accuracy: float
-    final_val_accuracy: float
+    # Per epoch, as measured at its end (and reported by progress): epoch, train_loss, the task's parts
+    # (kd_loss...), val_accuracy. A BatchNorm recalibration after the last epoch does not rewrite it.
+    history: list[dict[str, float]]
+    best_val_accuracy: float  # the highest of the epochs' and final_val_accuracy
+    final_val_accuracy: float  # of the model as returned, its BatchNorm statistics recalibrated if they were
     epochs_run: int  # epochs completed in total, including those before a resume
+    # What distill() did to the BatchNorm statistics after training; None where it did nothing (no BatchNorm
+    # layer, or not asked to).
+    batchnorm: BatchNormRecalibration | None = None
 
 
 @dataclass(frozen=True)
