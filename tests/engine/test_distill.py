@@ -13,7 +13,7 @@ from worker.engine import evaluate, models
 from worker.engine.config import DistillConfig
 from worker.engine.distill import distill
 from worker.engine.errors import Canceled, Interrupted
-from worker.engine.training import Progress
+from worker.engine.training import LOSS_REFRESH_STEPS, Progress
 
 QUICK = DistillConfig(epochs=3, batch_size=64, lr=1e-2)
 
@@ -46,14 +46,21 @@ def test_student_distilled_on_digits_far_above_chance(teacher, digits_splits) ->
 
     assert result.final_val_accuracy >= 0.85  # chance is 0.1
     assert result.epochs_run == 8 and [entry["epoch"] for entry in result.history] == list(range(1, 9))
-    assert result.best_val_accuracy == max(entry["val_accuracy"] for entry in result.history)
+    assert result.best_val_accuracy == max(*(entry["val_accuracy"] for entry in result.history),
+                                           result.final_val_accuracy)
+    assert result.final_val_accuracy == evaluate.accuracy(student, *val)  # BatchNorm recalibrated or not
+    steps_per_epoch = len(train[0]) // 64
     total = events[0].total_steps
-    assert total == 8 * (len(train[0]) // 64)
-    assert [event.step for event in events if event.val_accuracy is None] == list(range(1, total + 1))
+    assert total == 8 * steps_per_epoch
     assert {event.stage for event in events} == {"distill"}
-    assert [event.val_accuracy for event in events if event.val_accuracy is not None] == [
-        entry["val_accuracy"] for entry in result.history
-    ]
+    # The end of an epoch is reported once more at its last step, with the epoch's accuracy.
+    epoch_ends = [index for index, event in enumerate(events) if index and event.step == events[index - 1].step]
+    assert [events[index].val_accuracy for index in epoch_ends] == [entry["val_accuracy"] for entry in result.history]
+    steps = [event for index, event in enumerate(events) if index not in epoch_ends]
+    assert [event.step for event in steps] == list(range(1, total + 1))
+    # Between them, the last completed epoch's accuracy: none yet during the first.
+    assert [event.val_accuracy for event in steps] == [None] * steps_per_epoch + [
+        entry["val_accuracy"] for entry in result.history[:-1] for _ in range(steps_per_epoch)]
     assert events[-1].eta_seconds == 0
     assert all(torch.equal(value, teacher_before[key]) for key, value in teacher.state_dict().items())
     assert not teacher.training
@@ -119,11 +126,13 @@ def test_interrupted_mid_epoch_resumes_at_the_next_step_with_identical_results(t
     buffer = io.BytesIO()
     torch.save(mid_epoch, buffer)
     buffer.seek(0)
-    steps: list[int] = []
+    events: list[Progress] = []
     resumed = _build(8, seed=123, dropout=0.3)
-    result = distill(teacher, resumed, *digits_splits, QUICK, lambda p: steps.append(p.step),
+    result = distill(teacher, resumed, *digits_splits, QUICK, events.append,
                      resume=torch.load(buffer, weights_only=True), device="cpu")
-    assert steps[0] == stop_at + 1
+    assert events[0].step == stop_at + 1
+    # The first report after resuming knows the epoch's loss so far and the accuracy of the epoch before.
+    assert events[0].train_loss is not None and events[0].val_accuracy == uninterrupted.history[0]["val_accuracy"]
     _assert_same_weights(_weights(straight), _weights(resumed))
     assert result.history == uninterrupted.history
 
@@ -141,6 +150,18 @@ def test_progress_and_history_report_the_kd_and_ce_parts_of_the_loss(teacher, di
         assert loss.kd_loss > 0 and loss.ce_loss > 0
         assert loss.train_loss == pytest.approx(alpha * temperature**2 * loss.kd_loss + (1 - alpha) * loss.ce_loss,
                                                 rel=1e-5)
+
+
+def test_a_short_epoch_reports_its_running_loss_from_its_first_step(digits_splits) -> None:
+    train, val = digits_splits
+    config = QUICK.replace(epochs=2, batch_size=128)
+    steps_per_epoch = len(train[0]) // 128
+    assert steps_per_epoch < LOSS_REFRESH_STEPS
+    events: list[Progress] = []
+    distill(None, _build(8), train, val, config, events.append, device="cpu")
+
+    assert len(events) == 2 * (steps_per_epoch + 1)
+    assert all(event.train_loss is not None and event.ce_loss == event.train_loss for event in events)
 
 
 def test_plain_training_reports_the_cross_entropy_alone(digits_splits) -> None:

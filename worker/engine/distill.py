@@ -8,6 +8,7 @@ augmentation every epoch feeds the same inputs, so its logits are computed once 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker.engine.batchnorm import recalibrate_batchnorm_
 from worker.engine.config import DistillConfig
 from worker.engine.models import logits_of
 from worker.engine.training import DeviceData, Plan, Progress, TensorPair, TrainingResult, autocast, fit
@@ -108,10 +110,23 @@ def distill(
     *,
     seed: int = 0,
     device: str = "auto",
+    recalibrate_batchnorm: bool = True,
 ) -> TrainingResult:
     """Train `student` in place, from the teacher's soft targets, or from labels alone if teacher is None.
 
     The loop is training.fit()'s, with config.training: see it for progress, checkpoints, resume, seed and device.
+    Then, with `recalibrate_batchnorm`, the student's BatchNorm running statistics are re-estimated on training
+    images and kept if they do better on `val` (batchnorm.recalibrate_batchnorm_; the result's `batchnorm` says
+    what happened, and its final_val_accuracy is the kept model's). Pass False for models whose forward pass
+    must not run outside training, such as fake-quantized ones (their observers record every forward pass).
     """
-    return fit(Distillation(teacher, config), student, train, val, config.training, on_progress, on_checkpoint,
-               resume, seed=seed, device=device)
+    result = fit(Distillation(teacher, config), student, train, val, config.training, on_progress, on_checkpoint,
+                 resume, seed=seed, device=device)
+    if not recalibrate_batchnorm:
+        return result
+    report = recalibrate_batchnorm_(student, train[0], val, seed=seed, batch_size=config.training.batch_size)
+    if report is None or not report["recalibrated"]:
+        return dataclasses.replace(result, batchnorm=report)
+    final = report["val_accuracy_after"]
+    return dataclasses.replace(result, batchnorm=report, final_val_accuracy=final,
+                               best_val_accuracy=max(result.best_val_accuracy, final))

@@ -6,8 +6,9 @@ per run by `plan()`:
   memory and copied without blocking. On CPU the tensors stay where they are. Augmentation runs on the device.
 - CUDA: bf16 autocast, channels_last, cuDNN autotuning, TF32 matmuls, a fused optimizer and, for long enough
   runs, a compiled model. CPU: fp32.
-- Nothing waits for the device between steps: the running loss (with its parts) is read every
-  LOSS_REFRESH_STEPS steps, on CUDA through an asynchronous copy picked up one refresh later.
+- Between steps the loop waits for the device once per epoch, after its first step, so that progress has a loss
+  from the start; then the running loss (with its parts) is read every LOSS_REFRESH_STEPS steps, on CUDA through
+  an asynchronous copy picked up once it has landed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -29,7 +30,10 @@ from worker.engine.errors import DataError, Interrupted
 from worker.engine.hardware import configure_backends, pick_device
 from worker.engine.models import logits_of
 
-# Reading the loss forces a device sync, so the running value is refreshed only this often.
+if TYPE_CHECKING:
+    from worker.engine.batchnorm import BatchNormRecalibration
+
+# Reading the loss forces a device sync, so on CUDA the running value is refreshed only this often.
 LOSS_REFRESH_STEPS = 20
 # torch.compile takes tens of seconds for a ResNet's forward and backward and saves about a tenth of each
 # step, so under compile="auto" only runs at least this long are compiled.
@@ -48,8 +52,8 @@ class Progress:
     epochs: int
     step: int  # over the whole run, 1..total_steps
     total_steps: int
-    train_loss: float | None  # the epoch's mean loss so far
-    val_accuracy: float | None
+    train_loss: float | None  # the epoch's mean loss so far (on CUDA, as of a recent step)
+    val_accuracy: float | None  # the last completed epoch's; None during the first
     eta_seconds: float | None
     # The parts of train_loss that the task has, means over the same steps: Hinton's loss is
     # alpha * T² * kd_loss + (1 - alpha) * ce_loss; plain training has ce_loss alone.
@@ -59,10 +63,15 @@ class Progress:
 
 @dataclass
 class TrainingResult:
-    history: list[dict[str, float]]  # per epoch: epoch, train_loss, the task's parts (kd_loss...), val_accuracy
-    best_val_accuracy: float
-    final_val_accuracy: float
+    # Per epoch, as measured at its end (and reported by progress): epoch, train_loss, the task's parts
+    # (kd_loss...), val_accuracy. A BatchNorm recalibration after the last epoch does not rewrite it.
+    history: list[dict[str, float]]
+    best_val_accuracy: float  # the highest of the epochs' and final_val_accuracy
+    final_val_accuracy: float  # of the model as returned, its BatchNorm statistics recalibrated if they were
     epochs_run: int  # epochs completed in total, including those before a resume
+    # What distill() did to the BatchNorm statistics after training; None where it did nothing (no BatchNorm
+    # layer, or not asked to).
+    batchnorm: BatchNormRecalibration | None = None
 
 
 @dataclass(frozen=True)
@@ -183,10 +192,12 @@ def fit(task: Task, model: nn.Module, train: TensorPair, val: TensorPair, config
 
 
 class _RunningLoss:
-    """The epoch's mean loss and parts so far, for progress reports, read without making the loop wait.
+    """The epoch's mean loss and parts so far, for progress reports, read without making the loop wait but once.
 
-    On CUDA the sums are copied to pinned memory asynchronously and read one refresh later, once the copy has
-    landed; on CPU reading costs no wait, so they are read at once.
+    They are read at the first step that an epoch runs, so that even an epoch shorter than LOSS_REFRESH_STEPS
+    reports a loss from its start: on CUDA that waits for the device once per epoch. Then they are refreshed
+    every LOSS_REFRESH_STEPS steps: on CPU, where reading costs no wait, at once; on CUDA through a copy to pinned
+    memory made asynchronously and picked up at the first step after it has landed.
     """
 
     def __init__(self, device: torch.device, size: int) -> None:
@@ -195,17 +206,21 @@ class _RunningLoss:
         if self.on_cuda:
             self.landing = torch.empty(size, pin_memory=True)
             self.landed = torch.cuda.Event()
-            self.steps_in_landing = 0
+            self.steps_in_landing = 0  # 0: no copy waiting to be picked up
 
-    def refresh(self, loss_sums: torch.Tensor, steps: int) -> None:
-        if not self.on_cuda:
+    def update(self, loss_sums: torch.Tensor, steps: int, *, first: bool) -> None:
+        """After a step: `loss_sums` over the epoch's `steps` so far; `first`: the first step run this epoch."""
+        refresh = steps % LOSS_REFRESH_STEPS == 0
+        if first or (refresh and not self.on_cuda):
             self.value = (loss_sums / steps).tolist()
-            return
-        if self.steps_in_landing and self.landed.query():
-            self.value = [loss_sum / self.steps_in_landing for loss_sum in self.landing.tolist()]
-        self.landing.copy_(loss_sums, non_blocking=True)
-        self.landed.record()
-        self.steps_in_landing = steps
+        elif self.on_cuda:
+            if self.steps_in_landing and self.landed.query():
+                self.value = [loss_sum / self.steps_in_landing for loss_sum in self.landing.tolist()]
+                self.steps_in_landing = 0
+            if refresh:
+                self.landing.copy_(loss_sums, non_blocking=True)
+                self.landed.record()
+                self.steps_in_landing = steps
 
 
 class _Run:
@@ -262,14 +277,16 @@ class _Run:
         # Indices live with the data, so that taking a batch copies nothing from the host.
         order = torch.randperm(len(self.data.x), generator=self.generator).to(self.data.home)
         running_loss = _RunningLoss(self.plan.device, len(self.epoch_loss_sums))
-        for index in range(self.step_in_epoch, self.steps_per_epoch):
+        first_index = self.step_in_epoch
+        # Mid-epoch reports carry the last completed epoch's accuracy: the latest known.
+        val_accuracy = self.history[-1]["val_accuracy"] if self.history else None
+        for index in range(first_index, self.steps_per_epoch):
             self.epoch_loss_sums += self._step(order[index * self.batch_size : (index + 1) * self.batch_size])
             self.step_in_epoch = index + 1
-            if (index + 1) % LOSS_REFRESH_STEPS == 0:
-                running_loss.refresh(self.epoch_loss_sums, index + 1)
+            running_loss.update(self.epoch_loss_sums, index + 1, first=index == first_index)
             step = epoch * self.steps_per_epoch + index + 1
             try:
-                on_progress(self.progress(epoch, step, running_loss.value, None))
+                on_progress(self.progress(epoch, step, running_loss.value, val_accuracy))
             except Interrupted:
                 checkpointer.before_stopping()
                 raise
