@@ -6,9 +6,7 @@ Run from a fresh clone as `.venv/bin/python bench/<script>.py`; each script prin
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,26 +38,11 @@ def accuracy_pts(model: Callable[[torch.Tensor], torch.Tensor] | nn.Module, val:
     return 100 * evaluate.accuracy(model, *val)
 
 
-def interleaved_latency_ms(models: dict[str, Any], batch_size: int = 1, rounds: int = 7,
-                           iters: int = 15) -> dict[str, float]:
-    """Median milliseconds per call of each model, measured in alternating rounds and keeping each model's
-    best round: on a shared machine, another process's burst then slows a round of every model alike, or
-    none, instead of whichever model happened to run during it."""
-    batch = torch.zeros((batch_size, *LATENCY_SHAPE))
-    best = {name: float("inf") for name in models}
-    with torch.inference_mode():
-        for model in models.values():  # warm-up: TorchScript profiling runs, oneDNN / fbgemm packing
-            for _ in range(3):
-                model(batch)
-        for _ in range(rounds):
-            for name, model in models.items():
-                timings = []
-                for _ in range(iters):
-                    start = time.perf_counter()
-                    model(batch)
-                    timings.append((time.perf_counter() - start) * 1000)
-                best[name] = min(best[name], statistics.median(timings))
-    return best
+def interleaved_latency_ms(models: dict[str, Any], batch_size: int = 1, rounds: int = 100) -> dict[str, float]:
+    """Median milliseconds per call of each model, timed the way jobs time them (evaluate.interleaved_latency:
+    one call of each model per round, so that another process's burst slows every model alike)."""
+    timed = evaluate.interleaved_latency(models, LATENCY_SHAPE, (batch_size,), min_rounds=rounds, max_rounds=rounds)
+    return {name: by_batch[batch_size].median_ms for name, by_batch in timed.items()}
 
 
 def environment() -> dict[str, Any]:

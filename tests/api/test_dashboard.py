@@ -3,10 +3,16 @@ allows nothing from another origin; and the jobs' before/after summary the dashb
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from app.dashboard.router import STATIC_DIR
@@ -63,3 +69,59 @@ def test_a_succeeded_job_carries_its_before_after_summary(client: TestClient, au
     assert summary["after"]["torchscript_bytes"] == 30000 and summary["validation_samples"] == 450
     listed = {item["id"]: item for item in client.get("/v1/jobs", headers=auth_headers).json()["items"]}
     assert listed[job_id]["summary"] == summary and listed[running_id]["summary"] is None
+
+
+def run_tradeoff_pairs(jobs: list[dict[str, Any]], key: str, sha256_by_model: dict[str, str],
+                       folder: Path) -> list[dict[str, Any]]:
+    """tradeoffs.js's tradeoffPairs run by node (skipped without it, failed in CI). The module is copied as .mjs:
+    node reads a plain .js outside a package.json of type "module" as CommonJS."""
+    node = shutil.which("node")
+    if node is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the dashboard's JavaScript tests need node (apt-get install -y nodejs)")
+        pytest.skip("the dashboard's JavaScript tests need node")
+    shutil.copy(STATIC_DIR / "tradeoffs.js", folder / "tradeoffs.mjs")
+    driver = folder / "driver.mjs"
+    driver.write_text('import { tradeoffPairs } from "./tradeoffs.mjs";\n'
+                      "const [jobs, key, shas] = JSON.parse(process.argv[2]);\n"
+                      "console.log(JSON.stringify(tradeoffPairs(jobs, key, new Map(Object.entries(shas)))));\n")
+    result = subprocess.run([node, str(driver), json.dumps([jobs, key, sha256_by_model])], capture_output=True,
+                            text=True, timeout=60, check=True)
+    return json.loads(result.stdout)
+
+
+def _succeeded(job_id: str, model: str, latency_ms: float, accuracy: float) -> dict[str, Any]:
+    before = {"label": "teacher", "accuracy": accuracy, "cpu_latency_ms_batch1": latency_ms}
+    after = {"label": "student", "accuracy": accuracy - 0.01, "cpu_latency_ms_batch1": latency_ms / 4}
+    return {"id": job_id, "kind": "distill", "model": model, "summary": {"before": before, "after": after}}
+
+
+def test_the_tradeoff_chart_shows_one_input_point_per_file_at_the_median_of_its_jobs(tmp_path: Path) -> None:
+    """The same file uploaded twice (two ids, one sha256) and measured by three jobs on a busy host is one
+    point; another file, and a model the dashboard has no sha256 for, are a point each; every job keeps its
+    own result."""
+    jobs = [_succeeded("job_1", "mdl_a", 9.4, 0.95), _succeeded("job_2", "mdl_b", 17.8, 0.95),
+            _succeeded("job_3", "mdl_a", 12.0, 0.96), _succeeded("job_4", "mdl_c", 3.0, 0.90),
+            _succeeded("job_5", "mdl_unlisted", 5.0, 0.80)]
+    pairs = run_tradeoff_pairs(jobs, "cpu_latency_ms_batch1", {"mdl_a": "sha-x", "mdl_b": "sha-x",
+                                                               "mdl_c": "sha-y"}, tmp_path)
+    inputs = {pair["before"]["key"]: pair["before"] for pair in pairs}
+    assert set(inputs) == {"sha-x", "sha-y", "mdl_unlisted"}
+    shared = inputs["sha-x"]
+    assert (shared["x"], shared["y"], shared["count"]) == (12.0, 0.95, 3)
+    assert "median of 3 jobs" in shared["label"]
+    assert (inputs["sha-y"]["x"], inputs["sha-y"]["count"]) == (3.0, 1)
+    assert sorted(pair["id"] for pair in pairs) == ["job_1", "job_2", "job_3", "job_4", "job_5"]
+    assert {pair["id"]: pair["after"]["x"] for pair in pairs}["job_2"] == pytest.approx(17.8 / 4)
+
+
+def test_an_input_point_takes_its_median_from_the_jobs_that_measured_the_figure(tmp_path: Path) -> None:
+    """An older job without the figure does not pull the median, and a file no job measured has no point."""
+    measured, unmeasured = _succeeded("job_1", "mdl_a", 8.0, 0.9), _succeeded("job_2", "mdl_a", 2.0, 0.7)
+    unmeasured["summary"]["before"]["cpu_latency_ms_batch1"] = None
+    never = _succeeded("job_3", "mdl_b", 1.0, 0.5)
+    never["summary"]["before"]["cpu_latency_ms_batch1"] = None
+    pairs = run_tradeoff_pairs([measured, unmeasured, never], "cpu_latency_ms_batch1", {}, tmp_path)
+    inputs = {pair["before"]["key"]: pair["before"] for pair in pairs}
+    assert (inputs["mdl_a"]["x"], inputs["mdl_a"]["y"], inputs["mdl_a"]["count"]) == (8.0, 0.9, 1)
+    assert inputs["mdl_b"]["x"] is None and inputs["mdl_b"]["count"] == 0

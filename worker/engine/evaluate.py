@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -11,6 +13,17 @@ from torch import nn
 from worker.engine.models import logits_of
 
 AnyModel = nn.Module | torch.jit.ScriptModule
+# What latency is measured on: anything that maps a batch tensor to outputs (a module, a TorchScript or
+# ONNX Runtime model, an exported program's .module(), or a plain function).
+Timeable = Callable[[torch.Tensor], object]
+
+# Enough calls for the TorchScript profiling executor to settle and oneDNN / fbgemm to pack their weights.
+WARMUP_CALLS = 3
+# At least this many timed calls of every model, however slow, so that p10 / p90 mean something; at most
+# MAX_ROUNDS, so that a tiny model does not spend its whole budget repeating itself.
+MIN_ROUNDS, MAX_ROUNDS = 10, 200
+# Seconds of rounds per batch size, after which timing stops once MIN_ROUNDS are done.
+BUDGET_S = 2.0
 
 
 def logits(model: AnyModel, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -38,20 +51,91 @@ def agreement(model_a: AnyModel, model_b: AnyModel, x: torch.Tensor) -> float:
     return (predict(model_a, x) == predict(model_b, x)).sum().item() / len(x)
 
 
-def cpu_latency_ms(
-    model: AnyModel, input_shape: tuple[int, ...], batch_size: int = 1, warmup: int = 10, iters: int = 50
-) -> float:
+@dataclass(frozen=True)
+class LatencyStats:
+    """Milliseconds per call: the median and the 10th / 90th percentiles of `runs` timed calls."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+
+    @classmethod
+    def of(cls, timings_ms: list[float]) -> LatencyStats:
+        """Needs two timings at least; "inclusive" keeps the percentiles within the measured range."""
+        deciles = statistics.quantiles(timings_ms, n=10, method="inclusive")
+        return cls(median_ms=statistics.median(timings_ms), p10_ms=deciles[0], p90_ms=deciles[-1],
+                   runs=len(timings_ms))
+
+
+def latency_metrics(stats_by_batch: Mapping[int, LatencyStats]) -> dict[str, float]:
+    """The metric keys jobs report: `cpu_latency_ms_batch{N}` stays the median (what the summary, report and
+    dashboard read), with its spread beside it as `..._p10` / `..._p90` and the calls behind it."""
+    metrics: dict[str, float] = {}
+    for batch_size, stats in stats_by_batch.items():
+        key = f"cpu_latency_ms_batch{batch_size}"
+        metrics.update({key: stats.median_ms, f"{key}_p10": stats.p10_ms, f"{key}_p90": stats.p90_ms,
+                        f"cpu_latency_runs_batch{batch_size}": stats.runs})
+    return metrics
+
+
+def interleaved_latency(
+    models: Mapping[str, Timeable], input_shape: tuple[int, ...], batch_sizes: tuple[int, ...] = (1,), *,
+    min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS, budget_s: float = BUDGET_S,
+) -> dict[str, dict[int, LatencyStats]]:
+    """CPU latency of several models timed in the same process, one call of each per round (A B A B ...):
+    on a busy host another process's burst then slows every model's calls alike instead of whichever model
+    happened to run during it, so their ratio holds even when their absolute figures drift.
+
+    Models run as given (mode and weights as the caller left them: an exported program's module cannot
+    switch mode) on a zero batch of shape (batch_size, *input_shape). Per batch size, rounds stop once
+    `min_rounds` are done and `budget_s` seconds have passed, or at `max_rounds`.
+    """
+    if not 2 <= min_rounds <= max_rounds:
+        raise ValueError(f"need 2 <= min_rounds <= max_rounds, got {min_rounds} and {max_rounds}")
+    stats: dict[str, dict[int, LatencyStats]] = {name: {} for name in models}
+    with torch.inference_mode():
+        for batch_size in batch_sizes:
+            batch = torch.zeros((batch_size, *input_shape))
+            timings = _rounds(models, batch, min_rounds, max_rounds, budget_s)
+            for name, model_timings in timings.items():
+                stats[name][batch_size] = LatencyStats.of(model_timings)
+    return stats
+
+
+def _rounds(models: Mapping[str, Timeable], batch: torch.Tensor, min_rounds: int, max_rounds: int,
+            budget_s: float) -> dict[str, list[float]]:
+    for model in models.values():
+        for _ in range(WARMUP_CALLS):
+            model(batch)
+    timings: dict[str, list[float]] = {name: [] for name in models}
+    deadline = time.perf_counter() + budget_s
+    for done in range(max_rounds):
+        if done >= min_rounds and time.perf_counter() >= deadline:
+            break
+        for name, model in models.items():
+            timings[name].append(_call_ms(model, batch))
+    return timings
+
+
+def _call_ms(model: Timeable, batch: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(batch)
+    return (time.perf_counter() - start) * 1000
+
+
+def latency_stats(model: Timeable, input_shape: tuple[int, ...], batch_size: int = 1, *,
+                  min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS,
+                  budget_s: float = BUDGET_S) -> LatencyStats:
+    """CPU latency of one model, timed as interleaved_latency times each of several."""
+    timed = interleaved_latency({"model": model}, input_shape, (batch_size,), min_rounds=min_rounds,
+                                max_rounds=max_rounds, budget_s=budget_s)
+    return timed["model"][batch_size]
+
+
+def cpu_latency_ms(model: AnyModel, input_shape: tuple[int, ...], batch_size: int = 1) -> float:
     """Median milliseconds per forward pass on CPU; moves the model to CPU and sets eval mode.
 
     `input_shape` excludes the batch dimension, e.g. (3, 32, 32).
     """
-    model = model.cpu().eval()
-    batch = torch.zeros((batch_size, *input_shape))
-    timings = []
-    with torch.inference_mode():
-        for iteration in range(warmup + iters):
-            start = time.perf_counter()
-            model(batch)
-            if iteration >= warmup:
-                timings.append((time.perf_counter() - start) * 1000)
-    return statistics.median(timings)
+    return latency_stats(model.cpu().eval(), input_shape, batch_size).median_ms

@@ -62,16 +62,25 @@ export function listJobs(params = {}) {
   return getJson(`/v1/jobs${query ? `?${query}` : ""}`);
 }
 
-// Every page of a listing, up to `cap` items (the trade-off chart wants all finished jobs).
-export async function listAllJobs(params, cap = 1000) {
+// Every page of a listing, up to `cap` items (the trade-off chart wants all finished jobs and their models).
+async function listAll(path, params = {}, cap = 1000) {
   const items = [];
   let cursor = null;
   do {
-    const page = await listJobs({ ...params, limit: 100, ...(cursor ? { cursor } : {}) });
+    const query = new URLSearchParams({ ...params, limit: 100, ...(cursor ? { cursor } : {}) });
+    const page = await getJson(`${path}?${query}`);
     items.push(...page.items);
     cursor = page.next_cursor;
   } while (cursor && items.length < cap);
   return items;
+}
+
+export function listAllJobs(params) {
+  return listAll("/v1/jobs", params);
+}
+
+export function listAllModels() {
+  return listAll("/v1/models");
 }
 
 export function cancelJob(jobId) {

@@ -4,6 +4,7 @@
 import * as api from "./api.js";
 import { createTooltip, KIND_COLORS, lineChart, tradeoffChart } from "./charts.js";
 import * as fmt from "./format.js";
+import { modelKey, tradeoffPairs } from "./tradeoffs.js";
 
 const POLL_MS = 1500;
 const TRADEOFFS_POLL_MS = 10000;
@@ -419,9 +420,13 @@ function showTradeoffs() {
   show("tradeoffs-view");
   renderLegend();
   return poll(async () => {
-    const jobs = (await api.listAllJobs({ status: "succeeded" })).filter((job) => job.summary);
-    byId("tradeoffs-count").textContent = `${jobs.length} succeeded job${jobs.length === 1 ? "" : "s"}`;
-    const pairsBy = (key) => jobs.map((job) => tradeoffPair(job, key));
+    const [allJobs, models] = await Promise.all([api.listAllJobs({ status: "succeeded" }), api.listAllModels()]);
+    const jobs = allJobs.filter((job) => job.summary);
+    const sha256ByModel = new Map(models.map((model) => [model.id, model.sha256]));
+    const inputs = new Set(jobs.map((job) => modelKey(job.model, sha256ByModel))).size;
+    byId("tradeoffs-count").textContent = `${jobs.length} succeeded job${jobs.length === 1 ? "" : "s"} from `
+      + `${inputs} input model${inputs === 1 ? "" : "s"}`;
+    const pairsBy = (key) => tradeoffPairs(jobs, key, sha256ByModel);
     tradeoffChart(byId("chart-size"), { pairs: pairsBy("torchscript_bytes"),
       xLabel: "TorchScript file size (log scale)", xFormat: fmt.bytes, tickFormat: fmt.compactBytes,
       label: "Accuracy against file size", tooltip });
@@ -429,15 +434,6 @@ function showTradeoffs() {
       xLabel: "CPU latency at batch 1 (log scale)", xFormat: fmt.milliseconds, tickFormat: fmt.compactMilliseconds,
       label: "Accuracy against latency", tooltip });
   }, TRADEOFFS_POLL_MS);
-}
-
-function tradeoffPair(job, key) {
-  const { before, after } = job.summary;
-  return {
-    id: job.id, kind: job.kind, href: `#/jobs/${job.id}`,
-    before: { x: before[key], y: before.accuracy, label: `${before.label} of ${job.id} (${job.model})` },
-    after: { x: after[key], y: after.accuracy, label: `${job.kind} ${job.id}: ${after.label}` },
-  };
 }
 
 function renderLegend() {

@@ -138,8 +138,9 @@ export function lineChart(container, { points, series, color, yFormat, label, he
   }
 }
 
-// Each job as an arrow from its input model (hollow) to its result (filled), x on a log scale.
-// `pairs`: [{ id, kind, href, before: { x, y, label }, after: { x, y, label } }].
+// Each job as a line from its input model (hollow) to its result (filled), x on a log scale; an input model
+// that several jobs measured is one point (tradeoffs.js gives their pairs the same `before`).
+// `pairs`: [{ id, kind, href, before: { key, x, y, count, label }, after: { x, y, label } }].
 export function tradeoffChart(container, { pairs, xLabel, xFormat, tickFormat, label, tooltip, height = 340 }) {
   const usable = pairs.filter((pair) => [pair.before, pair.after].every((p) => p.x > 0 && p.y != null));
   if (!usable.length) {
@@ -152,20 +153,28 @@ export function tradeoffChart(container, { pairs, xLabel, xFormat, tickFormat, l
   const x = new LogScale(padded(xs, { log: true }), [MARGIN.left, WIDTH - MARGIN.right]);
   const y = new LinearScale(padded(accuracies, { clampLow: 0, clampHigh: 1 }), [height - MARGIN.bottom, MARGIN.top]);
   axes(svg, x, y, height, { xLabel, tickFormat, yFormat: (v) => `${(v * 100).toFixed(0)}%` });
+  const dot = (parent, point, side, fill, href, data = {}) => {
+    const circle = svgElement("circle", { cx: x.map(point.x), cy: y.map(point.y), r: side === "after" ? 6 : 5,
+      class: `dot ${side}`, stroke: side === "after" ? "#ffffff" : INPUT_COLOR, fill, "data-side": side,
+      "data-testid": `tradeoff-${side}`, ...data }, parent);
+    circle.addEventListener("mouseenter", () => tooltip.show(circle, `${point.label}\n${xFormat(point.x)} · ` +
+      `${(point.y * 100).toFixed(2)}%`));
+    circle.addEventListener("mouseleave", () => tooltip.hide());
+    circle.addEventListener("click", () => { window.location.hash = href; });
+  };
+  const inputs = new Map();
   for (const pair of usable) {
     const color = KIND_COLORS[pair.kind] || INPUT_COLOR;
     const group = svgElement("g", { class: "pair", "data-job-id": pair.id }, svg);
     svgElement("line", { x1: x.map(pair.before.x), y1: y.map(pair.before.y), x2: x.map(pair.after.x),
       y2: y.map(pair.after.y), stroke: color, class: "pair-line" }, group);
-    for (const [side, point] of [["before", pair.before], ["after", pair.after]]) {
-      const dot = svgElement("circle", { cx: x.map(point.x), cy: y.map(point.y), r: side === "after" ? 6 : 5,
-        class: `dot ${side}`, stroke: side === "after" ? "#ffffff" : INPUT_COLOR,
-        fill: side === "after" ? color : "#ffffff", "data-side": side, "data-testid": `tradeoff-${side}` }, group);
-      dot.addEventListener("mouseenter", () => tooltip.show(dot, `${point.label}\n${xFormat(point.x)} · ` +
-        `${(point.y * 100).toFixed(2)}%`));
-      dot.addEventListener("mouseleave", () => tooltip.hide());
-      dot.addEventListener("click", () => { window.location.hash = pair.href; });
-    }
+    dot(group, pair.after, "after", color, pair.href);
+    if (!inputs.has(pair.before.key)) inputs.set(pair.before.key, pair);
+  }
+  // Drawn last, so that no job's line hides the point its input shares with other jobs.
+  const inputLayer = svgElement("g", { class: "inputs" }, svg);
+  for (const { before, href } of inputs.values()) {
+    dot(inputLayer, before, "before", "#ffffff", href, { "data-model": before.key, "data-jobs": before.count });
   }
 }
 
