@@ -79,6 +79,7 @@ def model_card(document: dict[str, Any], plot_names: list[str]) -> str:
          f"Generated {document['generated_at']} by condenser {document['environment']['libraries']['condenser']}."],
         _inputs_section(document["inputs"]),
         ["## Spec", "", "```json", json.dumps(job["spec"], indent=2, sort_keys=True), "```"],
+        _work_section(document["metrics"].get("work") or {}),
         _comparison_section(document["summary"]),
         _training_section(document["metrics"].get("history") or []),
         _notes_section(document["metrics"].get("notes") or []),
@@ -174,6 +175,14 @@ def _training_section(history: list[dict[str, float]]) -> list[str]:
     rows = [f"| {entry['epoch']} | {entry['train_loss']:.4f} | {format_figure('accuracy', entry['val_accuracy'])} |"
             for entry in history]
     return ["## Training", "", "| epoch | training loss | validation accuracy |", "|---:|---:|---:|", *rows]
+
+
+def _work_section(work: dict[str, list[str]]) -> list[str]:
+    """What the job did to the model, and what it did not do that a reader might assume it did."""
+    if not work:
+        return []
+    return ["## What was done", "", *[f"- {line}" for line in work.get("done", [])], "", "## What was not done", "",
+            *[f"- {line}" for line in work.get("not_done", [])]]
 
 
 def _notes_section(notes: list[str]) -> list[str]:

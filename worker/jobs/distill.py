@@ -42,7 +42,8 @@ def run_distill(ctx: JobContext[DistillJobSpec], guard: Guard, checkpoints: Chec
 
     guard.stage("evaluating")
     metrics = _measure(ctx, teacher, student_spec, weights, scripted, loaded.evaluation)
-    metrics.update(history=result.history, evaluation=loaded.evaluation_source)
+    metrics.update(history=result.history, evaluation=loaded.evaluation_source, batchnorm=result.batchnorm,
+                   notes=measure.batchnorm_notes(result.batchnorm))
     files = [
         OutputFile("student_safetensors", weights, "student.safetensors", "application/octet-stream",
                    "safetensors (+ student.arch.json)", measure.SAFETENSORS),

@@ -118,6 +118,15 @@ def runtime_of(fmt: str, detail: str = "fp32") -> str:
     return f"onnxruntime (CPU, {detail})"
 
 
+def batchnorm_notes(report: dict[str, Any] | None) -> list[str]:
+    """What BatchNorm recalibration (engine/batchnorm.py) did, in words, when it changed the model."""
+    if not report or not report["recalibrated"]:
+        return []
+    return [f"BatchNorm running statistics re-estimated on {report['images']} training images after training: "
+            f"validation accuracy {report['val_accuracy_before']:.2%} with the statistics training left, "
+            f"{report['val_accuracy_after']:.2%} re-estimated (kept)"]
+
+
 def judge(held_out: HeldOut, max_drop_pts: float | None, reference: str, float_source: str,
           float_source_accuracy: float, artifacts: dict[str, dict[str, Any]],
           weights: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -15,11 +15,13 @@ from torch import nn
 
 from core.jobspec import PruneJobSpec
 from worker.engine import evaluate, export, onnxio, prune
+from worker.engine.batchnorm import recalibrate_batchnorm_
 from worker.engine.config import ArchSpec, PruneConfig
 from worker.engine.distill import distill
 from worker.jobs import inputs, measure
 from worker.jobs.base import Checkpoints, Guard, JobContext, JobOutcome, OutputFile, job_kind
 
+RECALIBRATION_BATCH = 64  # without fine-tuning there is no training batch size; any moderate batch estimates alike
 DENSE_NOTE = ("unstructured pruning only zeroes weights: shapes, file size and dense latency are those of the "
               "input model; the zeros pay off only with a sparse runtime or compression")
 
@@ -36,9 +38,14 @@ def run_prune(ctx: JobContext[PruneJobSpec], guard: Guard, checkpoints: Checkpoi
     history: list[dict[str, float]] = []
     if config.recovery is not None:
         guard.stage("fine-tuning")
-        history = distill(model, pruned, train, val, config.recovery, on_progress=guard.on_progress,
-                          on_checkpoint=guard.on_checkpoint, resume=checkpoints.load(), seed=ctx.spec.seed,
-                          device=ctx.spec.device).history
+        result = distill(model, pruned, train, val, config.recovery, on_progress=guard.on_progress,
+                         on_checkpoint=guard.on_checkpoint, resume=checkpoints.load(), seed=ctx.spec.seed,
+                         device=ctx.spec.device)
+        history, batchnorm_report = result.history, result.batchnorm
+    else:
+        # Removed channels change what every later BatchNorm sees: its statistics are re-estimated even untrained.
+        batchnorm_report = recalibrate_batchnorm_(pruned, train[0], val, seed=ctx.spec.seed,
+                                                  batch_size=RECALIBRATION_BATCH)
     if config.method == "unstructured":
         prune.make_permanent_(pruned)
         details["sparsity"] = prune.weight_sparsity(pruned, config.keep_layers, arch.num_classes)
@@ -48,9 +55,9 @@ def run_prune(ctx: JobContext[PruneJobSpec], guard: Guard, checkpoints: Checkpoi
 
     guard.stage("evaluating")
     metrics = _measure(ctx, model, arch, files, loaded.evaluation)
-    notes = [DENSE_NOTE] if config.method == "unstructured" else []
+    notes = [*measure.batchnorm_notes(batchnorm_report), *([DENSE_NOTE] if config.method == "unstructured" else [])]
     return JobOutcome(files=files, metrics={**metrics, "pruning": details, "history": history, "notes": notes,
-                                            "evaluation": loaded.evaluation_source})
+                                            "evaluation": loaded.evaluation_source, "batchnorm": batchnorm_report})
 
 
 def _pruned(model: nn.Module, config: PruneConfig, train: inputs.TensorPair, arch: ArchSpec, seed: int) -> (

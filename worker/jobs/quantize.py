@@ -45,9 +45,10 @@ def run_quantize(ctx: JobContext[QuantizeJobSpec], guard: Guard, checkpoints: Ch
         prepared = quantize.prepare_qat(model, config.backend, calibration[:1])
         # Fake quantization trains eagerly (QuantizeConfig refuses compile 'on'): compiling observers is untested.
         training = config.qat.replace(compile="off")
+        # The prepared graph's BatchNorm is folded into fake-quantized convolutions: nothing to recalibrate.
         history = distill(model, prepared, train, val, training, on_progress=guard.on_progress,
                           on_checkpoint=guard.on_checkpoint, resume=checkpoints.load(), seed=ctx.spec.seed,
-                          device=ctx.spec.device).history
+                          device=ctx.spec.device, recalibrate_batchnorm=False).history
         guard.stage("converting")
         int8 = quantize.convert_qat(prepared, config.backend)
         float_source = quantize.trained_float_model(prepared, model)

@@ -318,24 +318,30 @@ class JobPage {
     const notes = (job.metrics.notes || []).map((note) => h("li", {}, note));
     const failed = summary.failed_formats || [];
     const cpu = summary.measured_on ? ` (${summary.measured_on.model}; ${summary.measured_on.features.join(", ")})` : "";
+    const evaluation = summary.evaluation ? summary.evaluation.note
+      : `${summary.validation_samples ?? "?"} held-out images.`;
     return [failed.length ? h("p", { class: "error-box", "data-testid": "failed-formats" },
-      `Not a usable result: the ${failed.join(" and ")} file(s) score more than the allowed points below their `
-      + "float source. See the notes.") : null,
+      `Not results: the ${failed.join(" and ")} file(s) failed their acceptance checks and are kept only as `
+      + "diagnostics (REJECTED-*). See the notes.") : null,
     table, this.formats(summary.formats || []),
-    h("p", { class: "muted small" }, `${summary.validation_samples ?? "?"} held-out images; latency `
-      + `of the TorchScript files on the worker's CPU${cpu}.`),
+    h("p", { class: "muted small", "data-testid": "evaluation" }, `Accuracy: ${evaluation} Latency of the `
+      + `TorchScript files on the worker's CPU${cpu}.`),
     notes.length ? h("ul", { class: "notes" }, notes) : null];
   }
 
   formats(formats) {
     if (!formats.length) return null;
+    const points = (value) => (value === null || value === undefined ? "n/a" : `${(-value).toFixed(2)} pts`);
     const rows = formats.map((entry) => h("tr", { "data-format": entry.format }, h("th", {}, entry.format),
       h("td", { class: "num" }, fmt.percent(entry.accuracy, 2)),
-      h("td", { class: "num" }, `${(-entry.drop_pts).toFixed(2)} pts`),
-      h("td", { class: entry.passed ? "good" : "bad" }, entry.passed ? "passed" : "failed")));
+      h("td", { class: "num", title: entry.agreement_with ? `top-1 agreement with the ${entry.agreement_with}` : "" },
+        entry.agreement === null || entry.agreement === undefined ? "n/a" : fmt.percent(entry.agreement, 2)),
+      h("td", { class: "num" }, points(entry.drop_pts)),
+      h("td", { class: entry.passed ? "good" : "bad" },
+        entry.passed ? "passed" : `rejected: ${(entry.reasons || []).join("; ") || "failed its check"}`)));
     return h("table", { class: "table compact", "data-testid": "format-table" },
       h("thead", {}, h("tr", {}, h("th", {}, "file format"), h("th", { class: "num" }, "accuracy"),
-        h("th", { class: "num" }, "vs float source"), h("th", {}, "check"))),
+        h("th", { class: "num" }, "agreement"), h("th", { class: "num" }, "vs input model"), h("th", {}, "verdict"))),
       h("tbody", {}, rows));
   }
 
