@@ -76,7 +76,7 @@ def datasets_upload(
 @datasets_app.command("list")
 def datasets_list(ctx: typer.Context, limit: Annotated[int, typer.Option(min=1, max=100)] = 20,
                   as_json: JsonOption = False) -> None:
-    """Your datasets, newest first (the built-in `digits` needs no upload)."""
+    """Your datasets, newest first (the built-ins, `digits` and `photo-patches`, need no upload)."""
     _list_resource(ctx, "datasets", limit, as_json, ["id", "name", "images", "classes", "shape", "created"],
                    lambda d: [d["id"], d["name"], d["num_samples"], d["num_classes"], d["image_shape"],
                               timestamp(d["created_at"])])

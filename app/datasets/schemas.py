@@ -53,6 +53,8 @@ class DatasetPage(Page[DatasetOut]):
 
 BUILTIN_DESCRIPTIONS = {
     "digits": "1,797 real 8x8 grayscale handwritten digits (0-9) from scikit-learn (UCI optical recognition).",
+    "photo-patches": "1,400 32x32 RGB crops of 14 photographs shipped with scikit-image and scikit-learn; the class "
+    "is the photograph. Each crop comes from its own part of its photograph, so validation crops are unseen.",
 }
 
 UPLOAD_OPENAPI = multipart_openapi(

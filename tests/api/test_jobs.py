@@ -98,6 +98,16 @@ def test_invalid_json_body(client: TestClient, auth_headers: dict[str, str]) -> 
     assert "JSON" in response.json()["detail"]
 
 
+def test_a_job_on_photo_patches_is_queued(client: TestClient, auth_headers: dict[str, str],
+                                          insert_model: Callable[..., str], tenant: str) -> None:
+    teacher = insert_model(tenant, spec={"arch": "small_cnn", "kwargs": {"num_classes": 14},
+                                         "input": {"image_size": 32, "channels": 3}})
+    response = submit(client, auth_headers, job_body(teacher, dataset="photo-patches"))
+    assert response.status_code == 201, response.text
+    assert (response.json()["dataset"], response.json()["spec"]["student"]["kwargs"]["num_classes"]) == (
+        "photo-patches", 14)
+
+
 def test_references_and_compatibility(client: TestClient, auth_headers: dict[str, str],
                                       other_auth_headers: dict[str, str], insert_model: Callable[..., str],
                                       tenant: str, teacher_id: str) -> None:
@@ -113,7 +123,8 @@ def test_references_and_compatibility(client: TestClient, auth_headers: dict[str
          f"teacher must be an uploaded model's id (mdl_...); '{dataset_id}' is a dataset id"),
         ({"teacher": "resnet18"}, 422, "teacher must be an uploaded model's id"),
         ({"dataset": teacher_id}, 422, f"'{teacher_id}' is a model id"),
-        ({"dataset": "mnist"}, 422, "a built-in name (digits)"),
+        ({"dataset": "mnist"}, 422, "a built-in name (digits, photo-patches)"),
+        ({"dataset": "photo-patches"}, 422, "the dataset has 14 classes but the teacher"),
         ({"dataset": "dst_000000000000000000000000"}, 404, "dataset dst_000000000000000000000000 not found"),
         ({"student": {"arch": "resnet1000"}}, 422, "invalid student: arch: unknown architecture 'resnet1000'"),
         ({"student": {"arch": "small_cnn", "kwargs": {"width": 0}}}, 422, "small_cnn width must be"),

@@ -16,7 +16,7 @@ from PIL import Image
 from tests.hostile import png_claiming
 from worker.engine.data import load_canonical
 from worker.engine.errors import DataError
-from worker.engine.ingest import DatasetSummary, IngestLimits, ingest_dataset, load_builtin_summary
+from worker.engine.ingest import DatasetSummary, IngestLimits, ingest_dataset, load_builtin_arrays, load_builtin_summary
 
 LABELS = np.array([0, 1, 2, 0, 1, 2])
 
@@ -124,6 +124,14 @@ def test_builtin_digits_summary() -> None:
     summary = load_builtin_summary("digits")
     assert (summary.num_samples, summary.num_classes, summary.image_shape) == (1797, 10, [8, 8, 1])
     assert sum(summary.class_counts) == 1797 and summary.class_names == [str(d) for d in range(10)]
+
+
+def test_builtin_photo_patches_pass_the_upload_checks_unchanged(tmp_path: Path, limits: IngestLimits) -> None:
+    x, y, class_names = load_builtin_arrays("photo-patches")
+    upload = _npz(tmp_path / "patches.npz", x=x, y=y, class_names=np.array(class_names))
+    summary, ingested_x, ingested_y = _ingest(upload, limits)
+    assert summary == dataclasses.replace(load_builtin_summary("photo-patches"), format="npz")
+    assert np.array_equal(ingested_x, x) and np.array_equal(ingested_y, y)
 
 
 # --- image folders ----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import tarfile
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -25,10 +25,11 @@ from typing import IO
 import numpy as np
 from PIL import Image
 
+from worker.engine.config import BUILTIN_DATASETS
 from worker.engine.errors import DataError
 from worker.engine.fileio import atomic_write
+from worker.engine.photo_patches import photo_patches
 
-BUILTIN_DATASET_NAMES = ("digits",)
 IMAGE_FORMATS = ("PNG", "JPEG")
 # Entries this small cannot be bombs, and small uniform images legitimately compress very far.
 _RATIO_EXEMPT_BYTES = 64 * 1024
@@ -85,15 +86,27 @@ def ingest_dataset(src: Path, filename: str, dest_npz: Path, limits: IngestLimit
 
 
 def load_builtin_arrays(name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """A built-in dataset as canonical arrays: the 8x8 digits that ship inside scikit-learn."""
-    if name not in BUILTIN_DATASET_NAMES:
-        raise DataError(f"unknown built-in dataset '{name}'; available: {', '.join(BUILTIN_DATASET_NAMES)}")
+    """A built-in dataset as canonical arrays, made from data that ships inside installed packages."""
+    loader = _BUILTIN_LOADERS.get(name)
+    if loader is None:
+        raise DataError(f"unknown built-in dataset '{name}'; available: {', '.join(BUILTIN_DATASETS)}")
+    return loader()
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The 8x8 handwritten digits that ship inside scikit-learn."""
     from sklearn.datasets import load_digits  # heavy import, only when asked for
 
     digits = load_digits()
     # Pixel values are 0..16 ink counts; stretch them to the 0..255 of every other image.
     x = np.rint(digits.images * (255 / 16)).astype(np.uint8)[..., None]
     return x, digits.target.astype(np.int64), [str(label) for label in digits.target_names]
+
+
+_BUILTIN_LOADERS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray, list[str]]]] = {
+    "digits": _digits,
+    "photo-patches": photo_patches,
+}
 
 
 def load_builtin_summary(name: str) -> DatasetSummary:
