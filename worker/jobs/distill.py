@@ -43,7 +43,8 @@ def run_distill(ctx: JobContext[DistillJobSpec], guard: Guard, checkpoints: Chec
     guard.stage("evaluating")
     metrics = _measure(ctx, teacher, student_spec, weights, scripted, loaded.evaluation)
     metrics.update(history=result.history, evaluation=loaded.evaluation_source, batchnorm=result.batchnorm,
-                   notes=measure.batchnorm_notes(result.batchnorm))
+                   notes=measure.batchnorm_notes(result.batchnorm), work=_work(spec, student_spec, result.batchnorm,
+                                                                              loaded.evaluation_source))
     files = [
         OutputFile("student_safetensors", weights, "student.safetensors", "application/octet-stream",
                    "safetensors (+ student.arch.json)", measure.SAFETENSORS),
@@ -90,3 +91,13 @@ def _measure(ctx: JobContext[DistillJobSpec], teacher: torch.nn.Module, student_
                    "cpu_latency_speedup_batch32": teacher_latency["cpu_latency_ms_batch32"]
                    / student_latency["cpu_latency_ms_batch32"]},
     }
+
+
+def _work(spec: DistillJobSpec, student_spec: ArchSpec, batchnorm: dict[str, Any] | None,
+          evaluation_source: dict[str, Any]) -> dict[str, list[str]]:
+    config, training = spec.distill, spec.distill.training
+    done = [f"a {student_spec.arch} student trained for {training.epochs} epochs on the teacher's softened outputs "
+            f"(Hinton KD, temperature {config.temperature:g}, alpha {config.alpha:g}; {training.optimizer}, lr "
+            f"{training.lr:g}, batch {training.batch_size})", *measure.batchnorm_work(batchnorm)]
+    not_done = ["no pruning and no quantization: float32 weights (a prune or quantize job can take the student)"]
+    return measure.work_of(done, not_done, measure.common_work(spec, evaluation_source, "teacher"))

@@ -118,6 +118,32 @@ def runtime_of(fmt: str, detail: str = "fp32") -> str:
     return f"onnxruntime (CPU, {detail})"
 
 
+def common_work(spec: Any, evaluation_source: dict[str, Any], reference: str) -> dict[str, list[str]]:
+    """What every kind did or did not do about judging its results: the evaluation images and the gate."""
+    done = [f"every model file reloaded from disk and judged on {evaluation_source['samples']} evaluation images: "
+            "chance floor, collapse, agreement with its float source"
+            + (f", at most {spec.max_accuracy_drop_pts:g} points below the {reference}"
+               if spec.max_accuracy_drop_pts is not None else "")]
+    not_done = []
+    if evaluation_source["source"] == "split":
+        not_done.append("no separate evaluation dataset (eval_dataset): accuracies come from a split of the uploaded "
+                        f"dataset, which the {reference} may have been trained on")
+    if spec.max_accuracy_drop_pts is None:
+        not_done.append(f"no accuracy gate against the {reference} (max_accuracy_drop_pts unset)")
+    return {"done": done, "not_done": not_done}
+
+
+def work_of(done: list[str], not_done: list[str], common: dict[str, list[str]]) -> dict[str, list[str]]:
+    return {"done": [*done, *common["done"]], "not_done": [*not_done, *common["not_done"]]}
+
+
+def batchnorm_work(report: dict[str, Any] | None) -> list[str]:
+    if not report:
+        return []
+    verdict = "kept" if report["recalibrated"] else "not kept: the statistics training left did as well or better"
+    return [f"BatchNorm running statistics re-estimated on {report['images']} training images ({verdict})"]
+
+
 def batchnorm_notes(report: dict[str, Any] | None) -> list[str]:
     """What BatchNorm recalibration (engine/batchnorm.py) did, in words, when it changed the model."""
     if not report or not report["recalibrated"]:

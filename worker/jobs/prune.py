@@ -57,7 +57,9 @@ def run_prune(ctx: JobContext[PruneJobSpec], guard: Guard, checkpoints: Checkpoi
     metrics = _measure(ctx, model, arch, files, loaded.evaluation)
     notes = [*measure.batchnorm_notes(batchnorm_report), *([DENSE_NOTE] if config.method == "unstructured" else [])]
     return JobOutcome(files=files, metrics={**metrics, "pruning": details, "history": history, "notes": notes,
-                                            "evaluation": loaded.evaluation_source, "batchnorm": batchnorm_report})
+                                            "evaluation": loaded.evaluation_source, "batchnorm": batchnorm_report,
+                                            "work": _work(ctx.spec, details, batchnorm_report,
+                                                          loaded.evaluation_source)})
 
 
 def _pruned(model: nn.Module, config: PruneConfig, train: inputs.TensorPair, arch: ArchSpec, seed: int) -> (
@@ -122,3 +124,23 @@ def _measure(ctx: JobContext[PruneJobSpec], model: nn.Module, arch: ArchSpec, fi
         output_artifacts=output_artifacts, held_out=held_out, float_source="output",
         max_drop_pts=ctx.spec.max_accuracy_drop_pts,
     )
+
+
+def _work(spec: PruneJobSpec, details: dict[str, Any], batchnorm: dict[str, Any] | None,
+          evaluation_source: dict[str, Any]) -> dict[str, list[str]]:
+    config = spec.prune
+    if config.method == "structured":
+        done = [f"structured pruning ({config.importance} importance) to channel ratio {details['channel_ratio']:g}: "
+                f"{details['macs_before']:,} -> {details['macs_after']:,} MACs per image"]
+        not_done = []
+    else:
+        done = [f"unstructured pruning: {config.sparsity:.0%} of the weights set to zero"]
+        not_done = ["no weights removed: shapes, file size and dense latency are the input model's"]
+    if config.recovery is not None:
+        done.append(f"recovery fine-tuning for {config.recovery.training.epochs} epochs, distilled from the unpruned "
+                    "model")
+    else:
+        not_done.append("no recovery fine-tuning (epochs 0)")
+    not_done.append("no quantization: float32 weights (a quantize job can take the pruned model)")
+    return measure.work_of([*done, *measure.batchnorm_work(batchnorm)], not_done,
+                           measure.common_work(spec, evaluation_source, "input model"))

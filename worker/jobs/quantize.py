@@ -68,6 +68,7 @@ def run_quantize(ctx: JobContext[QuantizeJobSpec], guard: Guard, checkpoints: Ch
     notes = [*_unchanged_size_notes(config, metrics), NOT_EXPORTED,
              *([QNNPACK_ON_X86] if config.backend == "qnnpack" and _on_x86() else [])]
     metrics.update(quantization=details, history=history, notes=notes, evaluation=loaded.evaluation_source,
+                   work=_work(ctx.spec, details["calibration_samples"], loaded.evaluation_source),
                    gpu=quantize.torchao_gpu_variants(model, val[0], ctx.spec.device))
     return JobOutcome(files=files, metrics=metrics)
 
@@ -163,3 +164,21 @@ def _unchanged_size_notes(config: QuantizeConfig, metrics: dict[str, Any]) -> li
 
 def _on_x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+def _work(spec: QuantizeJobSpec, calibration_samples: int, evaluation_source: dict[str, Any]) -> dict[str, list[str]]:
+    config = spec.quantize
+    if config.method == "dynamic":
+        done = [f"dynamic int8 quantization of the Linear layers ({config.backend} kernels)"]
+        not_done = ["convolutions left in float32: dynamic quantization converts Linear layers only"]
+    else:
+        done = [f"{config.method} int8 quantization ({config.backend} kernels), calibrated on {calibration_samples} "
+                "training images"]
+        not_done = []
+    if config.qat is not None:
+        done.append(f"quantization-aware fine-tuning for {config.qat.training.epochs} epochs, distilled from the float "
+                    "model")
+    elif config.method != "dynamic":
+        not_done.append("no quantization-aware fine-tuning (method 'qat' recovers accuracy the rounding costs)")
+    not_done.append("no pruning: parameter count and MACs are the input model's")
+    return measure.work_of(done, not_done, measure.common_work(spec, evaluation_source, "input model"))
