@@ -89,6 +89,7 @@ def test_arch_spec_document_rebuilds_the_spec(tmp_path: Path, arch: ArchSpec, fr
     export.save_json(document, tmp_path / "spec.json")
     loaded = json.loads((tmp_path / "spec.json").read_text())
     assert loaded["framework"] == framework and loader in loaded["how_to_load"]
+    assert "torch.export.load(<the .pt2 file>).module()" in loaded["how_to_load"]
     assert ArchSpec(arch=loaded["arch"], kwargs=loaded["kwargs"], input=loaded["input"]) == arch
 
 

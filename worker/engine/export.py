@@ -55,14 +55,17 @@ def _how_to_load(arch: ArchSpec) -> str:
         f"Inputs: float N x {spec.channels} x {spec.image_size} x {spec.image_size} (resize policy "
         f"'{spec.resize}'), pixel values / 255, then (x - mean) / std with the mean and std above."
     )
+    without_condenser = (
+        "The other model files need only PyTorch or ONNX Runtime: model = torch.export.load(<the .pt2 file>)"
+        ".module() (already in eval mode, which it does not let you change); model = torch.jit.load(<the "
+        "TorchScript file>); session = onnxruntime.InferenceSession(<the .onnx file>)."
+    )
     if arch.arch == SMALL_CNN:
-        return (
-            "The TorchScript artifact needs only PyTorch: model = torch.jit.load(<file>). With condenser "
-            "installed: model = worker.engine.models.build_model(worker.engine.config.ArchSpec(arch=arch, "
-            f"kwargs=kwargs, input=input)); {load_weights}. {preprocessing}"
-        )
-    build = f"model = torchvision.models.get_model('{arch.arch}', weights=None, **kwargs)"
-    return f"{build}; {load_weights}. {preprocessing}"
+        build = ("With condenser installed: model = worker.engine.models.build_model(worker.engine.config.ArchSpec("
+                 "arch=arch, kwargs=kwargs, input=input))")
+    else:
+        build = f"model = torchvision.models.get_model('{arch.arch}', weights=None, **kwargs)"
+    return f"{without_condenser} {build}; {load_weights}. {preprocessing}"
 
 
 def trace_torchscript(model: nn.Module, example_input: torch.Tensor) -> torch.jit.ScriptModule:

@@ -1,6 +1,7 @@
 """One way of measuring, for every job kind: what users download is reloaded from disk and run the way
-they will run it (TorchScript with torch.jit.load, ONNX with an ONNX Runtime CPU session), and the input
-model is exported to the same formats and measured the same way, so each ratio compares like with like.
+they will run it (TorchScript with torch.jit.load, ONNX with an ONNX Runtime CPU session, .pt2 with
+torch.export.load(...).module()), and the input model is exported to the same formats and measured the same
+way, so each ratio compares like with like.
 
 Accuracy and agreement are on the held-out split only (never used for training or calibration).
 """
@@ -24,8 +25,10 @@ LATENCY_BATCH_SIZES = (1, 32)
 FORMAT_TOLERANCE_PTS = 3.0
 FLOAT_SOURCES = {"input": "float input model", "output": "float model in the weights file"}
 # Artifact formats as users run them, with the file suffix that tells them apart.
-TORCHSCRIPT, ONNX = "torchscript", "onnx"
-SUFFIXES = {TORCHSCRIPT: ".torchscript.pt", ONNX: ".onnx"}
+TORCHSCRIPT, ONNX, PT2 = "torchscript", "onnx", "pt2"
+SUFFIXES = {TORCHSCRIPT: ".torchscript.pt", ONNX: ".onnx", PT2: ".pt2"}
+# How a float model becomes each format: (model, example input, path). Float models are published in all.
+EXPORTERS = {TORCHSCRIPT: export.export_torchscript, ONNX: onnxio.export_onnx, PT2: export.export_program}
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,9 @@ def float_model_summary(model: nn.Module, held_out: HeldOut) -> dict[str, Any]:
 
 def load_artifact(path: Path) -> AnyModel:
     """A downloaded file, loaded the way its users load it."""
-    return onnxio.OnnxModel(path) if path.suffix == SUFFIXES[ONNX] else export.load_torchscript(path)
+    if path.suffix == SUFFIXES[ONNX]:
+        return onnxio.OnnxModel(path)
+    return export.load_program(path) if path.suffix == SUFFIXES[PT2] else export.load_torchscript(path)
 
 
 def measure_artifact(path: Path, runtime: str, held_out: HeldOut,
@@ -83,16 +88,13 @@ def measure_artifact(path: Path, runtime: str, held_out: HeldOut,
 
 
 def input_baseline(model: nn.Module, held_out: HeldOut, folder: Path,
-                   formats: tuple[str, ...] = (TORCHSCRIPT, ONNX)) -> dict[str, dict[str, Any]]:
+                   formats: tuple[str, ...] = tuple(EXPORTERS)) -> dict[str, dict[str, Any]]:
     """The input model exported to `formats` in `folder` (kept there for reuse) and measured like an output."""
     example = held_out.x[:1]
     measured = {}
     for fmt in formats:
         path = baseline_path(folder, fmt)
-        if fmt == TORCHSCRIPT:
-            export.export_torchscript(model, example, path)
-        else:
-            onnxio.export_onnx(model, example, path)
+        EXPORTERS[fmt](model, example, path)
         measured[fmt] = measure_artifact(path, runtime_of(fmt), held_out)
     return measured
 
@@ -103,8 +105,11 @@ def baseline_path(folder: Path, fmt: str) -> Path:
 
 def runtime_of(fmt: str, detail: str = "fp32") -> str:
     """The runtime column of an artifact: what runs it, and how."""
+    torch_version = torch.__version__.split("+")[0]
     if fmt == TORCHSCRIPT:
-        return f"torchscript (torch {torch.__version__.split('+')[0]}, {detail})"
+        return f"torchscript (torch {torch_version}, {detail})"
+    if fmt == PT2:
+        return f"torch.export (torch {torch_version}, {detail})"
     return f"onnxruntime (CPU, {detail})"
 
 
