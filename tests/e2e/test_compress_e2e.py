@@ -123,6 +123,12 @@ def plain_torchscript_logits(path: Path, x: torch.Tensor) -> torch.Tensor:
         return scripted(x)
 
 
+def plain_program_logits(path: Path, x: torch.Tensor) -> torch.Tensor:
+    program = torch.export.load(path).module()
+    with torch.inference_mode():
+        return program(x)
+
+
 def plain_onnx_logits(path: Path, x: torch.Tensor) -> torch.Tensor:
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
@@ -143,12 +149,12 @@ def check_pruned(job: dict[str, Any], paths: dict[str, Path], spec: dict[str, An
     batch = x_val[:FIXED_BATCH]
     expected = evaluate.logits(engine_model, batch)
     for logits in (plain_torchscript_logits(paths["pruned_torchscript"], batch),
-                   plain_onnx_logits(paths["pruned_onnx"], batch)):
+                   plain_onnx_logits(paths["pruned_onnx"], batch), plain_program_logits(paths["pruned_pt2"], batch)):
         assert agreement(logits, expected) >= FLOAT_AGREEMENT
         assert torch.allclose(logits, expected, atol=1e-3, rtol=1e-3)
     metrics = job["metrics"]
     assert metrics["output"]["accuracy"] == pytest.approx(evaluate.accuracy(engine_model, x_val, y_val), abs=1e-6)
-    for fmt in ("torchscript", "onnx"):
+    for fmt in ("torchscript", "onnx", "pt2"):
         measured = metrics["output"]["artifacts"][fmt]
         assert measured["agreement_with_engine_model"] >= FLOAT_AGREEMENT
         assert measured["cpu_latency_ms_batch1"] > 0 and measured["cpu_latency_ms_batch32"] > 0
@@ -169,6 +175,8 @@ def check_quantized(job: dict[str, Any], paths: dict[str, Path], spec: dict[str,
     assert torch.equal(plain_torchscript_logits(paths["quantized_torchscript"], batch), expected)
     onnx_logits = plain_onnx_logits(paths["quantized_onnx"], batch)
     assert agreement(onnx_logits, float_logits) >= agreement(expected, float_logits) - ONNX_INT8_SLACK
+    program_logits = plain_program_logits(paths["quantized_pt2"], batch)
+    assert agreement(program_logits, float_logits) >= agreement(expected, float_logits) - ONNX_INT8_SLACK
     runtimes = {a["kind"]: a["runtime"] for a in job["artifacts"]}
     assert runtimes["quantized_torchscript"].startswith("torchscript (torch ") and "x86 fbgemm int8" in \
         runtimes["quantized_torchscript"]
@@ -179,8 +187,11 @@ def check_quantized(job: dict[str, Any], paths: dict[str, Path], spec: dict[str,
     assert metrics["output"]["artifacts"]["torchscript"]["agreement_with_engine_model"] == 1.0
     assert metrics["quantization"]["float_layers"] == [] and metrics["quantization"]["int8_layers"]
     assert metrics["gpu"] == {"skipped": "no CUDA device"} or "bf16" in metrics["gpu"]
-    assert any(note.startswith("no ExportedProgram") for note in metrics["notes"])
-    for fmt in ("torchscript", "onnx"):
+    assert any(note.startswith("quantized.pt2 (torchao PT2E) was measured") for note in metrics["notes"])
+    assert runtimes["quantized_pt2"].startswith("torch.export (torch ") and "PT2E QDQ int8, eager" in \
+        runtimes["quantized_pt2"]
+    assert "quantized.pt2" in info["how_to_load"]
+    for fmt in ("torchscript", "onnx", "pt2"):
         assert metrics["ratios"][fmt]["file_bytes"] > 1
         assert metrics["output"]["artifacts"][fmt]["cpu_latency_ms_batch32"] > 0
     return agreement(onnx_logits, expected)

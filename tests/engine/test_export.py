@@ -33,6 +33,36 @@ def test_torchscript_reload_predicts_identically(tmp_path: Path, model: torch.nn
     assert list(tmp_path.iterdir()) == [tmp_path / "m.ts"]  # no temporary file left behind
 
 
+def test_exported_program_reloads_in_eval_mode_at_any_batch_size(tmp_path: Path, model: torch.nn.Module) -> None:
+    export.export_program(model, torch.randn(1, 1, 8, 8), tmp_path / "m.pt2")
+    assert model.training  # the caller's model is left as it was
+    loaded = export.load_program(tmp_path / "m.pt2")
+    for batch_size in (1, 32):
+        inputs = torch.randn(batch_size, 1, 8, 8)
+        # evaluate.logits puts both in eval mode: the eager model's BatchNorm and dropout must match the export.
+        assert torch.allclose(evaluate.logits(loaded, inputs), evaluate.logits(model, inputs), atol=1e-6)
+    assert list(tmp_path.iterdir()) == [tmp_path / "m.pt2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small", "efficientnet_b0"])
+def test_torchvision_families_export_to_programs(tmp_path: Path, arch: str) -> None:
+    torch.manual_seed(0)
+    model = models.build_model(ArchSpec(arch=arch, kwargs={"num_classes": 3}, input=InputSpec(image_size=32)))
+    model.train()(torch.randn(4, 3, 32, 32))  # BatchNorm statistics that differ from their initial values
+    export.export_program(model, torch.randn(1, 3, 32, 32), tmp_path / "m.pt2")
+    inputs = torch.randn(3, 3, 32, 32)
+    expected = evaluate.logits(model, inputs)
+    assert torch.allclose(evaluate.logits(export.load_program(tmp_path / "m.pt2"), inputs), expected,
+                          atol=1e-4 * expected.abs().max().item())
+
+
+def test_unloadable_program(tmp_path: Path) -> None:
+    (tmp_path / "m.pt2").write_bytes(b"nope")
+    with pytest.raises(ModelLoadError, match="not a loadable ExportedProgram"):
+        export.load_program(tmp_path / "m.pt2")
+
+
 def test_safetensors_reload_equals(tmp_path: Path, model: torch.nn.Module) -> None:
     path = tmp_path / "m.safetensors"
     export.save_safetensors(model, path)
@@ -59,6 +89,7 @@ def test_arch_spec_document_rebuilds_the_spec(tmp_path: Path, arch: ArchSpec, fr
     export.save_json(document, tmp_path / "spec.json")
     loaded = json.loads((tmp_path / "spec.json").read_text())
     assert loaded["framework"] == framework and loader in loaded["how_to_load"]
+    assert "torch.export.load(<the .pt2 file>).module()" in loaded["how_to_load"]
     assert ArchSpec(arch=loaded["arch"], kwargs=loaded["kwargs"], input=loaded["input"]) == arch
 
 

@@ -139,6 +139,34 @@ def test_dynamic_quantizes_linear_layers_in_torch_and_onnx(trained_small_cnn, di
     assert agreement(onnx_logits, evaluate.logits(int8, x_val)) >= 0.99
 
 
+def test_pt2e_int8_program_reloads_and_scores_like_the_float_and_fx_models(trained_small_cnn, calibration,
+                                                                          digits_splits, tmp_path: Path) -> None:
+    _, model = trained_small_cnn
+    x_val, y_val = digits_splits[1]
+    export.save_program(quantize.quantize_pt2e(model, calibration), tmp_path / "int8.pt2")
+    int8 = export.load_program(tmp_path / "int8.pt2")
+    operators = {str(node.target) for node in int8.graph.graph.nodes if node.op == "call_function"}
+    assert {"quantized_decomposed.quantize_per_tensor.default",
+            "quantized_decomposed.dequantize_per_channel.default"} <= operators
+    float_accuracy = evaluate.accuracy(model, x_val, y_val)
+    for other in (model, quantize.quantize_static(model, "x86", calibration)):
+        assert agreement(evaluate.logits(int8, x_val), evaluate.logits(other, x_val)) >= 0.97
+    assert evaluate.accuracy(int8, x_val, y_val) >= float_accuracy - 0.02
+    assert evaluate.logits(int8, x_val[:1]).shape == (1, 10)  # the batch dimension stays free
+
+
+def test_pt2e_dynamic_quantizes_only_linear_layers(trained_small_cnn, calibration, digits_splits) -> None:
+    _, model = trained_small_cnn
+    x_val = digits_splits[1][0]
+    program = quantize.quantize_pt2e(model, calibration, dynamic=True)
+    weights = [node for node in program.graph.nodes if node.target == torch.ops.aten.linear.default
+               or node.target == torch.ops.aten.conv2d.default]
+    quantized = {str(node.target).split(".")[1]: node.args[1].op == "call_function" for node in weights}
+    assert quantized == {"linear": True, "conv2d": False}  # a Linear weight comes from a dequantize operator
+    loaded = export.LoadedProgram(program)
+    assert agreement(evaluate.logits(loaded, x_val), evaluate.logits(model, x_val)) >= 0.99
+
+
 def test_dynamic_without_linear_layers_is_refused_naming_them() -> None:
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 10, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     with pytest.raises(SpecError, match=r"this model has none \(its compute is in convolutions such as 0, 2\); use "
@@ -194,9 +222,12 @@ def test_int8_files_are_about_four_times_smaller(tmp_path: Path) -> None:
                                           tmp_path / "int8.torchscript.pt")
     onnxio.export_onnx(model, images[:1], tmp_path / "float.onnx")
     quantize.quantize_onnx_static(tmp_path / "float.onnx", tmp_path / "int8.onnx", images)
-    for fmt in ("torchscript.pt", "onnx"):
+    export.export_program(model, images[:1], tmp_path / "float.pt2")
+    export.save_program(quantize.quantize_pt2e(model, images), tmp_path / "int8.pt2")
+    for fmt in ("torchscript.pt", "onnx", "pt2"):
         ratio = (tmp_path / f"float.{fmt}").stat().st_size / (tmp_path / f"int8.{fmt}").stat().st_size
-        assert ratio >= 3.8, (fmt, ratio)
+        # Besides the int8 weights, each file holds per-channel scales (the .pt2 also int64 zero points).
+        assert ratio >= 3.7, (fmt, ratio)
 
 
 def test_gpu_variants_are_skipped_with_a_reason_without_cuda(trained_small_cnn, calibration) -> None:

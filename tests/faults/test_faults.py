@@ -22,7 +22,7 @@ from tests.support import TcpProxy, wait_for
 
 pytestmark = pytest.mark.slow
 
-ARTIFACT_KINDS = {"student_safetensors", "student_arch_spec", "student_torchscript",
+ARTIFACT_KINDS = {"student_safetensors", "student_arch_spec", "student_torchscript", "student_onnx", "student_pt2",
                   "report_json", "report_model_card", "report_curves_svg", "report_comparison_svg"}
 BOTH = ["distributed", pytest.param("embedded", marks=pytest.mark.embedded)]
 

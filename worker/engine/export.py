@@ -1,4 +1,6 @@
-"""Artifacts users download: safetensors weights + a spec document, and TorchScript.
+"""Artifacts users download: safetensors weights + a spec document, TorchScript, and ExportedPrograms (.pt2).
+
+TorchScript is deprecated upstream; torch.export's .pt2 is its maintained successor, so both are published.
 
 Every file is written atomically (temporary sibling, fsync, rename).
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,14 +55,17 @@ def _how_to_load(arch: ArchSpec) -> str:
         f"Inputs: float N x {spec.channels} x {spec.image_size} x {spec.image_size} (resize policy "
         f"'{spec.resize}'), pixel values / 255, then (x - mean) / std with the mean and std above."
     )
+    without_condenser = (
+        "The other model files need only PyTorch or ONNX Runtime: model = torch.export.load(<the .pt2 file>)"
+        ".module() (already in eval mode, which it does not let you change); model = torch.jit.load(<the "
+        "TorchScript file>); session = onnxruntime.InferenceSession(<the .onnx file>)."
+    )
     if arch.arch == SMALL_CNN:
-        return (
-            "The TorchScript artifact needs only PyTorch: model = torch.jit.load(<file>). With condenser "
-            "installed: model = worker.engine.models.build_model(worker.engine.config.ArchSpec(arch=arch, "
-            f"kwargs=kwargs, input=input)); {load_weights}. {preprocessing}"
-        )
-    build = f"model = torchvision.models.get_model('{arch.arch}', weights=None, **kwargs)"
-    return f"{build}; {load_weights}. {preprocessing}"
+        build = ("With condenser installed: model = worker.engine.models.build_model(worker.engine.config.ArchSpec("
+                 "arch=arch, kwargs=kwargs, input=input))")
+    else:
+        build = f"model = torchvision.models.get_model('{arch.arch}', weights=None, **kwargs)"
+    return f"{without_condenser} {build}; {load_weights}. {preprocessing}"
 
 
 def trace_torchscript(model: nn.Module, example_input: torch.Tensor) -> torch.jit.ScriptModule:
@@ -91,6 +97,66 @@ def load_torchscript(path: Path) -> torch.jit.ScriptModule:
             return torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, OSError, ValueError) as exc:
         raise ModelLoadError(f"{path.name} is not a loadable TorchScript file: {exc}") from exc
+
+
+def export_program(model: nn.Module, example_input: torch.Tensor, path: Path) -> None:
+    """An ExportedProgram (.pt2) of `model` in eval mode whose batch dimension stays free.
+
+    Export bakes the mode into the graph (BatchNorm on running statistics, no dropout): the loaded module
+    cannot be switched back, so eval mode is the only one worth saving. The caller's model is left untouched.
+    """
+    model = copy.deepcopy(model).cpu().eval()
+    save_program(exported_program(model, example_input), path)
+
+
+def exported_program(model: nn.Module, example_input: torch.Tensor, strict: bool = False) -> (
+        torch.export.ExportedProgram):
+    """`model` captured by torch.export as it is (mode and device included), with a free batch dimension;
+    `strict` traces with TorchDynamo (see quantize.quantize_pt2e for who needs it)."""
+    # torch.export specialises a dimension whose example size is 1, so the example has a batch of two.
+    batch = example_input[:1].cpu().expand(2, *example_input.shape[1:])
+    try:
+        return torch.export.export(model, (batch,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                                   strict=strict)
+    # Data-dependent control flow and unsupported operators surface as one of these.
+    except (torch._dynamo.exc.UserError, RuntimeError, NotImplementedError) as exc:
+        raise EngineError(f"the model cannot be exported with torch.export: {exc}") from exc
+
+
+def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
+    atomic_write(path, lambda handle: torch.export.save(program, handle))
+
+
+class LoadedProgram(nn.Module):
+    """A loaded ExportedProgram as a module that evaluate.* can run.
+
+    torch.export's module refuses train() and eval(); its graph is already fixed in eval mode, so this
+    wrapper accepts them without passing them on.
+    """
+
+    def __init__(self, program: torch.export.ExportedProgram) -> None:
+        super().__init__()
+        self.graph = program.module()
+
+    def train(self, mode: bool = True) -> LoadedProgram:
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph(x)
+
+
+def load_program(path: Path) -> LoadedProgram:
+    """A .pt2 file as users load it (torch.export.load(path).module()). Like TorchScript it carries code:
+    load only inside worker processes."""
+    # Registers the int8 quantize / dequantize operators that PT2E int8 programs call (plain torch has them).
+    import torch.ao.quantization.fx._decomposed
+
+    try:
+        return LoadedProgram(torch.export.load(path))
+    # A .pt2 is a zip archive: a file that is not one fails in zipfile, a damaged one in torch.
+    except (zipfile.BadZipFile, RuntimeError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path.name} is not a loadable ExportedProgram (.pt2): {exc}") from exc
 
 
 @contextmanager

@@ -272,8 +272,8 @@ def pruned_arch_document(arch: ArchSpec, shapes: Shapes) -> dict[str, Any]:
                                         "in_features]; BatchNorm2d: [num_features]")
     document["how_to_load"] = (
         "Build the architecture as below, then replace each module named in pruned_shapes by one of the same "
-        "type with those sizes (worker.engine.prune.rebuild does this), then load the weights. Or load the "
-        "TorchScript artifact with torch.jit.load, or the ONNX one with onnxruntime. " + document["how_to_load"]
+        "type with those sizes (worker.engine.prune.rebuild does this), then load the weights. "
+        + document["how_to_load"]
     )
     return document
 

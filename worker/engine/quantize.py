@@ -1,10 +1,11 @@
-"""int8 quantization whose output runs on real int8 kernels, never a fake-quantized float graph.
+"""int8 quantization whose output runs on int8 kernels (the .pt2 once compiled; see below).
 
-PyTorch artifacts come from the FX flow (torch.ao.quantization): its converted models call the fbgemm /
-oneDNN (x86) or QNNPACK (ARM) int8 kernels and trace to TorchScript that plain torch runs. The newer PT2E
-flow (torchao) only reaches int8 speed on CPU through torch.compile at run time, so it is not used for
-downloadable CPU artifacts. ONNX artifacts are quantized by ONNX Runtime's own tools (QDQ format), which
-ONNX Runtime fuses into int8 kernels.
+PyTorch artifacts come from two flows. The FX flow (torch.ao.quantization, deprecated upstream) converts to
+modules that call the fbgemm / oneDNN (x86) or QNNPACK (ARM) int8 kernels and trace to TorchScript that
+plain torch runs. The PT2E flow (torchao) gives an ExportedProgram (.pt2) on torch's maintained path: int8
+weights between quantize / dequantize operators, which run in float as loaded and reach int8 kernels only
+once compiled (torch.compile or AOTInductor); so both are published. ONNX artifacts are quantized by ONNX
+Runtime's own tools (QDQ format), which ONNX Runtime fuses into int8 kernels.
 
 BatchNorm is folded into the convolutions first, so static and QAT models share one float graph whose
 weights map one to one onto the QAT model's (see trained_float_model).
@@ -32,7 +33,7 @@ from torch.fx.experimental.optimization import fuse
 
 from worker.engine import evaluate
 from worker.engine.errors import EngineError, SpecError
-from worker.engine.export import export_torchscript
+from worker.engine.export import export_torchscript, exported_program
 from worker.engine.fileio import atomic_write
 from worker.engine.onnxio import INPUT_NAME
 
@@ -201,6 +202,50 @@ def _fx_flow() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=r"Please use quant_min and quant_max", category=UserWarning)
         warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions", category=UserWarning)
         yield
+
+
+# --- PT2E (torchao): int8 ExportedPrograms ---------------------------------------------------------
+
+
+def quantize_pt2e(model: nn.Module, calibration: torch.Tensor, dynamic: bool = False) -> (
+        torch.export.ExportedProgram):
+    """An int8 ExportedProgram by torchao's PT2E flow for x86 (X86InductorQuantizer): weights int8 per channel,
+    activations uint8 per tensor calibrated on `calibration`, or with `dynamic` only the Linear layers with
+    activations quantized at run time.
+
+    The program stores int8 weights between quantize / dequantize operators: run as loaded it computes in
+    float (numerically the int8 model); torch.compile or AOTInductor fuses the pairs into int8 kernels.
+    """
+    # Imported here: importing torchao logs a warning about its internals, and only quantization needs it.
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
+    config = x86.get_default_x86_inductor_quantization_config(is_dynamic=dynamic)
+    quantizer = (x86.X86InductorQuantizer().set_module_type_qconfig(nn.Linear, config) if dynamic
+                 else x86.X86InductorQuantizer().set_global(config))
+    example = calibration[:1]
+    # Strict (TorchDynamo) capture names each call of a module apart; the non-strict one merges the calls of
+    # a module used twice (torchvision's ResNet blocks call one ReLU twice) and the quantizer then refuses it.
+    captured = exported_program(copy.deepcopy(model).cpu().eval(), example, strict=True).module()
+    try:
+        prepared = prepare_pt2e(captured, quantizer)
+    except (ValueError, AssertionError, RuntimeError) as exc:
+        raise EngineError(f"torchao's x86 quantizer cannot annotate this model: {exc}") from exc
+    with torch.no_grad():
+        for start in range(0, len(calibration), CALIBRATION_BATCH):
+            prepared(calibration[start : start + CALIBRATION_BATCH])
+    return exported_program(_without_unused_tensors(convert_pt2e(prepared)), example)
+
+
+def _without_unused_tensors(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """`graph` without the parameters and buffers no node reads: conversion leaves the float weights beside
+    their int8 copies, and export would save both (the file came out larger than the float one)."""
+    read = {node.target for node in graph.graph.nodes if node.op == "get_attr"}
+    unused = [name for name, _ in [*graph.named_parameters(), *graph.named_buffers()] if name not in read]
+    for name in unused:
+        owner, _, attribute = name.rpartition(".")
+        delattr(graph.get_submodule(owner), attribute)
+    return graph
 
 
 # --- ONNX Runtime -----------------------------------------------------------------------------------

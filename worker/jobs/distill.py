@@ -31,41 +31,54 @@ def run_distill(ctx: JobContext[DistillJobSpec], guard: Guard, checkpoints: Chec
                      device=spec.device)
 
     guard.stage("exporting")
-    ctx.work_dir.mkdir(parents=True, exist_ok=True)
-    weights = ctx.work_dir / "student.safetensors"
-    spec_file = ctx.work_dir / "student.arch.json"
-    scripted = ctx.work_dir / "student.torchscript.pt"
-    example = val[0][:1]
-    export.save_safetensors(student, weights)
-    export.save_json(export.arch_spec_document(student_spec), spec_file)
-    export.export_torchscript(student, example, scripted)
+    weights, spec_file, runnable = _export(student, student_spec, val[0][:1], ctx.work_dir)
 
     guard.stage("evaluating")
-    metrics = _measure(ctx, teacher, student_spec, weights, scripted, loaded.evaluation)
+    metrics = _measure(ctx, teacher, student_spec, weights, runnable, loaded.evaluation)
     metrics.update(history=result.history, evaluation=loaded.evaluation_source, batchnorm=result.batchnorm,
                    notes=measure.batchnorm_notes(result.batchnorm), work=_work(spec, student_spec, result.batchnorm,
                                                                               loaded.evaluation_source))
     files = [
-        OutputFile("student_safetensors", weights, "student.safetensors", "application/octet-stream",
+        OutputFile("student_safetensors", weights, weights.name, "application/octet-stream",
                    "safetensors (+ student.arch.json)", measure.SAFETENSORS),
-        OutputFile("student_arch_spec", spec_file, "student.arch.json", "application/json", "spec"),
-        OutputFile("student_torchscript", scripted, "student.torchscript.pt", "application/octet-stream",
-                   measure.runtime_of(measure.TORCHSCRIPT), measure.TORCHSCRIPT),
+        OutputFile("student_arch_spec", spec_file, spec_file.name, "application/json", "spec"),
+        *(OutputFile(f"student_{fmt}", path, path.name, "application/octet-stream", measure.runtime_of(fmt), fmt)
+          for fmt, path in runnable.items()),
     ]
     return JobOutcome(files=files, metrics=metrics)
 
 
+def _export(student: torch.nn.Module, student_spec: ArchSpec, example: torch.Tensor, folder: Path) -> (
+        tuple[Path, Path, dict[str, Path]]):
+    """The weights, their arch spec, and the files that run without condenser (by format)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights, spec_file = folder / "student.safetensors", folder / "student.arch.json"
+    export.save_safetensors(student, weights)
+    export.save_json(export.arch_spec_document(student_spec), spec_file)
+    runnable = {fmt: folder / f"student{measure.SUFFIXES[fmt]}" for fmt in measure.EXPORTERS}
+    for fmt, exporter in measure.EXPORTERS.items():
+        exporter(student, example, runnable[fmt])
+    return weights, spec_file, runnable
+
+
 def _measure(ctx: JobContext[DistillJobSpec], teacher: torch.nn.Module, student_spec: ArchSpec, weights: Path,
-             scripted: Path, evaluation: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+             runnable: dict[str, Path], evaluation: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
     """Both models measured by measure.py: the student's downloaded files reloaded from disk, the teacher
-    exported to TorchScript and reloaded the same way."""
+    exported to TorchScript and reloaded the same way, the two TorchScript files timed together (the latency
+    figures); every student file judged against the teacher (the weights file) or the student (the others)."""
     held_out = measure.HeldOut.of(teacher, evaluation)
     teacher_summary = measure.float_model_summary(teacher, held_out)
-    teacher_script = measure.input_baseline(teacher, held_out, ctx.work_dir / "baseline", (measure.TORCHSCRIPT,))
+    baseline, scripted_only = ctx.work_dir / "baseline", (measure.TORCHSCRIPT,)
+    teacher_script = measure.input_baseline(teacher, held_out, baseline, scripted_only)
     student = models.load_model(weights, "safetensors", student_spec)
     student_summary = measure.float_model_summary(student, held_out)
-    student_script = measure.measure_artifact(scripted, measure.runtime_of(measure.TORCHSCRIPT), held_out,
-                                              evaluate.predict(student, held_out.x))
+    student_predictions = evaluate.predict(student, held_out.x)
+    artifacts = {fmt: measure.measure_artifact(path, measure.runtime_of(fmt), held_out, student_predictions)
+                 for fmt, path in runnable.items()}
+    measure.add_latencies_({"teacher": teacher_script, "student": artifacts},
+                           {"teacher": measure.baseline_paths(baseline, scripted_only), "student": runnable},
+                           held_out.input_shape)
+    student_script = artifacts[measure.TORCHSCRIPT]
     teacher_latency = {key: value for key, value in teacher_script[measure.TORCHSCRIPT].items() if "latency" in key}
     student_latency = {key: value for key, value in student_script.items() if "latency" in key}
     student_bytes = weights.stat().st_size
@@ -78,11 +91,10 @@ def _measure(ctx: JobContext[DistillJobSpec], teacher: torch.nn.Module, student_
             "accuracy": student_summary["accuracy"], "torchscript_accuracy": student_script["accuracy"],
             "agreement_with_teacher": student_summary["agreement_with_input"],
             "param_count": student_summary["params"], "macs": student_summary["macs"], "file_bytes": student_bytes,
-            "torchscript_bytes": student_script["file_bytes"], **student_latency,
+            "torchscript_bytes": student_script["file_bytes"], **student_latency, "artifacts": artifacts,
         },
         "acceptance": measure.judge(held_out, ctx.spec.max_accuracy_drop_pts, "teacher", "output",
-                                    student_summary["accuracy"], {measure.TORCHSCRIPT: student_script},
-                                    weights=student_summary),
+                                    student_summary["accuracy"], artifacts, weights=student_summary),
         "ratios": {"params": teacher_summary["params"] / student_summary["params"],
                    "macs": teacher_summary["macs"] / student_summary["macs"],
                    "file_bytes": ctx.teacher.bytes / student_bytes,

@@ -1,6 +1,7 @@
 """One way of measuring, for every job kind: what users download is reloaded from disk and run the way
-they will run it (TorchScript with torch.jit.load, ONNX with an ONNX Runtime CPU session), and the input
-model is exported to the same formats and measured the same way, so each ratio compares like with like.
+they will run it (TorchScript with torch.jit.load, ONNX with an ONNX Runtime CPU session, .pt2 with
+torch.export.load(...).module()), and the input model is exported to the same formats and measured the same
+way, so each ratio compares like with like.
 
 Accuracy and agreement are on the job's evaluation images (inputs.JobInputs.evaluation: the eval_dataset, or the
 held-out split), never used for training or calibration; acceptance.py judges each file on them.
@@ -23,8 +24,10 @@ from worker.jobs import acceptance
 LATENCY_BATCH_SIZES = (1, 32)
 FLOAT_SOURCES = {"input": "float input model", "output": "float model in the weights file"}
 # Artifact formats as users run them, with the file suffix that tells them apart.
-TORCHSCRIPT, ONNX, SAFETENSORS = "torchscript", "onnx", "safetensors"
-SUFFIXES = {TORCHSCRIPT: ".torchscript.pt", ONNX: ".onnx"}
+TORCHSCRIPT, ONNX, PT2, SAFETENSORS = "torchscript", "onnx", "pt2", "safetensors"
+SUFFIXES = {TORCHSCRIPT: ".torchscript.pt", ONNX: ".onnx", PT2: ".pt2"}
+# How a float model becomes each format: (model, example input, path). Float models are published in all.
+EXPORTERS = {TORCHSCRIPT: export.export_torchscript, ONNX: onnxio.export_onnx, PT2: export.export_program}
 
 
 @dataclass(frozen=True)
@@ -64,9 +67,16 @@ def _fraction_equal(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a == b).sum().item() / len(a)  # exact, like evaluate.accuracy (a float32 mean is not)
 
 
-def latencies(model: AnyModel, input_shape: tuple[int, ...]) -> dict[str, float]:
-    return {f"cpu_latency_ms_batch{size}": evaluate.cpu_latency_ms(model, input_shape, batch_size=size)
-            for size in LATENCY_BATCH_SIZES}
+def add_latencies_(measured: dict[str, dict[str, dict[str, Any]]], paths: dict[str, dict[str, Path]],
+                   input_shape: tuple[int, ...]) -> None:
+    """Adds CPU latency at batch 1 and 32 (median, p10, p90) to every measured file, all reloaded from disk and
+    timed in the same interleaved rounds, so that the ratio of an input's and an output's figures holds on a busy
+    host. `measured` and `paths` are keyed alike: side ("input", "output", ...) -> format -> figures / file."""
+    keys = {f"{side}/{fmt}": (side, fmt) for side, files in paths.items() for fmt in files}
+    loaded = {key: load_artifact(paths[side][fmt]) for key, (side, fmt) in keys.items()}
+    stats = evaluate.interleaved_latency(loaded, input_shape, LATENCY_BATCH_SIZES)
+    for key, (side, fmt) in keys.items():
+        measured[side][fmt].update(evaluate.latency_metrics(stats[key]))
 
 
 def float_model_summary(model: nn.Module, held_out: HeldOut) -> dict[str, Any]:
@@ -77,32 +87,31 @@ def float_model_summary(model: nn.Module, held_out: HeldOut) -> dict[str, Any]:
 
 def load_artifact(path: Path) -> AnyModel:
     """A downloaded file, loaded the way its users load it."""
-    return onnxio.OnnxModel(path) if path.suffix == SUFFIXES[ONNX] else export.load_torchscript(path)
+    if path.suffix == SUFFIXES[ONNX]:
+        return onnxio.OnnxModel(path)
+    return export.load_program(path) if path.suffix == SUFFIXES[PT2] else export.load_torchscript(path)
 
 
 def measure_artifact(path: Path, runtime: str, held_out: HeldOut,
                      engine_predictions: torch.Tensor | None = None) -> dict[str, Any]:
-    """Size, scores and CPU latency (batch 1 and 32) of one artifact reloaded from disk; with the engine
-    model's predictions, also how often the artifact agrees with it."""
+    """Size and scores of one artifact reloaded from disk; with the engine model's predictions, also how often
+    the artifact agrees with it. (add_latencies_ times it, beside the files it is compared with.)"""
     model = load_artifact(path)
     predictions = evaluate.predict(model, held_out.x)
     result: dict[str, Any] = {"runtime": runtime, "file_bytes": path.stat().st_size, **held_out.scores(predictions)}
     if engine_predictions is not None:
         result["agreement_with_engine_model"] = _fraction_equal(predictions, engine_predictions)
-    return {**result, **latencies(model, held_out.input_shape)}
+    return result
 
 
 def input_baseline(model: nn.Module, held_out: HeldOut, folder: Path,
-                   formats: tuple[str, ...] = (TORCHSCRIPT, ONNX)) -> dict[str, dict[str, Any]]:
+                   formats: tuple[str, ...] = tuple(EXPORTERS)) -> dict[str, dict[str, Any]]:
     """The input model exported to `formats` in `folder` (kept there for reuse) and measured like an output."""
     example = held_out.x[:1]
     measured = {}
     for fmt in formats:
         path = baseline_path(folder, fmt)
-        if fmt == TORCHSCRIPT:
-            export.export_torchscript(model, example, path)
-        else:
-            onnxio.export_onnx(model, example, path)
+        EXPORTERS[fmt](model, example, path)
         measured[fmt] = measure_artifact(path, runtime_of(fmt), held_out)
     return measured
 
@@ -111,10 +120,17 @@ def baseline_path(folder: Path, fmt: str) -> Path:
     return folder / f"input{SUFFIXES[fmt]}"
 
 
+def baseline_paths(folder: Path, formats: tuple[str, ...] = tuple(EXPORTERS)) -> dict[str, Path]:
+    return {fmt: baseline_path(folder, fmt) for fmt in formats}
+
+
 def runtime_of(fmt: str, detail: str = "fp32") -> str:
     """The runtime column of an artifact: what runs it, and how."""
+    torch_version = torch.__version__.split("+")[0]
     if fmt == TORCHSCRIPT:
-        return f"torchscript (torch {torch.__version__.split('+')[0]}, {detail})"
+        return f"torchscript (torch {torch_version}, {detail})"
+    if fmt == PT2:
+        return f"torch.export (torch {torch_version}, {detail})"
     return f"onnxruntime (CPU, {detail})"
 
 
@@ -178,10 +194,13 @@ def _gate_entry(measured: dict[str, Any], agreement_key: str, agreement_with: st
 
 def compression_metrics(input_summary: dict[str, Any], output_summary: dict[str, Any],
                         input_artifacts: dict[str, dict[str, Any]], output_artifacts: dict[str, dict[str, Any]],
-                        held_out: HeldOut, float_source: str, max_drop_pts: float | None) -> dict[str, Any]:
-    """The metrics of a prune or quantize job: input and output side by side, their ratios (input / output:
-    above 1 means smaller or faster), and every output file judged (judge): a float output's weights file and its
-    formats against the float output ("output"), an int8 output's formats against the input model ("input")."""
+                        held_out: HeldOut, float_source: str, max_drop_pts: float | None,
+                        paths: dict[str, dict[str, Path]]) -> dict[str, Any]:
+    """The metrics of a prune or quantize job: input and output side by side (their files timed together:
+    `paths` holds them, {"input": {format: path}, "output": ...}), their ratios (input / output: above 1 means
+    smaller or faster), and every output file judged (judge): a float output's weights file and its formats
+    against the float output ("output"), an int8 output's formats against the input model ("input")."""
+    add_latencies_({"input": input_artifacts, "output": output_artifacts}, paths, held_out.input_shape)
     ratios: dict[str, Any] = {name: input_summary[name] / output_summary[name]
                               for name in ("params", "macs", "file_bytes") if output_summary.get(name)}
     for fmt, output in output_artifacts.items():

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from core.jobspec import PruneJobSpec
-from worker.engine import evaluate, export, onnxio, prune
+from worker.engine import evaluate, export, prune
 from worker.engine.batchnorm import recalibrate_batchnorm_
 from worker.engine.config import ArchSpec, PruneConfig
 from worker.engine.distill import distill
@@ -83,10 +83,10 @@ _FILES = {  # kind: (file name, media type)
     "pruned_arch_spec": ("pruned.arch.json", "application/json"),
     "pruned_torchscript": ("pruned" + measure.SUFFIXES[measure.TORCHSCRIPT], "application/octet-stream"),
     "pruned_onnx": ("pruned" + measure.SUFFIXES[measure.ONNX], "application/octet-stream"),
+    "pruned_pt2": ("pruned" + measure.SUFFIXES[measure.PT2], "application/octet-stream"),
 }
 
-_FORMATS = {"pruned_safetensors": measure.SAFETENSORS, "pruned_torchscript": measure.TORCHSCRIPT,
-            "pruned_onnx": measure.ONNX}
+_FORMATS = {"pruned_safetensors": measure.SAFETENSORS, **{f"pruned_{fmt}": fmt for fmt in measure.EXPORTERS}}
 
 
 def _export(pruned: nn.Module, arch_document: dict[str, Any], example: Any, folder: Path) -> list[OutputFile]:
@@ -94,11 +94,10 @@ def _export(pruned: nn.Module, arch_document: dict[str, Any], example: Any, fold
     paths = {kind: folder / filename for kind, (filename, _) in _FILES.items()}
     export.save_safetensors(pruned, paths["pruned_safetensors"])
     export.save_json(arch_document, paths["pruned_arch_spec"])
-    export.export_torchscript(pruned, example, paths["pruned_torchscript"])
-    onnxio.export_onnx(pruned, example, paths["pruned_onnx"])
-    runtimes = {"pruned_safetensors": "safetensors (+ pruned.arch.json)", "pruned_arch_spec": "spec",
-                "pruned_torchscript": measure.runtime_of(measure.TORCHSCRIPT),
-                "pruned_onnx": measure.runtime_of(measure.ONNX)}
+    runtimes = {"pruned_safetensors": "safetensors (+ pruned.arch.json)", "pruned_arch_spec": "spec"}
+    for fmt, exporter in measure.EXPORTERS.items():
+        exporter(pruned, example, paths[f"pruned_{fmt}"])
+        runtimes[f"pruned_{fmt}"] = measure.runtime_of(fmt)
     return [OutputFile(kind, paths[kind], filename, media_type, runtimes[kind], _FORMATS.get(kind))
             for kind, (filename, media_type) in _FILES.items()]
 
@@ -106,7 +105,7 @@ def _export(pruned: nn.Module, arch_document: dict[str, Any], example: Any, fold
 def _measure(ctx: JobContext[PruneJobSpec], model: nn.Module, arch: ArchSpec, files: list[OutputFile],
              evaluation: inputs.TensorPair) -> dict[str, Any]:
     """The engine model is the one rebuilt from the downloaded weights and arch spec, so the measurement
-    also proves that those two files load; TorchScript and ONNX are compared with it."""
+    also proves that those two files load; TorchScript, ONNX and the .pt2 are compared with it."""
     paths = {output.kind: output.path for output in files}
     runtimes = {output.kind: output.runtime for output in files}
     held_out = measure.HeldOut.of(model, evaluation)
@@ -115,7 +114,7 @@ def _measure(ctx: JobContext[PruneJobSpec], model: nn.Module, arch: ArchSpec, fi
     engine_predictions = evaluate.predict(engine_model, held_out.x)
     output_artifacts = {fmt: measure.measure_artifact(paths[f"pruned_{fmt}"], runtimes[f"pruned_{fmt}"], held_out,
                                                       engine_predictions)
-                        for fmt in (measure.TORCHSCRIPT, measure.ONNX)}
+                        for fmt in measure.EXPORTERS}
     return measure.compression_metrics(
         input_summary={**measure.float_model_summary(model, held_out), "file_bytes": ctx.teacher.bytes},
         output_summary={**measure.float_model_summary(engine_model, held_out),
@@ -123,6 +122,8 @@ def _measure(ctx: JobContext[PruneJobSpec], model: nn.Module, arch: ArchSpec, fi
         input_artifacts=measure.input_baseline(model, held_out, ctx.work_dir / "baseline"),
         output_artifacts=output_artifacts, held_out=held_out, float_source="output",
         max_drop_pts=ctx.spec.max_accuracy_drop_pts,
+        paths={"input": measure.baseline_paths(ctx.work_dir / "baseline"),
+               "output": {fmt: paths[f"pruned_{fmt}"] for fmt in measure.EXPORTERS}},
     )
 
 

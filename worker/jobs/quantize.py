@@ -1,4 +1,4 @@
-"""The quantization job: model + dataset -> int8 TorchScript and int8 ONNX, measured as they will run.
+"""The quantization job: model + dataset -> int8 TorchScript, ONNX and .pt2, measured as they will run.
 
 QAT fine-tunes with the float model as the distillation teacher and checkpoints like any training, so a
 retried attempt prepares the same fake-quantized graph and resumes from the checkpoint.
@@ -22,11 +22,13 @@ from worker.jobs.base import Checkpoints, Guard, JobContext, JobOutcome, OutputF
 
 TORCHSCRIPT_FILE = "quantized" + measure.SUFFIXES[measure.TORCHSCRIPT]
 ONNX_FILE = "quantized" + measure.SUFFIXES[measure.ONNX]
+PT2_FILE = "quantized" + measure.SUFFIXES[measure.PT2]
 INFO_FILE = "quantized.json"
 # A quantization that shrinks every file by less than this share has left the model as it was.
 UNCHANGED_SIZE_SHARE = 0.05
-NOT_EXPORTED = ("no ExportedProgram (.pt2): torch.export cannot serialize the packed int8 weights of "
-                "PyTorch's int8 CPU kernels; use the TorchScript file with plain torch")
+PT2_EAGER = ("quantized.pt2 (torchao PT2E) was measured as torch.export.load(...).module() runs it: quantize / "
+             "dequantize operators around float kernels, which is slower than the float model; torch.compile "
+             "(with a C++ compiler) or AOTInductor turns it into int8 kernels on x86")
 QNNPACK_ON_X86 = ("backend 'qnnpack' targets ARM CPUs; its TorchScript latency here was measured with QNNPACK's "
                   "kernels on x86, which says little about ARM: measure on the target device")
 
@@ -65,7 +67,7 @@ def run_quantize(ctx: JobContext[QuantizeJobSpec], guard: Guard, checkpoints: Ch
     metrics = _measure(ctx, model, int8, config, files, loaded.evaluation)
     details = {"method": config.method, "backend": config.backend, **quantize.layer_report(int8),
                "calibration_samples": 0 if config.method == "dynamic" else len(calibration)}
-    notes = [*_unchanged_size_notes(config, metrics), NOT_EXPORTED,
+    notes = [*_unchanged_size_notes(config, metrics), PT2_EAGER,
              *([QNNPACK_ON_X86] if config.backend == "qnnpack" and _on_x86() else [])]
     metrics.update(quantization=details, history=history, notes=notes, evaluation=loaded.evaluation_source,
                    work=_work(ctx.spec, details["calibration_samples"], loaded.evaluation_source),
@@ -75,8 +77,8 @@ def run_quantize(ctx: JobContext[QuantizeJobSpec], guard: Guard, checkpoints: Ch
 
 def _export(int8: nn.Module, float_source: nn.Module, config: QuantizeConfig, arch: ArchSpec,
             calibration: torch.Tensor, folder: Path) -> list[OutputFile]:
-    """int8 TorchScript from the engine's model; int8 ONNX by ONNX Runtime from the same float weights and
-    calibration images; a JSON document saying how to run each."""
+    """int8 TorchScript from the engine's model; int8 ONNX by ONNX Runtime and an int8 .pt2 by torchao's PT2E,
+    both from the same float weights and calibration images; a JSON document saying how to run each."""
     folder.mkdir(parents=True, exist_ok=True)
     example = calibration[:1]
     with quantize.quantized_engine(config.backend):
@@ -88,6 +90,8 @@ def _export(int8: nn.Module, float_source: nn.Module, config: QuantizeConfig, ar
     else:
         quantize.quantize_onnx_static(float_onnx, folder / ONNX_FILE, calibration)
     float_onnx.unlink()
+    export.save_program(quantize.quantize_pt2e(float_source, calibration, dynamic=config.method == "dynamic"),
+                        folder / PT2_FILE)
     runtimes = _runtimes(config)
     export.save_json(_info_document(config, arch, runtimes), folder / INFO_FILE)
     return [
@@ -95,6 +99,8 @@ def _export(int8: nn.Module, float_source: nn.Module, config: QuantizeConfig, ar
                    runtimes[measure.TORCHSCRIPT], measure.TORCHSCRIPT),
         OutputFile("quantized_onnx", folder / ONNX_FILE, ONNX_FILE, "application/octet-stream",
                    runtimes[measure.ONNX], measure.ONNX),
+        OutputFile("quantized_pt2", folder / PT2_FILE, PT2_FILE, "application/octet-stream", runtimes[measure.PT2],
+                   measure.PT2),
         OutputFile("quantized_info", folder / INFO_FILE, INFO_FILE, "application/json", "spec"),
     ]
 
@@ -102,7 +108,8 @@ def _export(int8: nn.Module, float_source: nn.Module, config: QuantizeConfig, ar
 def _runtimes(config: QuantizeConfig) -> dict[str, str]:
     onnx_detail = "dynamic int8" if config.method == "dynamic" else "QDQ int8"
     return {measure.TORCHSCRIPT: measure.runtime_of(measure.TORCHSCRIPT, f"{quantize.KERNELS[config.backend]} int8"),
-            measure.ONNX: measure.runtime_of(measure.ONNX, onnx_detail)}
+            measure.ONNX: measure.runtime_of(measure.ONNX, onnx_detail),
+            measure.PT2: measure.runtime_of(measure.PT2, f"PT2E {onnx_detail}, eager")}
 
 
 def _info_document(config: QuantizeConfig, arch: ArchSpec, runtimes: dict[str, str]) -> dict[str, Any]:
@@ -122,6 +129,10 @@ def _info_document(config: QuantizeConfig, arch: ArchSpec, runtimes: dict[str, s
         ONNX_FILE: {"runtime": runtimes[measure.ONNX],
                     "code": f"session = onnxruntime.InferenceSession('{ONNX_FILE}', providers=['CPUExecutionProvider'])"
                             f"; logits = session.run(None, {{'{onnxio.INPUT_NAME}': x.numpy()}})[0]"},
+        PT2_FILE: {"runtime": runtimes[measure.PT2],
+                   "code": "import torch.ao.quantization.fx._decomposed  # registers the quantize / dequantize "
+                           f"operators; model = torch.export.load('{PT2_FILE}').module(); logits = model(x); "
+                           "for int8 kernels (x86, needs a C++ compiler): model = torch.compile(model)"},
         "input": f"x: float32 N x {spec.channels} x {spec.image_size} x {spec.image_size} (resize policy "
                  f"'{spec.resize}'), pixel values / 255, then (x - mean) / std with the input's mean and std",
     }
@@ -136,17 +147,19 @@ def _measure(ctx: JobContext[QuantizeJobSpec], model: nn.Module, int8: nn.Module
     runtimes = {output.kind: output.runtime for output in files}
     held_out = measure.HeldOut.of(model, evaluation)
     input_summary = {**measure.float_model_summary(model, held_out), "file_bytes": ctx.teacher.bytes}
+    baseline = ctx.work_dir / "baseline"
+    input_artifacts = measure.input_baseline(model, held_out, baseline)
+    output_paths = {fmt: paths[f"quantized_{fmt}"] for fmt in (measure.TORCHSCRIPT, measure.ONNX, measure.PT2)}
+    # The int8 TorchScript runs (and is timed) with the backend's kernels.
     with quantize.quantized_engine(config.backend):
         engine_predictions = evaluate.predict(int8, held_out.x)
-        output_artifacts = {fmt: measure.measure_artifact(paths[f"quantized_{fmt}"], runtimes[f"quantized_{fmt}"],
-                                                          held_out, engine_predictions)
-                            for fmt in (measure.TORCHSCRIPT, measure.ONNX)}
-    output_summary = {**held_out.scores(engine_predictions), "params": input_summary["params"],
-                      "macs": input_summary["macs"]}
-    return measure.compression_metrics(input_summary, output_summary,
-                                       measure.input_baseline(model, held_out, ctx.work_dir / "baseline"),
-                                       output_artifacts, held_out, float_source="input",
-                                       max_drop_pts=ctx.spec.max_accuracy_drop_pts)
+        output_artifacts = {fmt: measure.measure_artifact(path, runtimes[f"quantized_{fmt}"], held_out,
+                                                          engine_predictions) for fmt, path in output_paths.items()}
+        output_summary = {**held_out.scores(engine_predictions), "params": input_summary["params"],
+                          "macs": input_summary["macs"]}
+        return measure.compression_metrics(input_summary, output_summary, input_artifacts, output_artifacts,
+                                           held_out, float_source="input", max_drop_pts=ctx.spec.max_accuracy_drop_pts,
+                                           paths={"input": measure.baseline_paths(baseline), "output": output_paths})
 
 
 def _unchanged_size_notes(config: QuantizeConfig, metrics: dict[str, Any]) -> list[str]:
