@@ -96,8 +96,10 @@ def torchvision_spec(arch: str) -> dict[str, Any]:
 
 
 def submit(service: Service, kind: str, model_id: str, **settings: Any) -> str:
+    """These jobs check that every file matches the engine's model, on models trained for a few seconds: the
+    accuracy gate (tests/worker/test_acceptance.py, test_publish.py) is off; the chance floor still applies."""
     return service.submit({"kind": kind, "model": model_id, "dataset": "digits", "seed": SEED,
-                           "val_fraction": VAL_FRACTION, **settings})
+                           "val_fraction": VAL_FRACTION, "max_accuracy_drop_pts": None, **settings})
 
 
 def finished(service: Service, job_ids: list[str], timeout: float) -> list[dict[str, Any]]:

@@ -132,10 +132,3 @@ def latency_stats(model: Timeable, input_shape: tuple[int, ...], batch_size: int
                                 max_rounds=max_rounds, budget_s=budget_s)
     return timed["model"][batch_size]
 
-
-def cpu_latency_ms(model: AnyModel, input_shape: tuple[int, ...], batch_size: int = 1) -> float:
-    """Median milliseconds per forward pass on CPU; moves the model to CPU and sets eval mode.
-
-    `input_shape` excludes the batch dimension, e.g. (3, 32, 32).
-    """
-    return latency_stats(model.cpu().eval(), input_shape, batch_size).median_ms
