@@ -49,7 +49,10 @@ TRAINING = {"epochs": 30, "batch_size": 64, "lr": 3e-3}
 class QuietGuard:
     """The runner's guard without a job row: nothing to report to, nothing to stop for."""
 
-    def stage(self, name: str) -> None:
+    def stage(self, name: str, steps: int | None = None) -> None:
+        pass
+
+    def step(self) -> None:
         pass
 
     def on_progress(self, progress: Progress) -> None:

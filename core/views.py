@@ -34,7 +34,10 @@ class JobProgress(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    stage: str | None = Field(default=None, examples=["train"])
+    stage: str | None = Field(default=None, examples=["training"])
+    stage_step: int | None = Field(default=None, description="In a stage that is not training (exporting, "
+                                   "evaluating): files done so far.", examples=[2])
+    stage_steps: int | None = Field(default=None, description="...and how many there are.", examples=[7])
     epoch: int | None = Field(default=None, examples=[3])
     epochs: int | None = Field(default=None, examples=[10])
     step: int | None = Field(default=None, description="Steps done in this job so far.", examples=[120])

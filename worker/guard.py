@@ -56,8 +56,15 @@ class JobGuard:
         self.checkpoints = checkpoints
         self.ctx = ctx
 
-    def stage(self, name: str) -> None:
-        self.heartbeat.progress = {**(self.heartbeat.progress or {}), "stage": name}
+    def stage(self, name: str, steps: int | None = None) -> None:
+        """A new stage; one that is not training counts its `steps` (files exported, measured) with step()."""
+        self.heartbeat.progress = {**(self.heartbeat.progress or {}), "stage": name,
+                                   "stage_step": 0 if steps else None, "stage_steps": steps}
+        self.check()
+
+    def step(self) -> None:
+        progress = self.heartbeat.progress or {}
+        self.heartbeat.progress = {**progress, "stage_step": (progress.get("stage_step") or 0) + 1}
         self.check()
 
     def on_progress(self, progress: Progress) -> None:

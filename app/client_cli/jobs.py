@@ -81,7 +81,9 @@ def progress_fields(snapshot: dict[str, Any]) -> dict[str, Any]:
     """rich Progress fields for a {"status", "progress"} snapshot."""
     progress = snapshot.get("progress") or {}
     description = snapshot["status"]
-    if progress.get("epoch") is not None:
+    if progress.get("stage_steps"):
+        description += f" {progress.get('stage')} {progress.get('stage_step') or 0}/{progress['stage_steps']}"
+    elif progress.get("epoch") is not None:
         description += f" {progress.get('stage') or ''} epoch {progress['epoch']}/{progress.get('epochs')}"
     elif progress.get("stage"):
         description += f" {progress['stage']}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,12 @@ def run_distill(ctx: JobContext[DistillJobSpec], guard: Guard, checkpoints: Chec
                      on_checkpoint=guard.on_checkpoint, resume=checkpoints.load(), seed=spec.seed,
                      device=spec.device)
 
-    guard.stage("exporting")
-    weights, spec_file, runnable = _export(student, student_spec, val[0][:1], ctx.work_dir)
+    guard.stage("exporting", steps=len(measure.EXPORTERS))
+    weights, spec_file, runnable = _export(student, student_spec, val[0][:1], ctx.work_dir, guard.step)
 
-    guard.stage("evaluating")
-    metrics = _measure(ctx, teacher, student_spec, weights, runnable, loaded.evaluation)
+    # The teacher's TorchScript, each student file, then their latencies.
+    guard.stage("evaluating", steps=len(runnable) + 2)
+    metrics = _measure(ctx, teacher, student_spec, weights, runnable, loaded.evaluation, guard.step)
     metrics.update(history=result.history, evaluation=loaded.evaluation_source, batchnorm=result.batchnorm,
                    notes=measure.batchnorm_notes(result.batchnorm), work=_work(spec, student_spec, result.batchnorm,
                                                                               loaded.evaluation_source))
@@ -48,8 +50,8 @@ def run_distill(ctx: JobContext[DistillJobSpec], guard: Guard, checkpoints: Chec
     return JobOutcome(files=files, metrics=metrics)
 
 
-def _export(student: torch.nn.Module, student_spec: ArchSpec, example: torch.Tensor, folder: Path) -> (
-        tuple[Path, Path, dict[str, Path]]):
+def _export(student: torch.nn.Module, student_spec: ArchSpec, example: torch.Tensor, folder: Path,
+            on_step: Callable[[], None]) -> tuple[Path, Path, dict[str, Path]]:
     """The weights, their arch spec, and the files that run without condenser (by format)."""
     folder.mkdir(parents=True, exist_ok=True)
     weights, spec_file = folder / "student.safetensors", folder / "student.arch.json"
@@ -58,26 +60,28 @@ def _export(student: torch.nn.Module, student_spec: ArchSpec, example: torch.Ten
     runnable = {fmt: folder / f"student{measure.SUFFIXES[fmt]}" for fmt in measure.EXPORTERS}
     for fmt, exporter in measure.EXPORTERS.items():
         exporter(student, example, runnable[fmt])
+        on_step()
     return weights, spec_file, runnable
 
 
 def _measure(ctx: JobContext[DistillJobSpec], teacher: torch.nn.Module, student_spec: ArchSpec, weights: Path,
-             runnable: dict[str, Path], evaluation: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+             runnable: dict[str, Path], evaluation: tuple[torch.Tensor, torch.Tensor],
+             on_step: Callable[[], None]) -> dict[str, Any]:
     """Both models measured by measure.py: the student's downloaded files reloaded from disk, the teacher
     exported to TorchScript and reloaded the same way, the two TorchScript files timed together (the latency
     figures); every student file judged against the teacher (the weights file) or the student (the others)."""
     held_out = measure.HeldOut.of(teacher, evaluation)
     teacher_summary = measure.float_model_summary(teacher, held_out)
     baseline, scripted_only = ctx.work_dir / "baseline", (measure.TORCHSCRIPT,)
-    teacher_script = measure.input_baseline(teacher, held_out, baseline, scripted_only)
+    teacher_script = measure.input_baseline(teacher, held_out, baseline, scripted_only, on_step)
     student = models.load_model(weights, "safetensors", student_spec)
     student_summary = measure.float_model_summary(student, held_out)
     student_predictions = evaluate.predict(student, held_out.x)
-    artifacts = {fmt: measure.measure_artifact(path, measure.runtime_of(fmt), held_out, student_predictions)
+    artifacts = {fmt: measure.measure_artifact(path, measure.runtime_of(fmt), held_out, student_predictions, on_step)
                  for fmt, path in runnable.items()}
     measure.add_latencies_({"teacher": teacher_script, "student": artifacts},
                            {"teacher": measure.baseline_paths(baseline, scripted_only), "student": runnable},
-                           held_out.input_shape)
+                           held_out.input_shape, on_step)
     student_script = artifacts[measure.TORCHSCRIPT]
     teacher_latency = {key: value for key, value in teacher_script[measure.TORCHSCRIPT].items() if "latency" in key}
     student_latency = {key: value for key, value in student_script.items() if "latency" in key}

@@ -9,6 +9,7 @@ held-out split), never used for training or calibration; acceptance.py judges ea
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ def _fraction_equal(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def add_latencies_(measured: dict[str, dict[str, dict[str, Any]]], paths: dict[str, dict[str, Path]],
-                   input_shape: tuple[int, ...]) -> None:
+                   input_shape: tuple[int, ...], on_step: Callable[[], None] = lambda: None) -> None:
     """Adds CPU latency at batch 1 and 32 (median, p10, p90) to every measured file, all reloaded from disk and
     timed in the same interleaved rounds, so that the ratio of an input's and an output's figures holds on a busy
     host. `measured` and `paths` are keyed alike: side ("input", "output", ...) -> format -> figures / file."""
@@ -77,6 +78,7 @@ def add_latencies_(measured: dict[str, dict[str, dict[str, Any]]], paths: dict[s
     stats = evaluate.interleaved_latency(loaded, input_shape, LATENCY_BATCH_SIZES)
     for key, (side, fmt) in keys.items():
         measured[side][fmt].update(evaluate.latency_metrics(stats[key]))
+    on_step()
 
 
 def float_model_summary(model: nn.Module, held_out: HeldOut) -> dict[str, Any]:
@@ -92,8 +94,8 @@ def load_artifact(path: Path) -> AnyModel:
     return export.load_program(path) if path.suffix == SUFFIXES[PT2] else export.load_torchscript(path)
 
 
-def measure_artifact(path: Path, runtime: str, held_out: HeldOut,
-                     engine_predictions: torch.Tensor | None = None) -> dict[str, Any]:
+def measure_artifact(path: Path, runtime: str, held_out: HeldOut, engine_predictions: torch.Tensor | None = None,
+                     on_step: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Size and scores of one artifact reloaded from disk; with the engine model's predictions, also how often
     the artifact agrees with it. (add_latencies_ times it, beside the files it is compared with.)"""
     model = load_artifact(path)
@@ -101,18 +103,19 @@ def measure_artifact(path: Path, runtime: str, held_out: HeldOut,
     result: dict[str, Any] = {"runtime": runtime, "file_bytes": path.stat().st_size, **held_out.scores(predictions)}
     if engine_predictions is not None:
         result["agreement_with_engine_model"] = _fraction_equal(predictions, engine_predictions)
+    on_step()
     return result
 
 
-def input_baseline(model: nn.Module, held_out: HeldOut, folder: Path,
-                   formats: tuple[str, ...] = tuple(EXPORTERS)) -> dict[str, dict[str, Any]]:
+def input_baseline(model: nn.Module, held_out: HeldOut, folder: Path, formats: tuple[str, ...] = tuple(EXPORTERS),
+                   on_step: Callable[[], None] = lambda: None) -> dict[str, dict[str, Any]]:
     """The input model exported to `formats` in `folder` (kept there for reuse) and measured like an output."""
     example = held_out.x[:1]
     measured = {}
     for fmt in formats:
         path = baseline_path(folder, fmt)
         EXPORTERS[fmt](model, example, path)
-        measured[fmt] = measure_artifact(path, runtime_of(fmt), held_out)
+        measured[fmt] = measure_artifact(path, runtime_of(fmt), held_out, on_step=on_step)
     return measured
 
 
@@ -195,12 +198,13 @@ def _gate_entry(measured: dict[str, Any], agreement_key: str, agreement_with: st
 def compression_metrics(input_summary: dict[str, Any], output_summary: dict[str, Any],
                         input_artifacts: dict[str, dict[str, Any]], output_artifacts: dict[str, dict[str, Any]],
                         held_out: HeldOut, float_source: str, max_drop_pts: float | None,
-                        paths: dict[str, dict[str, Path]]) -> dict[str, Any]:
+                        paths: dict[str, dict[str, Path]],
+                        on_step: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """The metrics of a prune or quantize job: input and output side by side (their files timed together:
     `paths` holds them, {"input": {format: path}, "output": ...}), their ratios (input / output: above 1 means
     smaller or faster), and every output file judged (judge): a float output's weights file and its formats
     against the float output ("output"), an int8 output's formats against the input model ("input")."""
-    add_latencies_({"input": input_artifacts, "output": output_artifacts}, paths, held_out.input_shape)
+    add_latencies_({"input": input_artifacts, "output": output_artifacts}, paths, held_out.input_shape, on_step)
     ratios: dict[str, Any] = {name: input_summary[name] / output_summary[name]
                               for name in ("params", "macs", "file_bytes") if output_summary.get(name)}
     for fmt, output in output_artifacts.items():

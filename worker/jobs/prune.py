@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +51,13 @@ def run_prune(ctx: JobContext[PruneJobSpec], guard: Guard, checkpoints: Checkpoi
         prune.make_permanent_(pruned)
         details["sparsity"] = prune.weight_sparsity(pruned, config.keep_layers, arch.num_classes)
 
-    guard.stage("exporting")
-    files = _export(pruned, prune.pruned_arch_document(arch, details["pruned_shapes"]), val[0][:1], ctx.work_dir)
+    guard.stage("exporting", steps=len(measure.EXPORTERS))
+    files = _export(pruned, prune.pruned_arch_document(arch, details["pruned_shapes"]), val[0][:1], ctx.work_dir,
+                    guard.step)
 
-    guard.stage("evaluating")
-    metrics = _measure(ctx, model, arch, files, loaded.evaluation)
+    # The input model in each format, the pruned files, then their latencies.
+    guard.stage("evaluating", steps=2 * len(measure.EXPORTERS) + 1)
+    metrics = _measure(ctx, model, arch, files, loaded.evaluation, guard.step)
     notes = [*measure.batchnorm_notes(batchnorm_report), *([DENSE_NOTE] if config.method == "unstructured" else [])]
     return JobOutcome(files=files, metrics={**metrics, "pruning": details, "history": history, "notes": notes,
                                             "evaluation": loaded.evaluation_source, "batchnorm": batchnorm_report,
@@ -89,7 +92,8 @@ _FILES = {  # kind: (file name, media type)
 _FORMATS = {"pruned_safetensors": measure.SAFETENSORS, **{f"pruned_{fmt}": fmt for fmt in measure.EXPORTERS}}
 
 
-def _export(pruned: nn.Module, arch_document: dict[str, Any], example: Any, folder: Path) -> list[OutputFile]:
+def _export(pruned: nn.Module, arch_document: dict[str, Any], example: Any, folder: Path,
+            on_step: Callable[[], None]) -> list[OutputFile]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = {kind: folder / filename for kind, (filename, _) in _FILES.items()}
     export.save_safetensors(pruned, paths["pruned_safetensors"])
@@ -98,12 +102,13 @@ def _export(pruned: nn.Module, arch_document: dict[str, Any], example: Any, fold
     for fmt, exporter in measure.EXPORTERS.items():
         exporter(pruned, example, paths[f"pruned_{fmt}"])
         runtimes[f"pruned_{fmt}"] = measure.runtime_of(fmt)
+        on_step()
     return [OutputFile(kind, paths[kind], filename, media_type, runtimes[kind], _FORMATS.get(kind))
             for kind, (filename, media_type) in _FILES.items()]
 
 
 def _measure(ctx: JobContext[PruneJobSpec], model: nn.Module, arch: ArchSpec, files: list[OutputFile],
-             evaluation: inputs.TensorPair) -> dict[str, Any]:
+             evaluation: inputs.TensorPair, on_step: Callable[[], None]) -> dict[str, Any]:
     """The engine model is the one rebuilt from the downloaded weights and arch spec, so the measurement
     also proves that those two files load; TorchScript, ONNX and the .pt2 are compared with it."""
     paths = {output.kind: output.path for output in files}
@@ -113,17 +118,18 @@ def _measure(ctx: JobContext[PruneJobSpec], model: nn.Module, arch: ArchSpec, fi
     engine_model = prune.load_pruned(paths["pruned_safetensors"], arch, shapes)
     engine_predictions = evaluate.predict(engine_model, held_out.x)
     output_artifacts = {fmt: measure.measure_artifact(paths[f"pruned_{fmt}"], runtimes[f"pruned_{fmt}"], held_out,
-                                                      engine_predictions)
+                                                      engine_predictions, on_step)
                         for fmt in measure.EXPORTERS}
     return measure.compression_metrics(
         input_summary={**measure.float_model_summary(model, held_out), "file_bytes": ctx.teacher.bytes},
         output_summary={**measure.float_model_summary(engine_model, held_out),
                         "file_bytes": paths["pruned_safetensors"].stat().st_size},
-        input_artifacts=measure.input_baseline(model, held_out, ctx.work_dir / "baseline"),
+        input_artifacts=measure.input_baseline(model, held_out, ctx.work_dir / "baseline", on_step=on_step),
         output_artifacts=output_artifacts, held_out=held_out, float_source="output",
         max_drop_pts=ctx.spec.max_accuracy_drop_pts,
         paths={"input": measure.baseline_paths(ctx.work_dir / "baseline"),
                "output": {fmt: paths[f"pruned_{fmt}"] for fmt in measure.EXPORTERS}},
+        on_step=on_step,
     )
 
 

@@ -7,6 +7,7 @@ retried attempt prepares the same fake-quantized graph and resumes from the chec
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ TORCHSCRIPT_FILE = "quantized" + measure.SUFFIXES[measure.TORCHSCRIPT]
 ONNX_FILE = "quantized" + measure.SUFFIXES[measure.ONNX]
 PT2_FILE = "quantized" + measure.SUFFIXES[measure.PT2]
 INFO_FILE = "quantized.json"
+INT8_FORMATS = (measure.TORCHSCRIPT, measure.ONNX, measure.PT2)
 # A quantization that shrinks every file by less than this share has left the model as it was.
 UNCHANGED_SIZE_SHARE = 0.05
 PT2_EAGER = ("quantized.pt2 (torchao PT2E) was measured as torch.export.load(...).module() runs it: quantize / "
@@ -63,8 +65,9 @@ def run_quantize(ctx: JobContext[QuantizeJobSpec], guard: Guard, checkpoints: Ch
     guard.stage("exporting")
     files = _export(int8, float_source, config, arch, calibration, ctx.work_dir)
 
-    guard.stage("evaluating")
-    metrics = _measure(ctx, model, int8, config, files, loaded.evaluation)
+    # The input model in each format, the int8 files, then their latencies.
+    guard.stage("evaluating", steps=2 * len(INT8_FORMATS) + 1)
+    metrics = _measure(ctx, model, int8, config, files, loaded.evaluation, guard.step)
     details = {"method": config.method, "backend": config.backend, **quantize.layer_report(int8),
                "calibration_samples": 0 if config.method == "dynamic" else len(calibration)}
     notes = [*_unchanged_size_notes(config, metrics), PT2_EAGER,
@@ -140,7 +143,7 @@ def _info_document(config: QuantizeConfig, arch: ArchSpec, runtimes: dict[str, s
 
 
 def _measure(ctx: JobContext[QuantizeJobSpec], model: nn.Module, int8: nn.Module, config: QuantizeConfig,
-             files: list[OutputFile], evaluation: inputs.TensorPair) -> dict[str, Any]:
+             files: list[OutputFile], evaluation: inputs.TensorPair, on_step: Callable[[], None]) -> dict[str, Any]:
     """The int8 files against the input model exported to the same formats; parameters and MACs are the
     float model's (quantization changes their width, not their number)."""
     paths = {output.kind: output.path for output in files}
@@ -148,18 +151,20 @@ def _measure(ctx: JobContext[QuantizeJobSpec], model: nn.Module, int8: nn.Module
     held_out = measure.HeldOut.of(model, evaluation)
     input_summary = {**measure.float_model_summary(model, held_out), "file_bytes": ctx.teacher.bytes}
     baseline = ctx.work_dir / "baseline"
-    input_artifacts = measure.input_baseline(model, held_out, baseline)
-    output_paths = {fmt: paths[f"quantized_{fmt}"] for fmt in (measure.TORCHSCRIPT, measure.ONNX, measure.PT2)}
+    input_artifacts = measure.input_baseline(model, held_out, baseline, on_step=on_step)
+    output_paths = {fmt: paths[f"quantized_{fmt}"] for fmt in INT8_FORMATS}
     # The int8 TorchScript runs (and is timed) with the backend's kernels.
     with quantize.quantized_engine(config.backend):
         engine_predictions = evaluate.predict(int8, held_out.x)
         output_artifacts = {fmt: measure.measure_artifact(path, runtimes[f"quantized_{fmt}"], held_out,
-                                                          engine_predictions) for fmt, path in output_paths.items()}
+                                                          engine_predictions, on_step)
+                            for fmt, path in output_paths.items()}
         output_summary = {**held_out.scores(engine_predictions), "params": input_summary["params"],
                           "macs": input_summary["macs"]}
         return measure.compression_metrics(input_summary, output_summary, input_artifacts, output_artifacts,
                                            held_out, float_source="input", max_drop_pts=ctx.spec.max_accuracy_drop_pts,
-                                           paths={"input": measure.baseline_paths(baseline), "output": output_paths})
+                                           paths={"input": measure.baseline_paths(baseline), "output": output_paths},
+                                           on_step=on_step)
 
 
 def _unchanged_size_notes(config: QuantizeConfig, metrics: dict[str, Any]) -> list[str]:

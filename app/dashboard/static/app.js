@@ -141,6 +141,7 @@ function progressOf(job) {
   if (progress.epoch && progress.epochs && !FINISHING_STAGES.has(progress.stage)) {
     parts.push(`epoch ${progress.epoch}/${progress.epochs}`);
   }
+  if (progress.stage_steps) parts.push(`${progress.stage_step ?? 0}/${progress.stage_steps}`);
   if (progress.eta_seconds != null && job.status === "running" && !FINISHING_STAGES.has(progress.stage)) {
     parts.push(`ETA ${fmt.duration(progress.eta_seconds)}`);
   }
