@@ -248,7 +248,7 @@ def test_eval_dataset_must_be_other_images_of_the_same_classes(client: TestClien
         ({"eval_dataset": five}, 422, "an evaluation set needs the same classes in the same order"),
         ({"eval_dataset": rgb.json()["id"]}, 422, "eval_dataset: the dataset has 3-channel images"),
         ({"eval_dataset": teacher_id}, 422, f"eval_dataset must be an uploaded dataset's id (dst_...) or a built-in "
-                                            f"name (digits); '{teacher_id}' is a model id"),
+                                            f"name (digits, photo-patches); '{teacher_id}' is a model id"),
         ({"eval_dataset": "dst_000000000000000000000000"}, 404, "dataset dst_000000000000000000000000 not found"),
     ]
     for overrides, status, message_part in cases:

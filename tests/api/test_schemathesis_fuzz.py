@@ -71,7 +71,9 @@ def real_ids(base_url: str, key: str, teacher: Any, tmp_path: Path) -> dict[str,
         job = client.submit({"kind": "distill", "teacher": model["id"], "dataset": dataset["id"], "epochs": 1,
                              "student": {"arch": "small_cnn", "kwargs": {"width": 2, "depth": 1}}})
         job = client.wait(job["id"], timeout=300)
-    assert job["status"] == "succeeded", job["error"]
+    # One epoch on random pixels scores at chance: the job fails its acceptance floor, and keeps its files as
+    # REJECTED diagnostics and its report, which are the artifact rows the fuzzer needs.
+    assert job["status"] in ("succeeded", "failed") and job["artifacts"], job["error"]
     return {"model_id": [model["id"]], "dataset_id": [dataset["id"]], "job_id": [job["id"]],
             "artifact_id": [artifact["id"] for artifact in job["artifacts"]]}
 
