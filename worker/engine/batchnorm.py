@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from worker.engine import evaluate
-from worker.engine.training import TensorPair
+from worker.engine.evaluate import TensorPair
 
 # Enough for per-channel means and variances to settle; a second or so of forward passes for a small model.
 RECALIBRATION_IMAGES = 512

@@ -12,6 +12,7 @@ from torch import nn
 
 from worker.engine.models import logits_of
 
+TensorPair = tuple[torch.Tensor, torch.Tensor]  # (images, labels)
 AnyModel = nn.Module | torch.jit.ScriptModule
 # What latency is measured on: anything that maps a batch tensor to outputs (a module, a TorchScript or
 # ONNX Runtime model, an exported program's .module(), or a plain function).

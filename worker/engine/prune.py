@@ -26,6 +26,7 @@ from torch.nn.utils import prune as torch_prune
 
 from worker.engine.config import ArchSpec, PruneConfig
 from worker.engine.errors import SpecError
+from worker.engine.evaluate import TensorPair
 from worker.engine.export import arch_spec_document
 from worker.engine.macs import count_macs
 from worker.engine.models import build_model, logits_of
@@ -38,7 +39,6 @@ MAX_SEARCH_TRIALS = 8
 _PRUNED_TYPES = (nn.Conv2d, nn.Linear)
 _NAMES_SHOWN = 8
 
-TensorPair = tuple[torch.Tensor, torch.Tensor]
 Shapes = dict[str, list[int]]
 
 _IMPORTANCE: dict[str, Callable[[], tp.importance.Importance]] = {

@@ -27,6 +27,7 @@ from worker.engine.augment import random_crop
 from worker.engine.checkpoint import Checkpointer, detached_cpu_copy
 from worker.engine.config import TrainingConfig
 from worker.engine.errors import DataError, Interrupted
+from worker.engine.evaluate import TensorPair
 from worker.engine.hardware import configure_backends, pick_device
 from worker.engine.models import logits_of
 
@@ -42,7 +43,6 @@ COMPILE_AUTO_MIN_STEPS = 1000
 # models, their activations, the optimizer state and the compiler's workspace.
 DATA_GPU_MEMORY_SHARE = 0.5
 
-TensorPair = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
