@@ -9,7 +9,8 @@ pruned (structured, channel ratio 0.5, 8 epochs of recovery fine-tuning) and qua
 Prints one JSON line per (case, result): `case`, `accuracy` (format -> top-1), `agreement` (format -> top-1 agreement
 with the float model the file was made from; for the float weights file, with the input model), `drop_pts` (the
 largest drop of a published file below the input model, in points), `drop_pts_by_format`, `passed` (format -> the
-acceptance verdict), `input_accuracy` and the CPU it ran on. Run: `.venv/bin/python bench/quality.py`.
+acceptance verdict), `input_accuracy`, `batchnorm` (what re-estimating the BatchNorm statistics did) and the CPU
+it ran on. Run: `.venv/bin/python bench/quality.py`.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def line(case: str, metrics: dict[str, Any]) -> dict[str, Any]:
             "drop_pts": max(published) if published else None, "drop_pts_by_format": drops,
             "passed": {fmt: entry["passed"] for fmt, entry in formats.items()},
             "input_accuracy": acceptance["reference_accuracy"], "evaluation_images": metrics["validation_samples"],
+            "batchnorm": metrics.get("batchnorm"),
             "measured_on": cpu.summary_line(cpu.describe())}
 
 

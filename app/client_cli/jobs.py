@@ -112,6 +112,19 @@ def finish_job_output(job: dict[str, Any], as_json: bool, waited: bool) -> None:
         raise typer.Exit(1)
 
 
+def format_line(entry: dict[str, Any]) -> str:
+    """One file's verdict: accuracy, agreement with its float source, drop against the input model."""
+    parts = [f"{entry['format']}: accuracy {entry['accuracy']:.2%}"]
+    if entry.get("agreement") is not None:
+        parts.append(f"agreement {entry['agreement']:.2%} with the {entry['agreement_with']}")
+    for key, against in (("drop_pts", "the input model"), ("source_drop_pts", "its float source")):
+        if entry.get(key) is not None:
+            parts.append(f"{-entry[key]:+.2f} pts vs {against}")
+            break
+    parts.append("passed" if entry["passed"] else f"REJECTED: {'; '.join(entry.get('reasons') or ['failed'])}")
+    return ", ".join(parts)
+
+
 def show_job(job: dict[str, Any]) -> None:
     progress = job.get("progress") or {}
     lines = [("id", job["id"]), ("kind", job["kind"]), ("status", job["status"]),
@@ -124,10 +137,10 @@ def show_job(job: dict[str, Any]) -> None:
         if value is not None:
             typer.echo(f"{name:<10}{value}")
     summary = job.get("summary") or {}
+    if summary.get("evaluation"):
+        typer.echo(f"{'evaluated':<10}{summary['evaluation']['note']}")
     for entry in summary.get("formats") or []:
-        verdict = "passed" if entry["passed"] else "FAILED: not a usable result"
-        typer.echo(f"{'format':<10}{entry['format']}: accuracy {entry['accuracy']:.2%}, "
-                   f"{-entry['drop_pts']:+.2f} pts vs its float source, {verdict}")
+        typer.echo(f"{'format':<10}{format_line(entry)}")
     metrics = list(flat_metrics(job.get("metrics") or {}))
     if metrics:
         typer.echo("metrics")

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from app.cli import app as cli_app
 from app.client import Client, IntegrityError
-from app.client_cli.jobs import progress_fields
+from app.client_cli.jobs import format_line, progress_fields
 from tests.harness import Service
 from tests.support import REPO, wait_for
 
@@ -79,6 +79,9 @@ def test_cli_from_login_to_download(served: tuple[Service, str, str], small_cnn_
     assert submitted.exit_code == 0, submitted.output + service.worker_logs()
     job_id = submitted.stdout.split()[0]
     assert job_id.startswith("job_") and "succeeded" in submitted.stdout and "student.accuracy" in submitted.stdout
+    # Each file's verdict, and which images the accuracies come from.
+    assert "format    pt2: accuracy " in submitted.stdout and "agreement " in submitted.stdout
+    assert "evaluated accuracies are measured on a held-out split" in submitted.stdout
 
     assert job_id in cli("jobs", "list", env=env).stdout
     shown = cli("jobs", "show", job_id, "--json", env=env)
@@ -199,3 +202,14 @@ def test_the_progress_bar_shows_epoch_eta_and_metrics() -> None:
     assert fields == {"description": "running distill epoch 3/10", "completed": 120, "total": 400, "eta": "ETA 1:15",
                       "metrics": "loss 0.4123  val acc 0.9300"}
     assert progress_fields({"status": "queued", "progress": {}})["description"] == "queued"
+    exporting = {"stage": "exporting", "epoch": 10, "epochs": 10, "stage_step": 2, "stage_steps": 3}
+    assert progress_fields({"status": "running", "progress": exporting})["description"] == "running exporting 2/3"
+
+
+def test_a_files_verdict_reads_as_one_line() -> None:
+    rejected = {"format": "onnx", "accuracy": 0.43, "agreement": 0.44, "agreement_with": "float input model",
+                "drop_pts": 54.0, "source_drop_pts": 54.0, "passed": False, "reasons": ["scores 43.00%, ..."]}
+    assert format_line(rejected) == ("onnx: accuracy 43.00%, agreement 44.00% with the float input model, -54.00 pts "
+                                     "vs the input model, REJECTED: scores 43.00%, ...")
+    legacy = {"format": "onnx", "accuracy": 0.97, "source_drop_pts": 0.2, "passed": True}
+    assert format_line(legacy) == "onnx: accuracy 97.00%, -0.20 pts vs its float source, passed"
