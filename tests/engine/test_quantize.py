@@ -58,6 +58,15 @@ def test_static_int8_runs_int8_kernels_and_its_torchscript_reproduces_it(trained
     assert agreement(engine_logits, evaluate.logits(model, x_val)) >= 0.97
 
 
+def test_x86_static_int8_has_8_bit_activations_and_7_bit_weights() -> None:
+    """Either halves the u8 x s8 products that a CPU without VNNI adds in int16 (see quantize._X86_STATIC): 7-bit
+    activations, PyTorch's default, cost efficientnet_b0 most (tests/engine/test_quantize_archs.py)."""
+    qconfig = quantize.qconfig_mapping("x86", qat=False).global_qconfig
+    activation, weight = qconfig.activation(), qconfig.weight()
+    assert (activation.quant_min, activation.quant_max) == (0, 255)
+    assert (weight.quant_min, weight.quant_max) == (-64, 63)
+
+
 def test_onnx_qdq_int8_agrees_with_the_engine_model(trained_small_cnn, calibration, digits_splits,
                                                     tmp_path: Path) -> None:
     _, model = trained_small_cnn
