@@ -32,9 +32,10 @@ teacher: {teacher}
 dataset: digits
 student:
   arch: small_cnn
-  kwargs: {{width: 4, depth: 1}}
+  kwargs: {{width: 8, depth: 2}}
 epochs: {epochs}
-batch_size: 64
+batch_size: 32
+lr: 0.01
 seed: 0
 """
 
@@ -127,8 +128,8 @@ def test_python_client_waits_streams_and_resumes_downloads(served: tuple[Service
     requests: list[httpx.Request] = []
     with Client(url, service.api_key) as client:
         client.http.event_hooks["request"].append(requests.append)
-        job = client.submit({"teacher": teacher_id, "dataset": "digits", "epochs": 3,
-                             "student": {"arch": "small_cnn", "kwargs": {"width": 4, "depth": 1}}})
+        job = client.submit({"teacher": teacher_id, "dataset": "digits", "epochs": 2, "batch_size": 32, "lr": 0.01,
+                             "student": {"arch": "small_cnn", "kwargs": {"width": 8, "depth": 2}}})
         snapshots: list[dict[str, Any]] = []
         done = client.wait(job["id"], on_progress=snapshots.append, timeout=240)
         assert done["status"] == "succeeded", done["error"]

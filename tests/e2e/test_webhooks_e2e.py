@@ -76,8 +76,8 @@ def test_job_ends_are_delivered_signed_and_retried(service_factory: Any, small_c
     hook = service.client.put("/v1/webhook", headers=service.headers, json={"url": receiver.url("/default")})
     assert hook.status_code == 200, hook.text
     secret = hook.json()["secret"]
-    job = {"teacher": teacher_id, "dataset": "digits", "epochs": 1,
-           "student": {"arch": "small_cnn", "kwargs": {"width": 4, "depth": 1}}}
+    job = {"teacher": teacher_id, "dataset": "digits", "epochs": 2, "batch_size": 32, "lr": 0.01,
+           "student": {"arch": "small_cnn", "kwargs": {"width": 8, "depth": 2}}}
 
     # Two jobs canceled before any worker runs (ended by the API), one that runs to success (ended by a worker).
     own_url = service.submit({**job, "webhook_url": receiver.url("/job-a")})

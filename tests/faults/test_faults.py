@@ -323,7 +323,9 @@ def test_backlog_shared_by_two_workers_runs_each_job_exactly_once(service_factor
     jobs = []
     for job_id in job_ids:
         job = service.wait_status(job_id, ("succeeded", "failed"), timeout=900)
-        assert job.status == "succeeded", job.error
+        # One epoch on random pixels ends at chance: the acceptance floor fails it, once, with its files kept as
+        # REJECTED diagnostics. What is under test is that each job ran to its end exactly once.
+        assert job.status == "succeeded" or job.error.startswith("no file passed its acceptance checks"), job.error
         assert job.attempt == 1 and len(service.claims(job_id)) == 1
         jobs.append(job)
     assert all(len(service.artifacts(job_id)) == len(ARTIFACT_KINDS) for job_id in job_ids)
