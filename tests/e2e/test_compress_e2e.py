@@ -28,6 +28,7 @@ from worker.engine import data, evaluate, export, models, prune, quantize
 from worker.engine.config import ArchSpec, DistillConfig
 from worker.engine.distill import distill
 from worker.jobs.inputs import calibration_subset
+from worker.runner import REJECTED_RUNTIME
 
 # Loading with plain torch.jit.load is the point here; its deprecation notice is not.
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")]
@@ -181,7 +182,9 @@ def check_quantized(job: dict[str, Any], paths: dict[str, Path], spec: dict[str,
     assert agreement(onnx_logits, float_logits) >= agreement(expected, float_logits) - ONNX_INT8_SLACK
     program_logits = plain_program_logits(paths["quantized_pt2"], batch)
     assert agreement(program_logits, float_logits) >= agreement(expected, float_logits) - ONNX_INT8_SLACK
-    runtimes = {a["kind"]: a["runtime"] for a in job["artifacts"]}
+    # A rejected file keeps the runtime it was measured with, after the word that it was rejected.
+    runtimes = {a["kind"].removesuffix("_rejected"): a["runtime"].removeprefix(REJECTED_RUNTIME)
+                for a in job["artifacts"]}
     assert runtimes["quantized_torchscript"].startswith("torchscript (torch ") and "x86 fbgemm int8" in \
         runtimes["quantized_torchscript"]
     assert runtimes["quantized_onnx"] == "onnxruntime (CPU, QDQ int8)"
@@ -264,7 +267,13 @@ def test_torchvision_models_pruned_and_quantized(service_factory: Any, arch: str
     pruned = check_pruned(pruned_job, artifacts(service, pruned_job, tmp_path / "pruned", rejected=at_chance), spec)
     assert models.param_count(pruned) * 3 <= models.param_count(input_model)
     assert pruned_job["metrics"]["ratios"]["macs"] >= 3
-    paths = artifacts(service, quantized_job, tmp_path / "quantized")
+    # The int8 files of that head's small margins may land more than 3 points below the float model: the gate then
+    # rejects every one, saying so (a trained mobilenet_v3 keeps them: tests/engine/test_quantize_archs.py).
+    int8_rejected = quantized_job["status"] == "failed"
+    if int8_rejected:
+        assert arch == "mobilenet_v3_small", quantized_job["error"]
+        assert "points below the float input model it was made from" in quantized_job["error"]
+    paths = artifacts(service, quantized_job, tmp_path / "quantized", rejected=int8_rejected)
     onnx_agreement = check_quantized(quantized_job, paths, spec, input_model, 64)
     ratios = quantized_job["metrics"]["ratios"]
     if arch == "resnet18":  # big enough that the int8 weights dominate the files

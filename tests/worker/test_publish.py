@@ -79,7 +79,7 @@ def test_a_broken_format_is_kept_only_as_a_diagnostic(app_env: AppEnv, insert_mo
     assert job.status == "succeeded" and job.error is None
     assert "quantized_onnx" not in artifacts and "quantized_torchscript" in artifacts
     rejected = artifacts["quantized_onnx_rejected"]
-    assert rejected.filename == "REJECTED-quantized.onnx" and rejected.runtime.startswith("diagnostic only")
+    assert rejected.filename == "REJECTED-quantized.onnx" and rejected.runtime == "REJECTED: runtime"
     assert job.metrics["notes"][0].startswith("NOT A RESULT: the onnx file scores 43.01%")
     assert event.message == "acceptance checks: torchscript 97.20% passed, onnx 43.01% FAILED"
     assert event.data["formats"]["onnx"]["passed"] is False
