@@ -29,7 +29,9 @@ import torch
 from torch import nn
 
 from tests import emulated_cpu
+from tests.conftest import DigitsTeacher
 from worker.engine import data, evaluate, export, models, onnxio, quantize
+from worker.engine.batchnorm import reestimate_running_statistics_
 from worker.engine.config import ArchSpec, DistillConfig, InputSpec
 from worker.engine.distill import distill
 
@@ -64,9 +66,10 @@ TRAINING = {"batch_size": 16, "lr": 3e-3}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
+def one_thread(digits_teacher: DigitsTeacher) -> Iterator[None]:
     """Training three models on a busy 2-core machine took 8 minutes with torch's two threads (they spin on the
-    cores other processes hold) and under 2 with one; one thread also makes each model the same every run."""
+    cores other processes hold) and under 2 with one; one thread also makes each model the same every run. The
+    session's resnet18 (digits_teacher, shared with the demo's tests) is trained first, as everywhere else."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -81,28 +84,17 @@ def digits_32() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, 
 @pytest.fixture(scope="module", params=list(ARCHS))
 def trained(request, digits_32) -> tuple[Recipe, nn.Module]:
     recipe = ARCHS[request.param]
+    if request.param == "resnet18":
+        # The session's demo teacher is this very model (resnet18, digits at 32 px, the same split), trained longer.
+        return recipe, request.getfixturevalue("digits_teacher").model
     torch.manual_seed(0)
     model = models.build_model(ArchSpec(arch=request.param, kwargs={"num_classes": 10}, input=DIGITS_32))
     config = DistillConfig(epochs=recipe.epochs, **TRAINING)
     distill(None, model, *digits_32, config, lambda _: None, device="cpu")
-    _reestimate_batchnorm(model, digits_32[0][0])
+    # MobileNetV3 and EfficientNet update BatchNorm statistics with momentum 0.01: distill() re-estimated them on
+    # 512 images; the thresholds below were measured with them averaged over every training image.
+    reestimate_running_statistics_(model, list(digits_32[0][0].split(256)))
     return recipe, model.eval()
-
-
-def _reestimate_batchnorm(model: nn.Module, images: torch.Tensor) -> None:
-    """MobileNetV3 and EfficientNet update BatchNorm statistics with momentum 0.01: after a few dozen steps they
-    are still nearly their initial values, and the eval-mode model predicts one class. A cumulative average over
-    the training images gives it the statistics it was trained with."""
-    batchnorms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
-    model.eval()
-    for batchnorm in batchnorms:
-        batchnorm.reset_running_stats()
-        batchnorm.momentum = None
-        batchnorm.train()
-    with torch.no_grad():
-        for start in range(0, len(images), 256):
-            model(images[start : start + 256])
-    model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.jobspec import JobSpecBase
 from worker.engine import evaluate, export, models, onnxio
 from worker.engine.evaluate import AnyModel
 from worker.engine.macs import count_macs
@@ -137,7 +138,7 @@ def runtime_of(fmt: str, detail: str = "fp32") -> str:
     return f"onnxruntime (CPU, {detail})"
 
 
-def common_work(spec: Any, evaluation_source: dict[str, Any], reference: str) -> dict[str, list[str]]:
+def common_work(spec: JobSpecBase, evaluation_source: dict[str, Any], reference: str) -> dict[str, list[str]]:
     """What every kind did or did not do about judging its results: the evaluation images and the gate."""
     done = [f"every model file reloaded from disk and judged on {evaluation_source['samples']} evaluation images: "
             "chance floor, collapse, agreement with its float source"
