@@ -68,8 +68,9 @@ def _measure(ctx: JobContext[DistillJobSpec], teacher: torch.nn.Module, student_
              runnable: dict[str, Path], evaluation: tuple[torch.Tensor, torch.Tensor],
              on_step: Callable[[], None]) -> dict[str, Any]:
     """Both models measured by measure.py: the student's downloaded files reloaded from disk, the teacher
-    exported to TorchScript and reloaded the same way, the two TorchScript files timed together (the latency
-    figures); every student file judged against the teacher (the weights file) or the student (the others)."""
+    exported to TorchScript and reloaded the same way, all of them timed in the same rounds (the summary's latency
+    figures are the TorchScript files'); every student file judged against the teacher (the weights file) or the
+    student's weights (the others)."""
     held_out = measure.HeldOut.of(teacher, evaluation)
     teacher_summary = measure.float_model_summary(teacher, held_out)
     baseline, scripted_only = ctx.work_dir / "baseline", (measure.TORCHSCRIPT,)
