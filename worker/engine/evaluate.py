@@ -23,8 +23,10 @@ WARMUP_CALLS = 3
 # At least this many timed calls of every model, however slow, so that p10 / p90 mean something; at most
 # MAX_ROUNDS, so that a tiny model does not spend its whole budget repeating itself.
 MIN_ROUNDS, MAX_ROUNDS = 10, 200
-# Seconds of rounds per batch size, after which timing stops once MIN_ROUNDS are done.
-BUDGET_S = 2.0
+# Seconds of rounds per batch size, after which timing stops once MIN_ROUNDS are done. Each round times every
+# file of a job (up to six), so a second already gives each of them tens of calls once a model is big enough
+# for the budget to bind; a job measures two batch sizes.
+BUDGET_S = 1.0
 
 
 def logits(model: AnyModel, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
