@@ -151,16 +151,17 @@ def _download_and_check(client: Client, job: dict[str, Any], folder: Path, conso
         # download() checks the file's sha256 against the artifact record (IntegrityError otherwise).
         hashes[artifact["kind"]] = client.download(artifact["id"], path).sha256
         paths[artifact["kind"]] = path
-    scripted = torch.jit.load(str(paths["student_torchscript"]), map_location="cpu").eval()
+    # The ExportedProgram, as anyone loads it with plain PyTorch on its maintained path (TorchScript is deprecated).
+    program = torch.export.load(str(paths["student_pt2"]))
     weights = load_file(paths["student_safetensors"])
-    scripted_state = scripted.state_dict()
-    if any(not torch.equal(weights[name], scripted_state[name]) for name in weights):
-        raise SystemExit("the safetensors weights differ from the TorchScript student")
+    if set(weights) != set(program.state_dict) or any(not torch.equal(weights[name], program.state_dict[name])
+                                                       for name in weights):
+        raise SystemExit("the safetensors weights differ from the exported (.pt2) student")
     digits = load_builtin("digits")
     _, val_idx = stratified_split(digits.y, DIGITS_VAL_FRACTION, DIGITS_SEED)
     x_val = to_model_input(digits.x[val_idx], DIGITS_TEACHER.input)
     with torch.inference_mode():
-        predictions = scripted(x_val).argmax(1).numpy()
+        predictions = program.module()(x_val).argmax(1).numpy()
     downloaded_accuracy = float((predictions == digits.y[val_idx]).mean())
     console.print(f"downloaded {len(paths)} artifacts to {folder}; sha256 verified")
     metrics = job["metrics"]
@@ -180,6 +181,7 @@ def _download_and_check(client: Client, job: dict[str, Any], folder: Path, conso
         "artifact_sha256": hashes["student_safetensors"],
         "artifact_path": str(paths["student_safetensors"]),
         "torchscript_sha256": hashes["student_torchscript"],
+        "pt2_sha256": hashes["student_pt2"],
     }
 
 
@@ -193,7 +195,7 @@ def _report(result: dict[str, Any], json_output: bool, console: Console) -> None
     table.add_row("CPU latency, batch 1", f"{result['teacher_latency_ms']:.2f} ms",
                   f"{result['student_latency_ms']:.2f} ms")
     Console().print(table)
-    print(f"downloaded student (TorchScript) accuracy: {result['downloaded_student_accuracy']:.4f}; "
+    print(f"downloaded student (.pt2, torch.export.load) accuracy: {result['downloaded_student_accuracy']:.4f}; "
           f"agreement with teacher {result['agreement_with_teacher']:.4f}")
     print(f"artifact sha256 {result['artifact_sha256']}  {result['artifact_path']}")
     if json_output:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from app.client import TERMINAL
 from app.client_cli.common import (
     CliError,
     JsonOption,
@@ -81,18 +82,22 @@ def progress_fields(snapshot: dict[str, Any]) -> dict[str, Any]:
     """rich Progress fields for a {"status", "progress"} snapshot."""
     progress = snapshot.get("progress") or {}
     description = snapshot["status"]
-    if progress.get("stage_steps"):
-        description += f" {progress.get('stage')} {progress.get('stage_step') or 0}/{progress['stage_steps']}"
-    elif progress.get("epoch") is not None:
-        description += f" {progress.get('stage') or ''} epoch {progress['epoch']}/{progress.get('epochs')}"
-    elif progress.get("stage"):
-        description += f" {progress['stage']}"
+    if description not in TERMINAL:  # once finished, the last progress written is of a stage the job has left
+        description += _stage(progress)
     eta = progress.get("eta_seconds")
     metrics = "  ".join(f"{label} {progress[name]:.4f}" for name, label in
                         (("train_loss", "loss"), ("val_accuracy", "val acc")) if progress.get(name) is not None)
     return {"description": description, "completed": progress.get("step") or 0,
             "total": progress.get("total_steps"), "eta": f"ETA {_duration(eta)}" if eta is not None else "",
             "metrics": metrics}
+
+
+def _stage(progress: dict[str, Any]) -> str:
+    if progress.get("stage_steps"):
+        return f" {progress.get('stage')} {progress.get('stage_step') or 0}/{progress['stage_steps']}"
+    if progress.get("epoch") is not None:
+        return f" {progress.get('stage') or ''} epoch {progress['epoch']}/{progress.get('epochs')}"
+    return f" {progress['stage']}" if progress.get("stage") else ""
 
 
 def _duration(seconds: float) -> str:

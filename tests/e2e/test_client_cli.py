@@ -205,6 +205,7 @@ def test_the_progress_bar_shows_epoch_eta_and_metrics() -> None:
     assert progress_fields({"status": "queued", "progress": {}})["description"] == "queued"
     exporting = {"stage": "exporting", "epoch": 10, "epochs": 10, "stage_step": 2, "stage_steps": 3}
     assert progress_fields({"status": "running", "progress": exporting})["description"] == "running exporting 2/3"
+    assert progress_fields({"status": "succeeded", "progress": exporting})["description"] == "succeeded"
 
 
 def test_a_files_verdict_reads_as_one_line() -> None:
