@@ -200,6 +200,11 @@ def check_job_page(page: Any, job: dict[str, Any]) -> None:
     assert f"{job['summary']['after']['params']:,}" in parameters and "fewer" in parameters
     accuracy = page.locator('#metrics-table tr[data-figure="accuracy"]').inner_text()
     assert f"{job['summary']['after']['accuracy'] * 100:.2f}%" in accuracy
+    # Each file's verdict, which images the accuracies come from, and what the job did and did not do.
+    assert page.locator('[data-testid="format-table"] tr[data-format="pt2"]').inner_text().endswith("passed")
+    assert "held-out split" in page.get_by_test_id("evaluation").inner_text()
+    work = page.get_by_test_id("work").inner_text()
+    assert "what was not done" in work.lower() and "no pruning and no quantization" in work
     for series in ("train_loss", "val_accuracy"):
         assert page.locator(f'circle.point[data-series="{series}"]').count() == EPOCHS
     kinds = {a["kind"] for a in job["artifacts"]}

@@ -327,7 +327,16 @@ class JobPage {
     table, this.formats(summary.formats || []),
     h("p", { class: "muted small", "data-testid": "evaluation" }, `Accuracy: ${evaluation} Latency of the `
       + `TorchScript files on the worker's CPU${cpu}.`),
-    notes.length ? h("ul", { class: "notes" }, notes) : null];
+    notes.length ? h("ul", { class: "notes" }, notes) : null, this.work(job.metrics.work)];
+  }
+
+  // What the job did to the model, and what it did not do that a reader might assume it did.
+  work(work) {
+    if (!work) return null;
+    const list = (title, lines) => (lines && lines.length
+      ? [h("h3", {}, title), h("ul", { class: "notes" }, lines.map((line) => h("li", {}, line)))] : []);
+    return h("div", { "data-testid": "work" }, ...list("What was done", work.done),
+      ...list("What was not done", work.not_done));
   }
 
   formats(formats) {
