@@ -60,10 +60,13 @@ def test_interleaving_alternates_the_models_round_by_round() -> None:
 def test_rounds_stop_at_the_budget_but_never_below_the_minimum() -> None:
     calls: list[str] = []
     fake = _Recorder("a", calls, (1, 2))
-    assert evaluate.latency_stats(fake, (2,), min_rounds=3, max_rounds=50, budget_s=0).runs == 3
-    assert evaluate.latency_stats(fake, (2,), min_rounds=3, max_rounds=5, budget_s=60).runs == 5
+    def runs(**limits: float) -> int:
+        return evaluate.interleaved_latency({"a": fake}, (2,), (1,), **limits)["a"][1].runs
+
+    assert runs(min_rounds=3, max_rounds=50, budget_s=0) == 3
+    assert runs(min_rounds=3, max_rounds=5, budget_s=60) == 5
     with pytest.raises(ValueError, match="min_rounds"):
-        evaluate.latency_stats(fake, (2,), min_rounds=1)
+        runs(min_rounds=1)
 
 
 def test_stats_are_the_median_and_the_deciles_of_the_timings() -> None:

@@ -125,13 +125,3 @@ def _call_ms(model: Timeable, batch: torch.Tensor) -> float:
     start = time.perf_counter()
     model(batch)
     return (time.perf_counter() - start) * 1000
-
-
-def latency_stats(model: Timeable, input_shape: tuple[int, ...], batch_size: int = 1, *,
-                  min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS,
-                  budget_s: float = BUDGET_S) -> LatencyStats:
-    """CPU latency of one model, timed as interleaved_latency times each of several."""
-    timed = interleaved_latency({"model": model}, input_shape, (batch_size,), min_rounds=min_rounds,
-                                max_rounds=max_rounds, budget_s=budget_s)
-    return timed["model"][batch_size]
-
