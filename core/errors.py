@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
+# What a client may see of a message built from its own input or a library's text.
+PUBLIC_TEXT_LIMIT = 500
+_HEAP_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+# Absolute paths (temp files, the data directory, site-packages) say how the host is laid out.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.+-]+/)+[\w.+-]*")
+
+
+def public_text(text: str, limit: int = PUBLIC_TEXT_LIMIT) -> str:
+    """`text` fit for a client: no heap addresses, no absolute paths, at most `limit` characters."""
+    cleaned = _ABSOLUTE_PATH.sub("<path>", _HEAP_ADDRESS.sub("", text))
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "\u2026"
+
 
 class DomainError(Exception):
     status_code = 400
