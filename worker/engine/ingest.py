@@ -1,10 +1,17 @@
 """Uploaded datasets -> one canonical .npz (x uint8 NxHxWxC, y int64, class_names). Torch-free.
 
-The API runs this on untrusted uploads, so every archive is treated as hostile: entry count,
-declared sizes and compression ratios are checked before any data is read, member names are
-checked before use, links and special files are refused, bytes are counted while they stream
-(declared sizes are not trusted), and image dimensions are checked from the header before a single
-pixel is decoded. Nothing is ever extracted to disk: members are read into memory one at a time.
+Every upload is hostile: the API runs this in a limited child process (worker.engine.ingest_child
+under app.sandbox), and it checks what it can before reading: a zip's entry count from its central
+directory before Python builds one object per entry, a tar's extended headers (GNU long names, PAX
+records) by their declared size before they are read, declared sizes and compression ratios before
+any data, member names before use (links and special files refused), bytes counted while they
+stream (declared sizes are not trusted), and image dimensions from the header before a pixel is
+decoded. Nothing is extracted to disk: members are read into memory one at a time.
+
+Memory stays near one copy of the data: an .npz's x is converted to uint8 in chunks of rows (never
+a full-size float copy), and the canonical .npz is written as a stream, each decoded image dropped
+once written. Its size is known before a byte of it is written, so a dataset that would not fit
+the tenant's storage quota is refused (StorageQuotaError) before it costs any disk.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import io
 import lzma
 import math
 import re
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -20,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -34,6 +42,10 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 # Entries this small cannot be bombs, and small uniform images legitimately compress very far.
 _RATIO_EXEMPT_BYTES = 64 * 1024
 _READ_CHUNK = 1 << 20
+# Rows of an .npz's x converted at a time: the float temporaries stay this small whatever N is.
+_CONVERT_CHUNK_BYTES = 16 << 20
+# How much of a member or file name an error message repeats: enough to find it, never megabytes.
+_NAME_SHOWN = 120
 _GRAY_MODES = frozenset({"1", "L", "LA"})
 _SIXTEEN_BIT_GRAY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L"})
 _NPY_HEADER_READERS = {
@@ -43,9 +55,19 @@ _NPY_HEADER_READERS = {
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 _COMPRESSED_TAR_MAGICS = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 _LAYOUT_HELP = "expected class_name/image.png, or one top folder: root/class_name/image.png"
+# Tar records whose payload tarfile reads whole into memory and parses (PAX with CVE-2024-6232's
+# quadratic regex in this interpreter) before the member they describe.
+_TAR_EXTENDED_HEADERS = frozenset({tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                                   tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE})
+_ZIP_DIRECTORY_ENTRY = struct.Struct("<4s24xHHH12x")  # signature, then name, extra and comment lengths
+_ZIP_DIRECTORY_SIGNATURE = b"PK\x01\x02"
+# The zip container around the canonical arrays (local headers, directory, zip64 records): a bound.
+_CANONICAL_ZIP_OVERHEAD = 1024
 
 # Archive members as (path components, content), read one at a time.
 Member = tuple[tuple[str, ...], bytes]
+# A view of a block of x's rows as NxHxWxC.
+_Layout = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -54,6 +76,19 @@ class IngestLimits:
     max_unpacked_bytes: int
     max_compression_ratio: int
     max_image_pixels: int
+    # A tar's GNU long name or PAX record; real ones hold a path (at most 4096 bytes) and a few attributes.
+    max_tar_header_bytes: int = 16 << 10
+    # What the tenant may still store; None: no quota.
+    max_stored_bytes: int | None = None
+
+
+class StorageQuotaError(DataError):
+    """The canonical .npz would take the tenant past its storage quota."""
+
+    def __init__(self, canonical_bytes: int, allowed_bytes: int) -> None:
+        super().__init__(f"the dataset's canonical form (uint8 images, as stored) is {canonical_bytes} bytes, "
+                         f"more than the {allowed_bytes} bytes this tenant may still store")
+        self.canonical_bytes = canonical_bytes
 
 
 @dataclass
@@ -66,23 +101,42 @@ class DatasetSummary:
     image_shape: list[int]  # [H, W, C]
 
 
+@dataclass
+class _Canonical:
+    """A dataset ready to write: x is produced in blocks of rows, so it never has to exist whole."""
+
+    x_shape: tuple[int, ...]  # N, H, W, C
+    x_blocks: Iterator[np.ndarray]  # uint8, C-contiguous, consecutive rows of x
+    y: np.ndarray
+    class_names: list[str]
+
+
 def ingest_dataset(src: Path, filename: str, dest_npz: Path, limits: IngestLimits) -> DatasetSummary:
     """Check and convert the upload at `src` (named `filename` by the client) into `dest_npz`."""
+    filename = shown(filename)
     if _sniff_format(src, filename) == "tar":
         fmt = "tar"
-        x, y, class_names = _image_folder(_tar_files(src, filename, limits), limits)
+        canonical = _image_folder(_tar_files(src, filename, limits), limits)
+        _write_canonical(dest_npz, canonical, limits)
     else:
+        _check_zip_entry_count(src, filename, limits)
         with _open_zip(src, filename) as archive:
             infos = _checked_zip_infos(archive, src.stat().st_size, limits)
             names = [info.filename for info in infos if not info.is_dir()]
             if names and all(name.endswith(".npy") for name in names):
                 fmt = "npz"
-                x, y, class_names = _npz_arrays(archive, infos, limits)
+                canonical = _npz_arrays(archive, infos, limits)
             else:
                 fmt = "zip"
-                x, y, class_names = _image_folder(_zip_files(archive, infos, limits), limits)
-    atomic_write(dest_npz, lambda handle: np.savez(handle, x=x, y=y, class_names=np.array(class_names, dtype=str)))
-    return summarize(fmt, x, y, class_names)
+                canonical = _image_folder(_zip_files(archive, infos, limits), limits)
+            # Inside the `with`: an .npz's x is still being read from the archive while it is written.
+            _write_canonical(dest_npz, canonical, limits)
+    return summarize(fmt, canonical.x_shape[1:], canonical.y, canonical.class_names)
+
+
+def shown(name: str) -> str:
+    """A client-chosen name as error messages repeat it: at most _NAME_SHOWN characters."""
+    return name if len(name) <= _NAME_SHOWN else name[: _NAME_SHOWN - 1] + "\u2026"
 
 
 def load_builtin_arrays(name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -110,18 +164,55 @@ _BUILTIN_LOADERS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray, list[str]
 
 
 def load_builtin_summary(name: str) -> DatasetSummary:
-    return summarize("builtin", *load_builtin_arrays(name))
+    x, y, class_names = load_builtin_arrays(name)
+    return summarize("builtin", x.shape[1:], y, class_names)
 
 
-def summarize(fmt: str, x: np.ndarray, y: np.ndarray, class_names: list[str]) -> DatasetSummary:
+def summarize(fmt: str, image_shape: Iterable[int], y: np.ndarray, class_names: list[str]) -> DatasetSummary:
     return DatasetSummary(
         format=fmt,
         num_classes=len(class_names),
         class_names=list(class_names),
         num_samples=len(y),
         class_counts=np.bincount(y, minlength=len(class_names)).tolist(),
-        image_shape=list(x.shape[1:]),
+        image_shape=[int(size) for size in image_shape],
     )
+
+
+# --- the canonical .npz ---------------------------------------------------------------------------
+
+
+def _write_canonical(dest: Path, canonical: _Canonical, limits: IngestLimits) -> None:
+    """The .npz that numpy.load reads (stored, not compressed), streamed; refused first if over the quota."""
+    x_header = _npy_header(np.dtype(np.uint8), canonical.x_shape)
+    y_npy, names_npy = _npy_bytes(canonical.y), _npy_bytes(np.array(canonical.class_names, dtype=str))
+    size = len(x_header) + math.prod(canonical.x_shape) + len(y_npy) + len(names_npy) + _CANONICAL_ZIP_OVERHEAD
+    if limits.max_stored_bytes is not None and size > limits.max_stored_bytes:
+        raise StorageQuotaError(size, limits.max_stored_bytes)
+
+    def write(handle: BinaryIO) -> None:
+        with zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("x.npy", "w", force_zip64=True) as member:
+                member.write(x_header)
+                for block in canonical.x_blocks:
+                    member.write(block.data)
+            archive.writestr("y.npy", y_npy)
+            archive.writestr("class_names.npy", names_npy)
+
+    atomic_write(dest, write)
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    buffer = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_2_0(buffer, header)
+    return buffer.getvalue()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 # --- format and archive safety -------------------------------------------------------------------
@@ -148,6 +239,38 @@ def _open_zip(src: Path, filename: str) -> zipfile.ZipFile:
         raise DataError(f"'{filename}' is not a readable zip archive: {exc}") from exc
 
 
+def _check_zip_entry_count(src: Path, filename: str, limits: IngestLimits) -> None:
+    """Count the central directory's entries from their fixed-size headers, stopping past the limit.
+
+    zipfile builds a ZipInfo object for every entry before anyone can count them (1M entries: 400 MB);
+    this walk allocates nothing per entry. It follows the directory's byte size, as zipfile does, so an
+    end record that understates the count changes nothing.
+    """
+    with open(src, "rb") as handle:
+        # zipfile's own reader of the end record (zip64 included): private, but unchanged since Python 2.
+        end = zipfile._EndRecData(handle)  # type: ignore[attr-defined]
+        if end is None:
+            raise DataError(f"'{filename}' is not a readable zip archive: it has no central directory")
+        directory_bytes = end[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
+        start = end[zipfile._ECD_LOCATION] - directory_bytes  # type: ignore[attr-defined]
+        if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:  # type: ignore[attr-defined]
+            start -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator  # type: ignore[attr-defined]
+        handle.seek(max(start, 0))
+        walked = count = 0
+        while walked < directory_bytes:
+            header = handle.read(_ZIP_DIRECTORY_ENTRY.size)
+            if len(header) < _ZIP_DIRECTORY_ENTRY.size:
+                return  # a truncated directory: zipfile says what is wrong with it
+            signature, name_length, extra_length, comment_length = _ZIP_DIRECTORY_ENTRY.unpack(header)
+            if signature != _ZIP_DIRECTORY_SIGNATURE:
+                return
+            count += 1
+            _check_entry_count(count, limits)
+            variable = name_length + extra_length + comment_length
+            handle.seek(variable, io.SEEK_CUR)
+            walked += _ZIP_DIRECTORY_ENTRY.size + variable
+
+
 def _checked_zip_infos(archive: zipfile.ZipFile, archive_bytes: int, limits: IngestLimits) -> list[zipfile.ZipInfo]:
     """Check every entry's metadata before any data is decompressed."""
     infos = archive.infolist()
@@ -155,15 +278,16 @@ def _checked_zip_infos(archive: zipfile.ZipFile, archive_bytes: int, limits: Ing
     declared = 0
     for info in infos:
         _member_parts(info.filename)
+        name = shown(info.filename)
         if (info.external_attr >> 16) & 0o170000 == 0o120000:
-            raise DataError(f"'{info.filename}' is a symbolic link; links are not allowed in datasets")
+            raise DataError(f"'{name}' is a symbolic link; links are not allowed in datasets")
         if info.flag_bits & 0x1:
-            raise DataError(f"'{info.filename}' is encrypted; upload an archive without a password")
+            raise DataError(f"'{name}' is encrypted; upload an archive without a password")
         if info.file_size > _RATIO_EXEMPT_BYTES and info.file_size > limits.max_compression_ratio * max(
             info.compress_size, 1
         ):
             raise DataError(
-                f"'{info.filename}' expands {info.file_size // max(info.compress_size, 1)}x when unpacked, "
+                f"'{name}' expands {info.file_size // max(info.compress_size, 1)}x when unpacked, "
                 f"above the limit of {limits.max_compression_ratio}x; this looks like a zip bomb"
             )
         declared += info.file_size
@@ -189,12 +313,12 @@ def _check_unpacked(total: int, archive_bytes: int, limits: IngestLimits) -> Non
 def _member_parts(name: str) -> tuple[str, ...]:
     """A member's path components, refusing anything that could point outside the archive."""
     if "\\" in name:
-        raise DataError(f"'{name}': backslashes are not allowed in archive member names; use '/'")
+        raise DataError(f"'{shown(name)}': backslashes are not allowed in archive member names; use '/'")
     if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        raise DataError(f"'{name}': absolute paths are not allowed in archives")
+        raise DataError(f"'{shown(name)}': absolute paths are not allowed in archives")
     parts = tuple(part for part in name.split("/") if part not in ("", "."))
     if ".." in parts:
-        raise DataError(f"'{name}': '..' is not allowed in archive member names")
+        raise DataError(f"'{shown(name)}': '..' is not allowed in archive member names")
     return parts
 
 
@@ -217,7 +341,7 @@ class _ByteBudget:
             size += len(chunk)
             self.used += len(chunk)
             if size > declared:
-                raise DataError(f"'{name}' holds more data than its header declares; the archive is corrupt")
+                raise DataError(f"'{shown(name)}' holds more data than its header declares; the archive is corrupt")
             if self.used > self.limit:
                 raise DataError(f"the archive unpacks to more than {self.limit} bytes, the limit")
             chunks.append(chunk)
@@ -234,7 +358,7 @@ def _zip_files(archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo], limits: I
             with archive.open(info) as stream:
                 yield parts, budget.read(stream, info.file_size, info.filename)
         except (zipfile.BadZipFile, OSError, zlib.error, EOFError) as exc:
-            raise DataError(f"'{info.filename}' cannot be read from the zip archive: {exc}") from exc
+            raise DataError(f"'{shown(info.filename)}' cannot be read from the zip archive: {exc}") from exc
 
 
 def _tar_files(src: Path, filename: str, limits: IngestLimits) -> Iterator[Member]:
@@ -243,14 +367,15 @@ def _tar_files(src: Path, filename: str, limits: IngestLimits) -> Iterator[Membe
     archive_bytes = src.stat().st_size
     declared = 0
     try:
-        with tarfile.open(src, mode="r|*") as archive:
+        with tarfile.open(src, mode="r|*", tarinfo=_bounded_tar_info(limits.max_tar_header_bytes)) as archive:
             for count, member in enumerate(archive, start=1):
                 _check_entry_count(count, limits)
                 parts = _member_parts(member.name)
                 if member.isdir():
                     continue
                 if not member.isfile():
-                    raise DataError(f"'{member.name}' is a link or special file; datasets may hold only regular files")
+                    raise DataError(f"'{shown(member.name)}' is a link or special file; "
+                                    "datasets may hold only regular files")
                 declared += member.size
                 _check_unpacked(declared, archive_bytes, limits)
                 if _is_hidden(parts):
@@ -262,83 +387,169 @@ def _tar_files(src: Path, filename: str, limits: IngestLimits) -> Iterator[Membe
         raise DataError(f"'{filename}' is not a readable tar archive: {exc}") from exc
 
 
+def _bounded_tar_info(max_header_bytes: int) -> type[tarfile.TarInfo]:
+    """A TarInfo that refuses an extended header (long name, PAX record) declaring more than the limit.
+
+    tarfile reads such a payload whole and parses it before the member it describes, so a 300 MB long
+    name costs 300 MB (and more as it is decoded), and a PAX record of digits costs quadratic time in
+    this interpreter's regex (CVE-2024-6232). The size is in the 512-byte header block, read first.
+    """
+
+    class BoundedTarInfo(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+            # As tarfile.TarInfo.fromtarfile, with the size check between the header and its payload.
+            block = tarfile_.fileobj.read(tarfile.BLOCKSIZE)  # type: ignore[union-attr]
+            info = cls.frombuf(block, tarfile_.encoding, tarfile_.errors)
+            info.offset = tarfile_.fileobj.tell() - tarfile.BLOCKSIZE  # type: ignore[union-attr]
+            if info.type in _TAR_EXTENDED_HEADERS and info.size > max_header_bytes:
+                raise DataError(f"the archive has an extended tar header (long name or PAX record) of {info.size} "
+                                f"bytes, above the limit of {max_header_bytes}; recreate it with shorter names")
+            return info._proc_member(tarfile_)  # type: ignore[attr-defined]
+
+    return BoundedTarInfo
+
+
 # --- npz ------------------------------------------------------------------------------------------
 
 
-def _npz_arrays(
-    archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo], limits: IngestLimits
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
+@dataclass(frozen=True)
+class _NpyMember:
+    info: zipfile.ZipInfo
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def _npz_arrays(archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo], limits: IngestLimits) -> _Canonical:
     by_name = {info.filename.removesuffix(".npy"): info for info in infos}
     if "x" not in by_name or "y" not in by_name:
         raise DataError(
-            f"the .npz must hold arrays named x (images) and y (labels); it holds {sorted(by_name)}. "
-            f"Save it with numpy.savez(path, x=images, y=labels)"
+            f"the .npz must hold arrays named x (images) and y (labels); it holds "
+            f"{[shown(name) for name in sorted(by_name)[:10]]}. Save it with numpy.savez(path, x=images, y=labels)"
         )
-    x = _images_from_array(_read_npy(archive, by_name["x"]), limits)
-    y, num_classes = _labels(_read_npy(archive, by_name["y"]), len(x))
+    x = _npy_member(archive, by_name["x"])
+    x_shape, layout = _image_layout(x.shape, limits)
+    to_uint8 = _uint8_converter(archive, x)
+    y, num_classes = _labels(_read_npy(archive, by_name["y"]), x.shape[0])
     class_names = [str(label) for label in range(num_classes)]
     if "class_names" in by_name:
         class_names = _class_names(_read_npy(archive, by_name["class_names"]), num_classes)
-    return x, y, class_names
+    blocks = (np.ascontiguousarray(to_uint8(layout(block))) for block in _npy_blocks(archive, x))
+    return _Canonical(x_shape, blocks, y, class_names)
 
 
-def _read_npy(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
-    """One array, after checking that its header's shape fits the entry's (already capped) size."""
-    name = info.filename
+def _npy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> _NpyMember:
+    """An array's header, after checking that its shape fits the entry's (already capped) size."""
+    name = shown(info.filename)
     try:
         with archive.open(info) as stream:
             version = np.lib.format.read_magic(stream)
             if version not in _NPY_HEADER_READERS:
                 raise DataError(f"'{name}' uses .npy format version {version}; save with numpy.savez")
-            shape, _, dtype = _NPY_HEADER_READERS[version](stream)
-        if dtype.hasobject:
-            raise DataError(f"'{name}' holds Python objects; only numeric and string arrays are accepted")
-        if math.prod(shape) * dtype.itemsize > info.file_size:
-            raise DataError(f"'{name}' declares shape {shape} but holds less data; the file is corrupt")
+            shape, fortran_order, dtype = _NPY_HEADER_READERS[version](stream)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(f"'{name}' is not a valid .npy array: {exc}") from exc
+    if dtype.hasobject:
+        raise DataError(f"'{name}' holds Python objects; only numeric and string arrays are accepted")
+    if math.prod(shape) * dtype.itemsize > info.file_size:
+        raise DataError(f"'{name}' declares shape {shape} but holds less data; the file is corrupt")
+    if fortran_order and len(shape) > 1:
+        raise DataError(f"'{name}' is stored in Fortran order; save numpy.ascontiguousarray(...) of it")
+    return _NpyMember(info, tuple(shape), dtype)
+
+
+def _read_npy(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """A small array (labels, class names) read whole, after checking its header."""
+    _npy_member(archive, info)
+    try:
         with archive.open(info) as stream:
             return np.lib.format.read_array(stream, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(f"'{shown(info.filename)}' is not a valid .npy array: {exc}") from exc
+
+
+def _npy_blocks(archive: zipfile.ZipFile, array: _NpyMember) -> Iterator[np.ndarray]:
+    """The array in blocks of whole rows (first axis), read from the archive as they are needed."""
+    name = shown(array.info.filename)
+    row_shape = array.shape[1:]
+    row_bytes = max(1, math.prod(row_shape) * array.dtype.itemsize)
+    rows_per_block = max(1, _CONVERT_CHUNK_BYTES // row_bytes)
+    try:
+        with archive.open(array.info) as stream:
+            _NPY_HEADER_READERS[np.lib.format.read_magic(stream)](stream)
+            for start in range(0, array.shape[0], rows_per_block):
+                rows = min(rows_per_block, array.shape[0] - start)
+                data = _read_exactly(stream, rows * row_bytes, name)
+                yield np.frombuffer(data, dtype=array.dtype).reshape((rows, *row_shape))
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise DataError(f"'{name}' is not a valid .npy array: {exc}") from exc
 
 
-def _images_from_array(x: np.ndarray, limits: IngestLimits) -> np.ndarray:
-    """NxHxW, NxHxWxC or NxCxHxW (C of 1 or 3) of uint8 or float -> uint8 NxHxWxC."""
-    if x.ndim == 3:
-        x = x[..., None]
-    elif x.ndim == 4:
-        channels_first, channels_last = x.shape[1] in (1, 3), x.shape[3] in (1, 3)
+def _read_exactly(stream: IO[bytes], size: int, name: str) -> bytes:
+    buffer = bytearray()
+    while len(buffer) < size:
+        chunk = stream.read(min(size - len(buffer), _READ_CHUNK))
+        if not chunk:
+            raise DataError(f"'{name}' ends before the data its header declares; the file is corrupt")
+        buffer += chunk
+    return bytes(buffer)
+
+
+def _image_layout(shape: tuple[int, ...], limits: IngestLimits) -> tuple[tuple[int, ...], _Layout]:
+    """Check x's shape (NxHxW, NxHxWxC or NxCxHxW, C of 1 or 3); its NxHxWxC shape, and how to view a block so."""
+    if len(shape) == 3:
+        nhwc, layout = (*shape, 1), _add_channel_axis
+    elif len(shape) == 4:
+        channels_first, channels_last = shape[1] in (1, 3), shape[3] in (1, 3)
         if channels_first and channels_last:
-            raise DataError(f"cannot tell which axis of x {x.shape} holds the channels; store x as NxHxWxC")
+            raise DataError(f"cannot tell which axis of x {shape} holds the channels; store x as NxHxWxC")
         if not (channels_first or channels_last):
-            raise DataError(f"x has shape {x.shape}: images need 1 or 3 channels (NxHxWxC or NxCxHxW)")
+            raise DataError(f"x has shape {shape}: images need 1 or 3 channels (NxHxWxC or NxCxHxW)")
         if channels_first:
-            x = x.transpose(0, 2, 3, 1)
+            nhwc, layout = (shape[0], shape[2], shape[3], shape[1]), _channels_last
+        else:
+            nhwc, layout = shape, _unchanged
     else:
-        raise DataError(f"x has shape {x.shape}: expected images as NxHxW, NxHxWxC or NxCxHxW")
-    if x.shape[0] == 0 or x.shape[1] * x.shape[2] == 0:
-        raise DataError(f"x has shape {x.shape}: it holds no pixels")
-    if x.shape[1] * x.shape[2] > limits.max_image_pixels:
-        raise DataError(f"images of {x.shape[1]}x{x.shape[2]} exceed the limit of {limits.max_image_pixels} pixels")
-    return np.ascontiguousarray(_to_uint8(x))
+        raise DataError(f"x has shape {shape}: expected images as NxHxW, NxHxWxC or NxCxHxW")
+    if nhwc[0] == 0 or nhwc[1] * nhwc[2] == 0:
+        raise DataError(f"x has shape {shape}: it holds no pixels")
+    if nhwc[1] * nhwc[2] > limits.max_image_pixels:
+        raise DataError(f"images of {nhwc[1]}x{nhwc[2]} exceed the limit of {limits.max_image_pixels} pixels")
+    return nhwc, layout
 
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
+def _add_channel_axis(block: np.ndarray) -> np.ndarray:
+    return block[..., None]
+
+
+def _channels_last(block: np.ndarray) -> np.ndarray:
+    return block.transpose(0, 2, 3, 1)
+
+
+def _unchanged(block: np.ndarray) -> np.ndarray:
+    return block
+
+
+def _uint8_converter(archive: zipfile.ZipFile, x: _NpyMember) -> Callable[[np.ndarray], np.ndarray]:
+    """Check x's values (one pass over its blocks) and return how to turn a block into uint8."""
     if x.dtype == np.uint8:
-        return x
-    if np.issubdtype(x.dtype, np.integer):
-        low, high = x.min(), x.max()
+        return _unchanged
+    is_integer, is_float = np.issubdtype(x.dtype, np.integer), np.issubdtype(x.dtype, np.floating)
+    if not (is_integer or is_float):
+        raise DataError(f"x has dtype {x.dtype}; store images as uint8 (0..255) or float (0..1 or 0..255)")
+    low, high = math.inf, -math.inf
+    for block in _npy_blocks(archive, x):
+        if is_float and not np.isfinite(block).all():
+            raise DataError("x contains NaN or infinite values")
+        low, high = min(low, block.min()), max(high, block.max())
+    if is_integer:
         if low < 0 or high > 255:
             raise DataError(f"integer images must be in 0..255; x ranges from {low} to {high}")
-        return x.astype(np.uint8)
-    if not np.issubdtype(x.dtype, np.floating):
-        raise DataError(f"x has dtype {x.dtype}; store images as uint8 (0..255) or float (0..1 or 0..255)")
-    if not np.isfinite(x).all():
-        raise DataError("x contains NaN or infinite values")
-    low, high = float(x.min()), float(x.max())
+        return lambda block: block.astype(np.uint8)
     if low < 0 or high > 255:
-        raise DataError(f"float images must be in [0, 1] or [0, 255]; x ranges from {low:g} to {high:g}")
+        raise DataError(f"float images must be in [0, 1] or [0, 255]; x ranges from {float(low):g} to {float(high):g}")
     scale = 255.0 if high <= 1.0 else 1.0
-    return np.rint(x * scale).astype(np.uint8)
+    return lambda block: np.rint(block * scale).astype(np.uint8)
 
 
 def _labels(y: np.ndarray, num_images: int) -> tuple[np.ndarray, int]:
@@ -369,11 +580,11 @@ def _class_names(names: np.ndarray, num_classes: int) -> list[str]:
 # --- image folders --------------------------------------------------------------------------------
 
 
-def _image_folder(files: Iterable[Member], limits: IngestLimits) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _image_folder(files: Iterable[Member], limits: IngestLimits) -> _Canonical:
     samples = []
     decoded_bytes = 0
     for parts, data in files:
-        image = _decode_image(data, "/".join(parts), limits)
+        image = _decode_image(data, shown("/".join(parts)), limits)
         decoded_bytes += image.nbytes
         if decoded_bytes > limits.max_unpacked_bytes:
             raise DataError(f"the images decode to more than {limits.max_unpacked_bytes} bytes, the limit")
@@ -384,10 +595,12 @@ def _image_folder(files: Iterable[Member], limits: IngestLimits) -> tuple[np.nda
     labels_by_path = _class_of_each([parts for parts, _ in samples])
     class_names = sorted(set(labels_by_path))
     if len(class_names) < 2:
-        raise DataError(f"found one class folder ({class_names[0]!r}); a classifier needs at least 2")
+        raise DataError(f"found one class folder ({shown(class_names[0])!r}); a classifier needs at least 2")
     index = {name: i for i, name in enumerate(class_names)}
     y = np.array([index[label] for label in labels_by_path], dtype=np.int64)
-    return _stack([image for _, image in samples]), y, class_names
+    images = [image for _, image in samples]
+    del samples
+    return _Canonical(_stacked_shape(images), _stacked_rows(images), y, class_names)
 
 
 def _decode_image(data: bytes, name: str, limits: IngestLimits) -> np.ndarray:
@@ -404,6 +617,9 @@ def _decode_image(data: bytes, name: str, limits: IngestLimits) -> np.ndarray:
             return np.asarray(image.convert("L" if image.mode in _GRAY_MODES else "RGB"))
     except Image.DecompressionBombError as exc:
         raise DataError(f"'{name}' has far too many pixels ({exc})") from exc
+    except Image.UnidentifiedImageError as exc:
+        # Its text names the in-memory buffer (with its address), not the member.
+        raise DataError(f"'{name}' is not a readable PNG or JPEG image; remove or convert it") from exc
     # Pillow's plugins report some malformed headers with SyntaxError.
     except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"'{name}' is not a readable PNG or JPEG image ({exc}); remove or convert it") from exc
@@ -415,18 +631,26 @@ def _class_of_each(paths: list[tuple[str, ...]]) -> list[str]:
         return [parts[0] for parts in paths]
     if depths == {3} and len({parts[0] for parts in paths}) == 1:
         return [parts[1] for parts in paths]
-    examples = {len(parts): "/".join(parts) for parts in paths}
+    examples = {len(parts): shown("/".join(parts)) for parts in paths}
     raise DataError(f"{_LAYOUT_HELP}; found {', '.join(sorted(examples.values())[:3])}")
 
 
-def _stack(images: list[np.ndarray]) -> np.ndarray:
-    """One uint8 NxHxWxC array: RGB if any image is, every image at the most common size."""
+def _stacked_shape(images: list[np.ndarray]) -> tuple[int, int, int, int]:
+    """NxHxWxC of the stack: RGB if any image is, every image at the most common size."""
     channels = 3 if any(image.ndim == 3 for image in images) else 1
     height, width = Counter(image.shape[:2] for image in images).most_common(1)[0][0]
-    stacked = np.empty((len(images), height, width, channels), dtype=np.uint8)
+    return len(images), height, width, channels
+
+
+def _stacked_rows(images: list[np.ndarray]) -> Iterator[np.ndarray]:
+    """Each image as one 1xHxWxC row of the stack, dropped from `images` once yielded, so that the
+    decoded images and the stack never both exist in full."""
+    _, height, width, channels = _stacked_shape(images)
     for i, image in enumerate(images):
+        images[i] = np.empty(0, dtype=np.uint8)
         if image.shape[:2] != (height, width):
             image = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
+        if image.ndim == 2:
+            image = image[..., None]
         # Broadcasting repeats a grayscale image's single channel into RGB.
-        stacked[i] = image if image.ndim == 3 else image[..., None]
-    return stacked
+        yield np.ascontiguousarray(np.broadcast_to(image, (height, width, channels)))[None]
