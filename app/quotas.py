@@ -1,5 +1,8 @@
 """Per-tenant limits: unfinished jobs (429) and stored bytes (413).
 
+Stored bytes are what the tenant's blobs take: model weights, each dataset's canonical .npz (which a
+zip of blank PNGs can make a thousand times larger than the upload), and artifacts.
+
 Both are counted from the rows on every check rather than kept in counters, so nothing can drift out of
 step with what is really there (no schema, no bookkeeping on each write). The price is a small overshoot
 under concurrency: two requests checked at the same moment may both pass.
@@ -15,8 +18,9 @@ from core.errors import TooLarge, TooManyRequests
 from core.lifecycle import FINISHED
 from core.settings import Settings
 
-# What a tenant stores: weights and datasets as uploaded, artifacts as produced.
-_STORED = (Model, Dataset, Artifact)
+# The size of the blob each row holds. Datasets recorded before canonical_bytes existed count their upload.
+_STORED_BYTES = ((Model, Model.bytes), (Dataset, func.coalesce(Dataset.canonical_bytes, Dataset.bytes)),
+                 (Artifact, Artifact.bytes))
 
 
 def check_job_slot(session: Session, tenant: str, settings: Settings) -> None:
@@ -29,17 +33,18 @@ def check_job_slot(session: Session, tenant: str, settings: Settings) -> None:
                               f"at once ({limit}); submit again when one finishes, or cancel one")
 
 
-def check_storage(session: Session, tenant: str, settings: Settings, incoming: int | None = None) -> None:
+def check_storage(session: Session, tenant: str, settings: Settings, incoming: int | None = None) -> int:
     """413 when an upload of `incoming` bytes (None: not yet known, at least one) would take the tenant past
-    its storage quota."""
+    its storage quota; otherwise the bytes the tenant may still store."""
     limit = settings.max_stored_bytes_per_tenant
     used = stored_bytes(session, tenant)
     if used + (incoming or 1) > limit:
         upload = "this upload" if incoming is None else f"an upload of {incoming} bytes"
         raise TooLarge(f"storage quota exceeded: this tenant stores {used} bytes of the {limit} it may; "
                        f"{upload} does not fit")
+    return limit - used
 
 
 def stored_bytes(session: Session, tenant: str) -> int:
-    return sum(session.scalar(select(func.coalesce(func.sum(entity.bytes), 0)).where(entity.tenant == tenant)) or 0
-               for entity in _STORED)
+    return sum(session.scalar(select(func.coalesce(func.sum(size), 0)).where(entity.tenant == tenant)) or 0
+               for entity, size in _STORED_BYTES)

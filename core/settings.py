@@ -29,8 +29,18 @@ class Settings(BaseSettings):
     max_unpacked_bytes: int = Field(default=4 << 30, gt=0)
     max_compression_ratio: int = Field(default=200, gt=0)
     max_image_pixels: int = Field(default=4096 * 4096, gt=0)
-    # Per tenant, counted from the rows (no counters to drift): jobs queued or running, and bytes uploaded
-    # (models, datasets) plus bytes produced (artifacts). Checked on each request, so concurrent requests
+    # A tar's GNU long name or PAX record (a path and a few attributes when honest): tarfile reads it whole,
+    # and parses PAX in quadratic time on this interpreter (CVE-2024-6232), so larger ones are refused unread.
+    max_tar_header_bytes: int = Field(default=16 << 10, gt=0)
+    # Dataset ingestion runs in a child process (app.sandbox) bounded by these; past them the upload is a 422.
+    # The address space covers the decoded images (max_unpacked_bytes) once, plus the interpreter and numpy.
+    ingest_timeout_seconds: float = Field(default=300.0, gt=0)
+    ingest_cpu_seconds: int = Field(default=300, gt=0)
+    ingest_address_space_bytes: int = Field(default=6 << 30, gt=0)
+    # Children ingesting at once (each may use ingest_address_space_bytes); further uploads wait their turn.
+    max_concurrent_ingests: int = Field(default=2, gt=0)
+    # Per tenant, counted from the rows (no counters to drift): jobs queued or running, and bytes stored
+    # (model weights, datasets' canonical .npz, artifacts). Checked on each request, so concurrent requests
     # may overshoot by what they carry.
     max_active_jobs_per_tenant: int = Field(default=16, gt=0)
     max_stored_bytes_per_tenant: int = Field(default=100 << 30, gt=0)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 from fastapi import APIRouter, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
@@ -45,7 +43,8 @@ async def upload_dataset(request: Request, response: Response, principal: Curren
     Accepted: an `.npz` with arrays `x` (N x H x W [x C] images) and `y` (N integer labels, optionally
     `class_names`), or a zip / tar(.gz) archive of class folders (`cat/1.png`, `dog/2.jpg`, ...). Archives are
     read with limits on entries, sizes, compression ratio and image pixels; members outside their folder,
-    links and special files are refused (422 with the reason, nothing stored).
+    links and special files are refused (422 with the reason, nothing stored). The storage quota counts the
+    canonical .npz (uint8 images), not the upload: a dataset whose canonical form does not fit is a 413.
 
     Example: `curl -H "Authorization: Bearer $KEY" -F file=@flowers.zip http://localhost:8000/v1/datasets`
     """
@@ -72,7 +71,8 @@ def list_datasets(request: Request, principal: CurrentPrincipal, session: DbSess
 def list_builtin_datasets(_: CurrentPrincipal) -> list[BuiltinDatasetOut]:
     """Datasets that need no upload: pass the name as a job's `dataset`."""
     return [
-        BuiltinDatasetOut(name=name, description=BUILTIN_DESCRIPTIONS[name], **asdict(service.builtin_summary(name)))
+        BuiltinDatasetOut(name=name, description=BUILTIN_DESCRIPTIONS[name],
+                          **service.builtin_summary(name).model_dump())
         for name in BUILTIN_DATASETS
     ]
 

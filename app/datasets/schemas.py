@@ -31,6 +31,8 @@ class DatasetOut(DatasetShape, OutModel):
     sha256: str = Field(description="sha256 of the file as uploaded.")
     bytes: int = Field(description="Size of the file as uploaded.")
     canonical_sha256: str = Field(description="sha256 of the canonical .npz (uint8 images x, int64 labels y).")
+    canonical_bytes: int | None = Field(description="Size of the canonical .npz: what counts against the storage "
+                                        "quota (null for datasets stored before it was recorded).")
     created_at: UtcDatetime
 
     @classmethod

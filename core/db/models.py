@@ -72,6 +72,8 @@ class Dataset(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     bytes: Mapped[int] = mapped_column(BigInteger)
     canonical_sha256: Mapped[str] = mapped_column(String(64))
+    # What the canonical .npz takes in storage, which the quota counts; NULL for rows from before revision 0003.
+    canonical_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
     num_classes: Mapped[int] = mapped_column(Integer)
     class_names: Mapped[list[Any]] = mapped_column()
     num_samples: Mapped[int] = mapped_column(Integer)
