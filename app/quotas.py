@@ -46,5 +46,6 @@ def check_storage(session: Session, tenant: str, settings: Settings, incoming: i
 
 
 def stored_bytes(session: Session, tenant: str) -> int:
-    return sum(session.scalar(select(func.coalesce(func.sum(size), 0)).where(entity.tenant == tenant)) or 0
+    # int(): PostgreSQL sums BIGINT as NUMERIC, which arrives as a Decimal.
+    return sum(int(session.scalar(select(func.coalesce(func.sum(size), 0)).where(entity.tenant == tenant)) or 0)
                for entity, size in _STORED_BYTES)

@@ -6,7 +6,9 @@ import dataclasses
 import io
 import tarfile
 import time
+import tracemalloc
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,14 @@ from PIL import Image
 from tests.hostile import png_claiming
 from worker.engine.data import load_canonical
 from worker.engine.errors import DataError
-from worker.engine.ingest import DatasetSummary, IngestLimits, ingest_dataset, load_builtin_arrays, load_builtin_summary
+from worker.engine.ingest import (
+    DatasetSummary,
+    IngestLimits,
+    StorageQuotaError,
+    ingest_dataset,
+    load_builtin_arrays,
+    load_builtin_summary,
+)
 
 LABELS = np.array([0, 1, 2, 0, 1, 2])
 
@@ -270,3 +279,66 @@ def test_total_unpacked_size_is_capped(tmp_path: Path, limits: IngestLimits) -> 
 def test_image_bomb_is_refused_from_its_header(tmp_path: Path, limits: IngestLimits, width: int, message: str):
     members = {"cat/a.png": _png(), "dog/bomb.png": png_claiming(width, width)}
     _refused(_zip(tmp_path / "u.zip", members), limits, message)
+
+
+# --- memory and parser bounds (issue 13) ------------------------------------------------------------
+
+
+def _peak_python_bytes(action: Callable[[], object]) -> int:
+    """Peak of memory allocated through Python's allocators (numpy's array data included) while `action` ran."""
+    tracemalloc.start()
+    try:
+        action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_zip_entries_are_counted_before_zipfile_builds_them(tmp_path: Path, limits: IngestLimits) -> None:
+    path = tmp_path / "many.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for index in range(20_000):
+            archive.writestr(f"c/{index}", b"")
+
+    def refuse() -> None:
+        with pytest.raises(DataError, match=f"more than {limits.max_entries} entries"):
+            ingest_dataset(path, path.name, tmp_path / "canonical.npz", limits)
+    # 20,000 ZipInfo objects take about 10 MB.
+    assert _peak_python_bytes(refuse) < 1 << 20
+
+
+def test_float_npz_is_converted_without_full_size_copies(tmp_path: Path, limits: IngestLimits) -> None:
+    x = np.random.default_rng(0).random((1024, 64, 64), dtype=np.float32)  # 16 MB
+    upload = _npz(tmp_path / "floats.npz", x=x, y=np.arange(1024) % 2)
+    del x
+    peak = _peak_python_bytes(lambda: ingest_dataset(upload, upload.name, tmp_path / "canonical.npz", limits))
+    # Less than one float copy of x; reading x whole, then scaling and rounding it, took three.
+    assert peak < 16 << 20
+    with np.load(upload) as original:
+        expected = np.rint(original["x"] * 255).astype(np.uint8)[..., None]
+    assert np.array_equal(load_canonical(tmp_path / "canonical.npz").x, expected)
+
+
+@pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME])
+def test_large_tar_extended_headers_are_refused_unread(tmp_path: Path, limits: IngestLimits, kind: bytes) -> None:
+    header = tarfile.TarInfo("././@LongLink")
+    header.type = kind
+    # Digits: the PAX regex's quadratic case (CVE-2024-6232), minutes of CPU at this size if parsed.
+    payload = b"1" * (limits.max_tar_header_bytes * 64)
+    header.size = len(payload)
+    raw = header.tobuf(tarfile.USTAR_FORMAT) + payload + bytes(-len(payload) % tarfile.BLOCKSIZE)
+    path = tmp_path / "u.tar"
+    path.write_bytes(raw + bytes(2 * tarfile.BLOCKSIZE))
+    _refused(path, limits, f"extended tar header .* of {len(payload)} bytes, above the limit")
+
+
+def test_canonical_npz_over_the_storage_quota_is_refused_before_writing(tmp_path: Path, limits: IngestLimits) -> None:
+    upload = _npz(tmp_path / "d.npz", x=np.zeros((6, 64, 64), dtype=np.uint8), y=LABELS)
+    with pytest.raises(StorageQuotaError, match=r"canonical form .* is 2[0-9]{4} bytes") as refused:
+        ingest_dataset(upload, upload.name, tmp_path / "canonical.npz",
+                       dataclasses.replace(limits, max_stored_bytes=20_000))
+    assert refused.value.canonical_bytes > 6 * 64 * 64
+    assert list(tmp_path.iterdir()) == [upload]
+    ingest_dataset(upload, upload.name, tmp_path / "canonical.npz",
+                   dataclasses.replace(limits, max_stored_bytes=refused.value.canonical_bytes))
+    assert (tmp_path / "canonical.npz").stat().st_size <= refused.value.canonical_bytes

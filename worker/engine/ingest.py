@@ -42,8 +42,8 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 # Entries this small cannot be bombs, and small uniform images legitimately compress very far.
 _RATIO_EXEMPT_BYTES = 64 * 1024
 _READ_CHUNK = 1 << 20
-# Rows of an .npz's x converted at a time: the float temporaries stay this small whatever N is.
-_CONVERT_CHUNK_BYTES = 16 << 20
+# Bytes of an .npz's x read and converted at a time: memory stays this small whatever N is.
+_CONVERT_CHUNK_BYTES = 2 << 20
 # How much of a member or file name an error message repeats: enough to find it, never megabytes.
 _NAME_SHOWN = 120
 _GRAY_MODES = frozenset({"1", "L", "LA"})
@@ -485,14 +485,18 @@ def _npy_blocks(archive: zipfile.ZipFile, array: _NpyMember) -> Iterator[np.ndar
         raise DataError(f"'{name}' is not a valid .npy array: {exc}") from exc
 
 
-def _read_exactly(stream: IO[bytes], size: int, name: str) -> bytes:
-    buffer = bytearray()
-    while len(buffer) < size:
-        chunk = stream.read(min(size - len(buffer), _READ_CHUNK))
+def _read_exactly(stream: IO[bytes], size: int, name: str) -> bytearray:
+    """`size` bytes into a buffer of their own (writable, so a block can be converted in place)."""
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    filled = 0
+    while filled < size:
+        chunk = stream.read(min(size - filled, _READ_CHUNK))
         if not chunk:
             raise DataError(f"'{name}' ends before the data its header declares; the file is corrupt")
-        buffer += chunk
-    return bytes(buffer)
+        view[filled:filled + len(chunk)] = chunk
+        filled += len(chunk)
+    return buffer
 
 
 def _image_layout(shape: tuple[int, ...], limits: IngestLimits) -> tuple[tuple[int, ...], _Layout]:
@@ -549,7 +553,13 @@ def _uint8_converter(archive: zipfile.ZipFile, x: _NpyMember) -> Callable[[np.nd
     if low < 0 or high > 255:
         raise DataError(f"float images must be in [0, 1] or [0, 255]; x ranges from {float(low):g} to {float(high):g}")
     scale = 255.0 if high <= 1.0 else 1.0
-    return lambda block: np.rint(block * scale).astype(np.uint8)
+
+    def float_to_uint8(block: np.ndarray) -> np.ndarray:
+        # In place: each block is a fresh buffer read from the archive, so no float temporaries.
+        np.multiply(block, scale, out=block)
+        return np.rint(block, out=block).astype(np.uint8)
+
+    return float_to_uint8
 
 
 def _labels(y: np.ndarray, num_images: int) -> tuple[np.ndarray, int]:
