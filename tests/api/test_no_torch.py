@@ -7,10 +7,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+from tests.api.helpers import npz_dataset
 from tests.support import REPO
 
 # Runs in a fresh interpreter: builds the app, imports every app module, serves the routes that touch
-# the engine's torch-free side (built-in datasets, job checks, dispatch), then reports torch's absence.
+# the engine's torch-free side (built-in datasets, job checks, dispatch) and a dataset upload, then reports
+# torch's absence.
 SCRIPT = textwrap.dedent(
     """
     import importlib, pkgutil, sys
@@ -39,6 +41,11 @@ SCRIPT = textwrap.dedent(
     job = {"teacher": teacher.id, "dataset": "digits", "student": {"arch": "small_cnn"}}
     response = test_client.post("/v1/jobs", headers=headers, json=job)
     assert response.status_code == 201, response.text
+    # Datasets are read by a child process: this one never imports the ingestion (numpy, Pillow, tarfile).
+    with open(sys.argv[1], "rb") as upload:
+        response = test_client.post("/v1/datasets", headers=headers, files={"file": ("d.npz", upload.read())})
+    assert response.status_code == 201, response.text
+    assert "worker.engine.ingest" not in sys.modules
     print("torch loaded:", sorted(name for name in sys.modules if name == "torch" or name.startswith("torch.")))
     """
 )
@@ -46,8 +53,10 @@ SCRIPT = textwrap.dedent(
 
 def test_api_never_imports_torch(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "CONDENSER_DATA_DIR": str(tmp_path), "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120, check=False)
+    dataset = tmp_path / "d.npz"
+    dataset.write_bytes(npz_dataset())
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(dataset)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "torch loaded: []"
 
