@@ -334,16 +334,18 @@ def test_unfinished_jobs_per_tenant_are_capped(client: TestClient, app_env: AppE
 
 def test_stored_bytes_per_tenant_are_capped(client: TestClient, app_env: AppEnv, auth_headers: dict[str, str],
                                             tenant: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    first = npz_dataset(seed=1)
-    monkeypatch.setattr(app_env.settings, "max_stored_bytes_per_tenant", len(first) + 100)
-    assert upload_dataset(client, auth_headers, first, "first.npz").status_code == 201
+    # What counts is what is stored: the dataset's canonical .npz, not the upload.
+    first = upload_dataset(client, auth_headers, npz_dataset(seed=1), "first.npz")
+    assert first.status_code == 201
+    canonical = first.json()["canonical_bytes"]
+    monkeypatch.setattr(app_env.settings, "max_stored_bytes_per_tenant", canonical + 100)
     before = stored(app_env, tenant)
     assert_refused(upload_dataset(client, auth_headers, npz_dataset(seed=2), "second.npz"), 413,
-                   f"storage quota exceeded: this tenant stores {len(first)} bytes")
+                   "storage quota exceeded: this dataset is stored as")
     assert stored(app_env, tenant) == before
 
     # Full to the byte: refused before the body is read.
-    monkeypatch.setattr(app_env.settings, "max_stored_bytes_per_tenant", len(first))
+    monkeypatch.setattr(app_env.settings, "max_stored_bytes_per_tenant", canonical)
     assert_refused(upload_dataset(client, auth_headers, npz_dataset(seed=2), "second.npz"), 413,
                    "this upload does not fit")
     assert stored(app_env, tenant) == before

@@ -61,8 +61,9 @@ _TAR_EXTENDED_HEADERS = frozenset({tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LON
                                    tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE})
 _ZIP_DIRECTORY_ENTRY = struct.Struct("<4s24xHHH12x")  # signature, then name, extra and comment lengths
 _ZIP_DIRECTORY_SIGNATURE = b"PK\x01\x02"
-# The zip container around the canonical arrays (local headers, directory, zip64 records): a bound.
-_CANONICAL_ZIP_OVERHEAD = 1024
+# The zip container around the canonical arrays (local headers, directory, zip64 records): 320 bytes
+# measured, about 430 once x passes 4 GiB; this bound keeps the predicted size at or above the file's.
+_CANONICAL_ZIP_OVERHEAD = 512
 
 # Archive members as (path components, content), read one at a time.
 Member = tuple[tuple[str, ...], bytes]
