@@ -59,7 +59,8 @@ class Cursor:
             padded = token + "=" * (-len(token) % 4)
             created_at, row_id = json.loads(base64.urlsafe_b64decode(padded))
             return cls(created_at=as_utc(datetime.fromisoformat(created_at)), id=str(row_id))
-        except (binascii.Error, ValueError, TypeError, UnicodeDecodeError) as exc:
+        # OverflowError: a time near year 1 or 9999 whose offset moves it out of range in UTC.
+        except (binascii.Error, ValueError, TypeError, UnicodeDecodeError, OverflowError) as exc:
             raise Invalid("cursor is not valid: pass back the next_cursor of a previous page unchanged") from exc
 
 
