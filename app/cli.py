@@ -18,6 +18,7 @@ from typer.core import TyperGroup
 from app.client_cli import add_commands
 from app.client_cli.common import CliError
 from app.client_cli.connection import Connection
+from core.errors import DomainError
 
 
 class CondenserGroup(TyperGroup):
@@ -33,6 +34,8 @@ class CondenserGroup(TyperGroup):
             message, code = f"{exc.format_message()}{where}", exc.exit_code
         except CliError as exc:
             message, code = str(exc), exc.exit_code
+        except DomainError as exc:  # the server-side commands (keys) refuse as the API would
+            message, code = exc.message, 1
         except Exception as exc:
             from app.client import ClientError
 
