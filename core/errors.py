@@ -51,3 +51,13 @@ class TooManyRequests(DomainError):
 
 class Unavailable(DomainError):
     status_code = 503
+
+    def __init__(self, message: str, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_seconds)}
+
+
+class InsufficientStorage(DomainError):
+    """The server's disk (or its database's) is full: nothing the client can fix, nor retry at once."""
+
+    status_code = 507

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -19,7 +22,8 @@ def test_healthz_needs_no_key(client: TestClient) -> None:
 def test_readyz_checks_database_and_broker(client: TestClient) -> None:
     response = client.get("/readyz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "checks": {"database": "ok", "broker": "ok"}}
+    assert response.json() == {"status": "ok", "checks": {"database": "ok", "broker": "ok", "storage": "ok"},
+                               "reasons": {}}
 
 
 @pytest.mark.redis
@@ -38,7 +42,30 @@ def test_readyz_is_503_when_the_broker_is_unreachable(client: TestClient, app_en
     monkeypatch.setattr(app_env.settings, "broker_url", "redis://127.0.0.1:1/0")
     response = client.get("/readyz")
     assert response.status_code == 503
-    assert response.json() == {"status": "unavailable", "checks": {"database": "ok", "broker": "unavailable"}}
+    assert response.json() == {"status": "unavailable", "reasons": {},
+                               "checks": {"database": "ok", "broker": "unavailable", "storage": "ok"}}
+
+
+def test_readyz_is_503_when_the_data_directory_is_short_of_space(client: TestClient, app_env: AppEnv,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    free = shutil.disk_usage(app_env.settings.storage_dir).free
+    monkeypatch.setattr(app_env.settings, "readiness_min_free_bytes", free + (1 << 40))
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["checks"]["storage"] == "unavailable"
+    assert response.json()["reasons"]["storage"].startswith(f"the data directory has {free >> 20} MiB free, below ")
+
+
+def test_readyz_is_503_when_the_data_directory_is_not_writable(client: TestClient, app_env: AppEnv,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    # chmod does not stop root (CI runs as root); a data directory that cannot be created stops everyone.
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr(app_env.settings, "data_dir", tmp_path / "a-file" / "data")
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["reasons"] == {"storage": "the data directory is not writable"}
+    assert "a-file" not in response.text
 
 
 def test_openapi_documents_every_operation(client: TestClient) -> None:
