@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -21,16 +22,19 @@ from app.datasets.router import router as datasets_router
 from app.health import STORAGE_FULL_ERRNOS
 from app.jobs.router import router as jobs_router
 from app.models.router import router as models_router
+from app.models.schemas import list_accepted_formats
 from app.pathguard import RefuseHostilePaths
 from app.schemas import ErrorOut, field_problems, summarize
 from app.webhooks.router import router as webhooks_router
 from core.errors import DomainError, InsufficientStorage, Unavailable, public_text
+from core.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/v1"
 # How long a client should wait before retrying while the database is unreachable.
 DATABASE_RETRY_AFTER_SECONDS = 5
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
 SQLITE_FULL = "database or disk is full"
 POSTGRES_DISK_FULL = "53100"  # SQLSTATE disk_full
 
@@ -80,7 +84,19 @@ def create_app() -> FastAPI:
     for router in (models_router, datasets_router, jobs_router, artifacts_router, auth_router, webhooks_router):
         app.include_router(router, prefix=API_PREFIX)
     add_dashboard(app)
+    _narrow_openapi_to_settings(app)
     return app
+
+
+def _narrow_openapi_to_settings(app: FastAPI) -> None:
+    build_document = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            list_accepted_formats(build_document(), get_settings())
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
@@ -114,16 +130,15 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse | Respon
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 405:
         # Starlette's Allow names the methods of the first route on the path; a path has one route per method.
-        exc.headers = {**(exc.headers or {}), "Allow": ", ".join(sorted(_methods_of(request)))}
+        exc.headers = {**(exc.headers or {}), "Allow": ", ".join(_methods_of(request))}
     return await http_exception_handler(request, exc)
 
 
-def _methods_of(request: Request) -> set[str]:
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        if route.matches(request.scope)[0] is Match.PARTIAL:
-            methods |= getattr(route, "methods", None) or set()
-    return methods
+def _methods_of(request: Request) -> list[str]:
+    # Asked of each route through its public matches(): FastAPI nests included routers' routes out of reach.
+    routes = request.app.router.routes
+    return [method for method in HTTP_METHODS
+            if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)]
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from app.main import create_app
+from core.errors import Invalid
 from tests.conftest import AppEnv
 
 API_METHODS = {"get", "post", "put", "patch", "delete"}
@@ -98,3 +100,30 @@ def test_unknown_route_is_json_404(client: TestClient) -> None:
     response = client.get("/v1/nothing-here")
     assert response.status_code == 404
     assert response.json() == {"detail": "Not Found"}
+
+
+def test_a_405_lists_every_method_of_the_path(client: TestClient) -> None:
+    # Two routes share /v1/jobs (GET, POST); Starlette's own Allow named only the first one's.
+    response = client.request("OPTIONS", "/v1/jobs")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, POST"
+
+
+def test_openapi_offers_code_formats_only_where_allowed(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    upload = document["paths"]["/v1/models"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert upload["properties"]["format"]["enum"] == ["safetensors", "state_dict"]
+    assert upload["additionalProperties"] is False
+
+
+def test_error_messages_carry_no_heap_address_or_host_path(app_env: AppEnv) -> None:
+    app = create_app()
+
+    @app.get("/leaky")
+    def leaky() -> None:
+        raise Invalid("cannot read <_io.BytesIO object at 0x7f3a2c1d9e40> from /srv/condenser/storage/tmp/ab12.upload")
+
+    with TestClient(app) as leaky_client:
+        response = leaky_client.get("/leaky")
+    assert response.status_code == 422
+    assert response.json() == {"detail": "cannot read <_io.BytesIO object> from <path>"}
