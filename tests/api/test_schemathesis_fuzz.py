@@ -29,6 +29,9 @@ EXAMPLES_PER_OPERATION = 25
 SEED = 1
 # One run (~1850 cases) took 35 s on two cores (80 s before EXPENSIVE_VALID_CASES); room to spare.
 RUN_TIMEOUT_SECONDS = 420
+# A valid model upload waits for the weights check in a child process: seconds, more on a loaded machine, where
+# schemathesis' default of 10 s per request turned a slow answer into a "Network Error" of the run.
+REQUEST_TIMEOUT_SECONDS = 60
 
 
 # How often a path parameter takes a real id rather than a generated string.
@@ -119,6 +122,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(live_server:
          # One worker: with two, Hypothesis' lambda introspection raced in schemathesis' coverage phase (a
          # "Runtime Error" of the tool, not a finding).
          "--max-examples", str(EXAMPLES_PER_OPERATION), "--seed", str(SEED), "--workers", "1",
+         "--request-timeout", str(REQUEST_TIMEOUT_SECONDS),
          "--generation-database", "none", "--no-color", "--report-dir", str(tmp_path / "report")],
         cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT_SECONDS, check=False)
     output = run.stdout + run.stderr
