@@ -7,8 +7,9 @@ import re
 # What a client may see of a message built from its own input or a library's text.
 PUBLIC_TEXT_LIMIT = 500
 _HEAP_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-# Absolute paths (temp files, the data directory, site-packages) say how the host is laid out.
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.+-]+/)+[\w.+-]*")
+# Absolute paths (temp files, the data directory, site-packages) say how the host is laid out; the API's own
+# routes (/v1/...), which messages name to say what to call instead, are not host paths.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?!v1/)(?:[\w.+-]+/)+[\w.+-]*")
 
 
 def public_text(text: str, limit: int = PUBLIC_TEXT_LIMIT) -> str:

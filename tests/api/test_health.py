@@ -121,9 +121,10 @@ def test_error_messages_carry_no_heap_address_or_host_path(app_env: AppEnv) -> N
 
     @app.get("/leaky")
     def leaky() -> None:
-        raise Invalid("cannot read <_io.BytesIO object at 0x7f3a2c1d9e40> from /srv/condenser/storage/tmp/ab12.upload")
+        raise Invalid("cannot read <_io.BytesIO object at 0x7f3a2c1d9e40> from /srv/condenser/storage/tmp/ab12.upload; "
+                      "see GET /v1/datasets/builtin")
 
     with TestClient(app) as leaky_client:
         response = leaky_client.get("/leaky")
     assert response.status_code == 422
-    assert response.json() == {"detail": "cannot read <_io.BytesIO object> from <path>"}
+    assert response.json() == {"detail": "cannot read <_io.BytesIO object> from <path>; see GET /v1/datasets/builtin"}
