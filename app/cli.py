@@ -6,6 +6,7 @@ Importing this module must stay cheap and torch-free; commands import what they 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from typer.core import TyperGroup
 from app.client_cli import add_commands
 from app.client_cli.common import CliError
 from app.client_cli.connection import Connection
+from core.errors import DomainError
 
 
 class CondenserGroup(TyperGroup):
@@ -33,6 +35,8 @@ class CondenserGroup(TyperGroup):
             message, code = f"{exc.format_message()}{where}", exc.exit_code
         except CliError as exc:
             message, code = str(exc), exc.exit_code
+        except DomainError as exc:  # the server-side commands (keys) refuse as the API would
+            message, code = exc.message, 1
         except Exception as exc:
             from app.client import ClientError
 
@@ -100,6 +104,7 @@ def serve(
     from core.settings import get_settings
 
     configure_logging(get_settings())
+    wait_for_database(get_settings().database_url)
     upgrade_to_head(get_settings().database_url)
     worker_process = _start_worker(concurrency) if concurrency > 0 else None
     try:
@@ -108,6 +113,35 @@ def serve(
     finally:
         if worker_process is not None:
             _stop_worker(worker_process)
+
+
+def wait_for_database(url: str, first_delay: float = 0.5, max_delay: float = 10.0) -> None:
+    """Return once the database takes a connection, retrying with backoff: in a compose file or a cluster the
+    database may start after the service, and a service that exits would need a restart policy to recover."""
+    import logging
+    import time
+
+    from sqlalchemy import create_engine, make_url
+    from sqlalchemy.exc import OperationalError
+
+    target = make_url(url)
+    where = f"{target.host}:{target.port or 5432}/{target.database}" if target.host else target.database
+    engine = create_engine(target)
+    delay = first_delay
+    try:
+        for attempt in itertools.count(1):
+            try:
+                engine.connect().close()
+                return
+            except OperationalError as exc:
+                reason = " ".join(str(exc.orig).split())[:200]
+                logging.getLogger("condenser.serve").warning(
+                    "waiting for the database at %s ... (attempt %d; retrying in %.1f s): %s", where, attempt, delay,
+                    reason)
+            time.sleep(delay)
+            delay = min(delay * 2, max_delay)
+    finally:
+        engine.dispose()
 
 
 def _start_worker(concurrency: int) -> subprocess.Popen[bytes]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import shutil
+import tempfile
 from collections.abc import Callable
 from typing import Literal
 
@@ -18,6 +21,7 @@ from core.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 BROKER_TIMEOUT_SECONDS = 2.0
+STORAGE_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 CheckResult = Literal["ok", "unavailable"]
 
@@ -28,7 +32,10 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     status: CheckResult
-    checks: dict[str, CheckResult] = Field(examples=[{"database": "ok", "broker": "ok"}])
+    checks: dict[str, CheckResult] = Field(examples=[{"database": "ok", "broker": "ok", "storage": "ok"}])
+    reasons: dict[str, str] = Field(default_factory=dict, description="Why a check is unavailable, where telling "
+                                    "it reveals nothing of the infrastructure (the data directory's state).",
+                                    examples=[{"storage": "the data directory is not writable"}])
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness")
@@ -38,18 +45,43 @@ def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Readiness, summary="Readiness",
-            responses={503: {"model": Readiness, "description": "The database or the broker is unreachable."}})
+            responses={503: {"model": Readiness, "description": "The database or the broker is unreachable, or the "
+                             "data directory is not writable or short of free space."}})
 async def readyz() -> JSONResponse:
-    """200 when the database answers and the broker accepts a connection; 503 otherwise. Details are logged,
-    not returned, so that the probe stays unauthenticated without telling the world about the infrastructure."""
+    """200 when the database answers, the broker accepts a connection and the data directory takes a write with
+    free space above CONDENSER_READINESS_MIN_FREE_BYTES; 503 otherwise. Connection details are logged, not
+    returned, so that the probe stays unauthenticated without telling the world about the infrastructure."""
     settings = get_settings()
-    checks = {
+    storage_problem = await run_in_threadpool(_storage_problem, settings)
+    checks: dict[str, CheckResult] = {
         "database": await run_in_threadpool(_check, "database", _ping_database),
         "broker": await run_in_threadpool(_check, "broker", lambda: _ping_broker(settings)),
+        "storage": "unavailable" if storage_problem else "ok",
     }
     ready = all(result == "ok" for result in checks.values())
-    body = Readiness(status="ok" if ready else "unavailable", checks=checks)
+    body = Readiness(status="ok" if ready else "unavailable", checks=checks,
+                     reasons={"storage": storage_problem} if storage_problem else {})
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+def _storage_problem(settings: Settings) -> str | None:
+    """Why uploads and results could not be stored now, or None."""
+    folder = settings.storage_dir
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".readyz-") as probe:
+            probe.write(b"1")
+            probe.flush()
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        log.warning("readiness check storage failed", exc_info=True)
+        full = exc.errno in STORAGE_FULL_ERRNOS
+        return "the data directory is full" if full else "the data directory is not writable"
+    if free < settings.readiness_min_free_bytes:
+        log.warning("readiness check storage: %d bytes free in %s", free, folder)
+        return (f"the data directory has {free >> 20} MiB free, below the minimum of "
+                f"{settings.readiness_min_free_bytes >> 20} MiB (CONDENSER_READINESS_MIN_FREE_BYTES)")
+    return None
 
 
 def _check(name: str, probe: Callable[[], None]) -> CheckResult:

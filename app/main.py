@@ -3,26 +3,40 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app import health, metrics
 from app.artifacts.router import router as artifacts_router
 from app.auth.router import router as auth_router
 from app.dashboard.router import add_dashboard
 from app.datasets.router import router as datasets_router
+from app.health import STORAGE_FULL_ERRNOS
 from app.jobs.router import router as jobs_router
 from app.models.router import router as models_router
+from app.models.schemas import list_accepted_formats
 from app.pathguard import RefuseHostilePaths
 from app.schemas import ErrorOut, field_problems, summarize
 from app.webhooks.router import router as webhooks_router
-from core.errors import DomainError
+from core.errors import DomainError, InsufficientStorage, Unavailable, public_text
+from core.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/v1"
+# How long a client should wait before retrying while the database is unreachable.
+DATABASE_RETRY_AFTER_SECONDS = 5
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+SQLITE_FULL = "database or disk is full"
+POSTGRES_DISK_FULL = "53100"  # SQLSTATE disk_full
 
 DESCRIPTION = """
 Turn a trained PyTorch classifier into a smaller, faster one: knowledge distillation into a smaller student
@@ -58,6 +72,10 @@ def create_app() -> FastAPI:
     app = FastAPI(title="condenser", version="0.1.0", summary="Model compression as a service.",
                   description=DESCRIPTION, openapi_tags=TAGS)
     app.add_exception_handler(DomainError, _domain_error)
+    app.add_exception_handler(OperationalError, _database_error)
+    app.add_exception_handler(PoolTimeout, _database_error)
+    app.add_exception_handler(OSError, _os_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)
     app.add_middleware(RefuseHostilePaths)
@@ -66,13 +84,61 @@ def create_app() -> FastAPI:
     for router in (models_router, datasets_router, jobs_router, artifacts_router, auth_router, webhooks_router):
         app.include_router(router, prefix=API_PREFIX)
     add_dashboard(app)
+    _narrow_openapi_to_settings(app)
     return app
+
+
+def _narrow_openapi_to_settings(app: FastAPI) -> None:
+    build_document = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            list_accepted_formats(build_document(), get_settings())
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
-    return JSONResponse(ErrorOut(detail=exc.message).model_dump(exclude_none=True), status_code=exc.status_code,
-                        headers=getattr(exc, "headers", None))
+    # Messages may quote a library's text: no heap address, temp file or host path reaches the client.
+    return JSONResponse(ErrorOut(detail=public_text(exc.message)).model_dump(exclude_none=True),
+                        status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    """An unreachable database (refused, dropped, pool exhausted) is a 503 to retry; a full one is a 507."""
+    log.error("database error on %s %s", request.method, request.url.path, exc_info=exc)
+    original = getattr(exc, "orig", None)
+    if SQLITE_FULL in str(original) or getattr(original, "sqlstate", None) == POSTGRES_DISK_FULL:
+        return await _domain_error(request, InsufficientStorage("the server's database is out of disk space; "
+                                                                "the operator must free some before writes succeed"))
+    return await _domain_error(request, Unavailable(
+        "the database is unavailable; retry after the Retry-After delay", DATABASE_RETRY_AFTER_SECONDS))
+
+
+async def _os_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, OSError)
+    if exc.errno not in STORAGE_FULL_ERRNOS:
+        return await _unexpected_error(request, exc)
+    log.error("storage full on %s %s", request.method, request.url.path, exc_info=exc)
+    return await _domain_error(request, InsufficientStorage(
+        "the server is out of disk space and stored nothing of this request; retry once the operator has freed some"))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse | Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 405:
+        # Starlette's Allow names the methods of the first route on the path; a path has one route per method.
+        exc.headers = {**(exc.headers or {}), "Allow": ", ".join(_methods_of(request))}
+    return await http_exception_handler(request, exc)
+
+
+def _methods_of(request: Request) -> list[str]:
+    # Asked of each route through its public matches(): FastAPI nests included routers' routes out of reach.
+    routes = request.app.router.routes
+    return [method for method in HTTP_METHODS
+            if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)]
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import Query, Request
+from pydantic import WithJsonSchema
 from sqlalchemy import Select, and_, or_
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
@@ -24,9 +25,13 @@ DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
 
 LimitQuery = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Items per page (1 to 100).")]
+CURSOR_PATTERN = "^[A-Za-z0-9_-]*$"  # base64url, unpadded: what Cursor.encode writes
+# Documented as a plain string: "str | None" would publish a null, which a query string can only send as "null".
+CURSOR_DESCRIPTION = "The `next_cursor` of the previous page; omit for the first page."
 CursorQuery = Annotated[
     str | None,
-    Query(max_length=200, description="The `next_cursor` of the previous page; omit for the first page."),
+    WithJsonSchema({"type": "string", "maxLength": 200, "pattern": CURSOR_PATTERN, "description": CURSOR_DESCRIPTION}),
+    Query(max_length=200, pattern=CURSOR_PATTERN, description=CURSOR_DESCRIPTION),
 ]
 
 
@@ -59,7 +64,8 @@ class Cursor:
             padded = token + "=" * (-len(token) % 4)
             created_at, row_id = json.loads(base64.urlsafe_b64decode(padded))
             return cls(created_at=as_utc(datetime.fromisoformat(created_at)), id=str(row_id))
-        except (binascii.Error, ValueError, TypeError, UnicodeDecodeError) as exc:
+        # OverflowError: a time near year 1 or 9999 whose offset moves it out of range in UTC.
+        except (binascii.Error, ValueError, TypeError, UnicodeDecodeError, OverflowError) as exc:
             raise Invalid("cursor is not valid: pass back the next_cursor of a previous page unchanged") from exc
 
 

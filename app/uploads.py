@@ -237,6 +237,7 @@ def multipart_openapi(properties: dict[str, dict[str, Any]], required: list[str]
                         "type": "object",
                         "properties": {FILE_FIELD: file_schema, **properties},
                         "required": [FILE_FIELD, *required],
+                        "additionalProperties": False,  # other fields are refused (422)
                     }
                 }
             },

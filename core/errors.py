@@ -7,8 +7,9 @@ import re
 # What a client may see of a message built from its own input or a library's text.
 PUBLIC_TEXT_LIMIT = 500
 _HEAP_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-# Absolute paths (temp files, the data directory, site-packages) say how the host is laid out.
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.+-]+/)+[\w.+-]*")
+# Absolute paths (temp files, the data directory, site-packages) say how the host is laid out; the API's own
+# routes (/v1/...), which messages name to say what to call instead, are not host paths.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?!v1/)(?:[\w.+-]+/)+[\w.+-]*")
 
 
 def public_text(text: str, limit: int = PUBLIC_TEXT_LIMIT) -> str:
@@ -51,3 +52,13 @@ class TooManyRequests(DomainError):
 
 class Unavailable(DomainError):
     status_code = 503
+
+    def __init__(self, message: str, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_seconds)}
+
+
+class InsufficientStorage(DomainError):
+    """The server's disk (or its database's) is full: nothing the client can fix, nor retry at once."""
+
+    status_code = 507

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     events_poll_seconds: float = Field(default=0.5, gt=0)
     events_keepalive_seconds: float = Field(default=15.0, gt=0)
 
+    # /readyz says 503 when the data directory has less free space than this (uploads would fail with 507).
+    readiness_min_free_bytes: int = Field(default=256 << 20, ge=0)
+
     # Operations. An empty metrics token leaves /metrics open (bind it privately); set, it is a bearer token.
     metrics_token: str = ""
     log_format: Literal["text", "json"] = "text"

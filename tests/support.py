@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -130,10 +130,11 @@ class ApiServerProcess:
     downloads, a browser, a fuzzer. By default the API alone (`--concurrency 0`); with workers, the whole
     embedded service."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, concurrency: int = 0) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, concurrency: int = 0, prefix: Sequence[str] = ()) -> None:
         self.env = env
         self.log_path = log_path
         self.concurrency = concurrency
+        self.prefix = list(prefix)  # a command that execs the rest (unshare, for a filesystem of its own)
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -145,7 +146,8 @@ class ApiServerProcess:
 
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", f"--concurrency={self.concurrency}", f"--port={self.port}"],
+            [*self.prefix, sys.executable, "-m", "app.cli", "serve", f"--concurrency={self.concurrency}",
+             f"--port={self.port}"],
             env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=die_with_parent,
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +20,8 @@ from worker.engine import cpu
 from worker.engine.fileio import atomic_write
 
 # Distributions whose versions decide what the artifacts are and how they were measured.
+# Characters that would start Markdown syntax inside a line (emphasis, code, links, tables, headings, images).
+_MARKDOWN_PUNCTUATION = re.compile(r"[\\`*_\[\]|#!~]")
 LIBRARIES = ("condenser", "torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "torchao", "numpy")
 
 
@@ -95,8 +98,8 @@ def _inputs_section(inputs: dict[str, Any]) -> list[str]:
     lines = ["## What went in", "", "| | |", "|---|---|",
              f"| Input model | {_cell(model['name'])} (`{model['id']}`), {model['format']}, "
              f"{format_bytes(model['bytes'])} |",
-             f"| Architecture | `{_cell(json.dumps(model['arch'], sort_keys=True))}` |",
-             f"| Input | `{_cell(json.dumps(model['input_spec'], sort_keys=True))}` |",
+             f"| Architecture | {_code(json.dumps(model['arch'], sort_keys=True))} |",
+             f"| Input | {_code(json.dumps(model['input_spec'], sort_keys=True))} |",
              f"| Model sha256 | `{model['sha256']}` |"]
     lines += _dataset_lines("Dataset", dataset)
     if inputs.get("eval_dataset"):
@@ -132,9 +135,9 @@ def _evaluation_sentence(summary: dict[str, Any]) -> str:
         return f"Accuracies measured on {summary['validation_samples']} held-out images."
     if evaluation["source"] == "eval_dataset":
         return (f"Accuracies measured on {evaluation['samples']} images of the evaluation dataset "
-                f"`{_cell(evaluation['dataset'])}`, which the job neither trained nor calibrated on.")
+                f"{_cell(evaluation['dataset'])}, which the job neither trained nor calibrated on.")
     return (f"Accuracies measured on {evaluation['samples']} images held out from the uploaded dataset "
-            f"`{_cell(evaluation['dataset'])}`: the job did not train on them, but the input model may have, so its "
+            f"{_cell(evaluation['dataset'])}: the job did not train on them, but the input model may have, so its "
             "accuracy and the drops against it may look better than on new images (give eval_dataset to avoid it).")
 
 
@@ -181,12 +184,12 @@ def _work_section(work: dict[str, list[str]]) -> list[str]:
     """What the job did to the model, and what it did not do that a reader might assume it did."""
     if not work:
         return []
-    return ["## What was done", "", *[f"- {line}" for line in work.get("done", [])], "", "## What was not done", "",
-            *[f"- {line}" for line in work.get("not_done", [])]]
+    return ["## What was done", "", *[f"- {_cell(line)}" for line in work.get("done", [])], "",
+            "## What was not done", "", *[f"- {_cell(line)}" for line in work.get("not_done", [])]]
 
 
 def _notes_section(notes: list[str]) -> list[str]:
-    return ["## Notes", "", *[f"- {note}" for note in notes]] if notes else []
+    return ["## Notes", "", *[f"- {_cell(note)}" for note in notes]] if notes else []
 
 
 def _artifacts_section(artifacts: list[dict[str, Any]]) -> list[str]:
@@ -203,5 +206,16 @@ def _environment_section(env: dict[str, Any]) -> list[str]:
 
 
 def _cell(text: str) -> str:
-    """Text safe inside a Markdown table cell (a user-chosen name may hold a pipe or a line break)."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """User-chosen text (a name, a library's message) as plain text in Markdown, on one line and safe in a table
+    cell: HTML is shown, never rendered (a name may hold `<script>`), and no Markdown syntax takes effect."""
+    one_line = " ".join(str(text).split())
+    escaped = one_line.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MARKDOWN_PUNCTUATION.sub(r"\\\g<0>", escaped)
+
+
+def _code(text: str) -> str:
+    """`text` as an inline code span that no backtick in it can close early (CommonMark: a longer fence)."""
+    one_line = " ".join(str(text).split())
+    longest_run = max((len(run) for run in re.findall("`+", one_line)), default=0)
+    fence = "`" * (longest_run + 1)
+    return f"{fence} {one_line} {fence}"

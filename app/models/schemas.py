@@ -10,6 +10,7 @@ from pydantic import Field
 from app.schemas import Page
 from app.uploads import multipart_openapi
 from core.db.models import Model
+from core.settings import Settings
 from core.views import OutModel, UtcDatetime
 from worker.engine.config import CODE_FORMATS, TENSOR_FORMATS, WeightsFormat
 
@@ -70,3 +71,12 @@ UPLOAD_OPENAPI = multipart_openapi(
     },
     required=["spec"],
 )
+
+
+def list_accepted_formats(document: dict[str, Any], settings: Settings) -> None:
+    """Narrow the OpenAPI document's upload formats to what this server accepts: the code formats only where
+    CONDENSER_ALLOW_CODE_CHECKPOINTS is on, so that a client (or a fuzzer) is not offered a value refused anyway."""
+    if settings.allow_code_checkpoints:
+        return
+    upload = document["paths"]["/v1/models"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    upload["properties"]["format"]["enum"] = list(TENSOR_FORMATS)

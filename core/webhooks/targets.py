@@ -31,8 +31,16 @@ def check_target(url: str, settings: Settings) -> list[IpAddress]:
     host = _checked_host(url, settings)
     addresses = resolve(host)
     for address in addresses:
-        _check_address(url, address, settings)
+        _check_address(url, address, settings, resolved_from=None if _is_address(host) else host)
     return addresses
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _checked_host(url: str, settings: Settings) -> str:
@@ -60,13 +68,14 @@ def resolve(host: str) -> list[IpAddress]:
         pass
     try:
         answers = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise RefusedTarget(f"webhook host {host!r} does not resolve: {exc}") from None
+    except (socket.gaierror, UnicodeError):
+        # The resolver's own words (and its configuration) are the operator's business, not the client's.
+        raise RefusedTarget(f"webhook host {host!r} does not resolve") from None
     # Scope ids ("fe80::1%eth0") are not part of the address; the check must see the address alone.
     return list(dict.fromkeys(ipaddress.ip_address(str(answer[4][0]).split("%")[0]) for answer in answers))
 
 
-def _check_address(url: str, address: IpAddress, settings: Settings) -> None:
+def _check_address(url: str, address: IpAddress, settings: Settings, resolved_from: str | None) -> None:
     if _allowed(address, settings):
         return
     # An IPv6 address that carries an IPv4 one (::ffff:10.0.0.1, 64:ff9b::10.0.0.1, 2002:a00:1::, ...) reaches,
@@ -76,9 +85,16 @@ def _check_address(url: str, address: IpAddress, settings: Settings) -> None:
     own = [] if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped else [address]
     for judged in [*embedded, *own]:
         if not _allowed(judged, settings) and not _public(judged):
-            reaching = f" (which reaches {judged})" if judged != address else ""
-            raise RefusedTarget(f"webhook URL {url!r} resolves to {address}{reaching}, a private, loopback, "
-                                "link-local, multicast or reserved address; webhooks go to public addresses only")
+            raise RefusedTarget(_refusal(url, address, judged, resolved_from))
+
+
+def _refusal(url: str, address: IpAddress, judged: IpAddress, resolved_from: str | None) -> str:
+    kinds = "a private, loopback, link-local, multicast or reserved address; webhooks go to public addresses only"
+    if resolved_from is not None:
+        # Which internal address a name resolves to maps the service's network for whoever asks: not shown.
+        return f"webhook host {resolved_from!r} resolves to {kinds}"
+    reaching = f" (which reaches {judged})" if judged != address else ""
+    return f"webhook URL {url!r} is {address}{reaching}, {kinds}"
 
 
 def _allowed(address: IpAddress, settings: Settings) -> bool:

@@ -8,8 +8,10 @@ from collections.abc import Callable
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
 from app.auth.service import create_key, list_keys, revoke_key
+from app.cli import app as cli_app
 from core.db.session import session_scope
 from core.errors import Invalid, NotFound
 from tests.conftest import bearer
@@ -90,3 +92,13 @@ def test_key_service_lists_and_revokes_per_tenant(app_env: object, tenant: str) 
 def test_tenant_names_are_checked(app_env: object) -> None:
     with session_scope() as session, pytest.raises(Invalid):
         create_key(session, "bad tenant/name")
+
+
+def test_cli_revoke_with_a_wrong_tenant_is_one_error_line(app_env: object, make_api_key: Callable[[str], str],
+                                                          tenant: str) -> None:
+    prefix = make_api_key(tenant).split("_")[1]
+    result = CliRunner().invoke(cli_app, ["keys", "revoke", "--tenant", "someone-else", prefix])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.stderr == f"error: tenant someone-else has no API key with prefix {prefix}\n"
+    with session_scope() as session:
+        assert [key.revoked_at for key in list_keys(session, tenant)] == [None]

@@ -186,8 +186,10 @@ def test_list_newest_first_with_cursor_and_status(client: TestClient, auth_heade
 @pytest.mark.parametrize(
     ("params", "message_part"),
     [({"limit": 0}, "query.limit"), ({"limit": 101}, "query.limit"), ({"status": "done"}, "query.status"),
-     ({"cursor": "not-a-cursor"}, "cursor is not valid")],
-    ids=["limit-0", "limit-101", "status", "cursor"],
+     ({"cursor": "not-a-cursor"}, "cursor is not valid"),
+     # A time in year 1 whose offset puts it before year 1 in UTC (was a 500: OverflowError).
+     ({"cursor": "WyIwMDAxLTAxLTAxVDAwOjAwOjAwKzAxOjAwIiwieCJd"}, "cursor is not valid")],
+    ids=["limit-0", "limit-101", "status", "cursor", "cursor-out-of-range"],
 )
 def test_list_rejects_bad_parameters(client: TestClient, auth_headers: dict[str, str], params: dict[str, Any],
                                      message_part: str) -> None:

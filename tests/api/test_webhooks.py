@@ -151,6 +151,18 @@ EMBEDDING = [
 ]
 
 
+def test_refusals_of_host_names_do_not_say_what_they_resolve_to(client: TestClient,
+                                                                 auth_headers: dict[str, str]) -> None:
+    """A name's internal address (localhost's here) would map the service's network for the caller."""
+    refused = client.put("/v1/webhook", headers=auth_headers, json={"url": "https://localhost/hooks"})
+    assert refused.status_code == 422
+    detail = refused.json()["detail"]
+    assert "'localhost' resolves to a private, loopback" in detail
+    assert "127.0.0.1" not in detail and "::1" not in detail
+    unresolved = client.put("/v1/webhook", headers=auth_headers, json={"url": "https://no-such-host.invalid/hooks"})
+    assert unresolved.json()["detail"].endswith("webhook host 'no-such-host.invalid' does not resolve")
+
+
 @pytest.mark.parametrize(("address", "reaches"), EMBEDDING)
 def test_ipv6_addresses_embedding_internal_ipv4_are_refused(app_env: AppEnv, address: str, reaches: str) -> None:
     with pytest.raises(RefusedTarget) as refused:
