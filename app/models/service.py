@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from app import quotas
-from app.idempotency import Outcome, create_once, idempotent_request
+from app.deps import release_connection
+from app.idempotency import Outcome, create_once, idempotent_request, replay
 from app.models.repository import models
 from app.models.validator import WeightsReport, check_weights
 from app.pagination import PageRequest
@@ -35,13 +36,19 @@ _UNCOUNTED_PARAMS = 0
 def register_model(session: Session, tenant: str, upload: Upload, idempotency_key: str | None,
                    store: BlobStore, settings: Settings) -> Outcome[Model]:
     request = idempotent_request(tenant, ROUTE, idempotency_key, upload.fingerprint())
-    return create_once(session, models, tenant, request, lambda: _prepare(session, tenant, upload, store, settings))
-
-
-def _prepare(session: Session, tenant: str, upload: Upload, store: BlobStore,
-             settings: Settings) -> Callable[[str], Model]:
-    """Check the upload and store its weights; returns how to build the row from its id."""
+    earlier = replay(session, models, tenant, request)
+    if earlier is not None:
+        return earlier
     quotas.check_storage(session, tenant, settings, upload.bytes)
+    # The checks below wait for a validator slot and run a child for seconds or minutes: holding a pooled
+    # connection meanwhile let a burst of uploads starve every other request of the database.
+    release_connection(session)
+    build = _prepare(tenant, upload, store, settings)
+    return create_once(session, models, tenant, request, lambda: build)
+
+
+def _prepare(tenant: str, upload: Upload, store: BlobStore, settings: Settings) -> Callable[[str], Model]:
+    """Check the upload and store its weights, without the database; returns how to build the row from its id."""
     spec = parse_arch_spec(upload.fields.get("spec"))
     name = upload.display_name(fallback="model")
     weights_format = upload.fields.get("format") or detect_format(upload.path)
