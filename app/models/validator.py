@@ -16,8 +16,9 @@ from worker.engine.config import ArchSpec
 
 VALIDATOR_MODULE = "worker.engine.validate"
 ADDRESS_SPACE_LIMIT = 8 << 30
-# Each child imports torch (hundreds of MB): a burst of uploads queues here instead of exhausting memory.
-_CONCURRENT_CHECKS = threading.BoundedSemaphore(2)
+# Each child imports torch (hundreds of MB): a burst of uploads or model estimates queues here instead of
+# exhausting memory.
+CHILD_SLOTS = threading.BoundedSemaphore(2)
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ def check_weights(path: Path, weights_format: str, spec: ArchSpec, timeout: floa
     args = ["--format", weights_format, "--arch-json", spec.model_dump_json(), str(path)]
     limits = ChildLimits(timeout_seconds=timeout, cpu_seconds=max(1, int(timeout)) * 2,
                          address_space_bytes=ADDRESS_SPACE_LIMIT)
-    with _CONCURRENT_CHECKS:
+    with CHILD_SLOTS:
         verdict = run_child(VALIDATOR_MODULE, args, limits, what="checking the weights")
     if not verdict.get("ok"):
         raise Invalid(f"the weights do not fit the spec: {public_text(str(verdict.get('error', 'unknown error')))}")
