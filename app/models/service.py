@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from app import quotas
 from app.deps import release_connection
 from app.idempotency import Outcome, create_once, idempotent_request, replay
+from app.models import budget
 from app.models.repository import models
 from app.models.validator import WeightsReport, check_weights
 from app.pagination import PageRequest
@@ -55,6 +56,7 @@ def _prepare(tenant: str, upload: Upload, store: BlobStore, settings: Settings) 
     if weights_format not in _FORMATS:
         raise Invalid(f"format must be one of {', '.join(_FORMATS)}, got '{weights_format}'")
     report = _check_weights(upload.path, weights_format, spec, settings)
+    _check_budget(spec, report, settings)
 
     # Publish before the claim: hashing and fsyncing a large file must not hold SQLite's write lock.
     blob = store.put_file(upload.path)
@@ -95,6 +97,14 @@ def _check_weights(path: Path, weights_format: str, spec: ArchSpec, settings: Se
     if _torch_archive_format(path) != weights_format:
         raise Invalid(f"the file is not a {weights_format} archive")
     return WeightsReport(param_count=_UNCOUNTED_PARAMS, num_classes=spec.num_classes)
+
+
+def _check_budget(spec: ArchSpec, report: WeightsReport, settings: Settings) -> None:
+    """A model too large to train even one sample at a time is refused now, not by every job that names it."""
+    if report.activations_per_sample is not None:
+        # What the weights check measured is what a job's check would estimate: it need not run a child again.
+        budget.remember(spec, budget.ModelCost(report.param_count, report.activations_per_sample))
+    budget.check_models([budget.ModelUse("model", spec, batch_size=1, trains=True)], settings)
 
 
 def detect_format(path: Path) -> str:
