@@ -59,7 +59,7 @@ def _prepare(tenant: str, upload: Upload, store: BlobStore, settings: Settings) 
     _check_budget(spec, report, settings)
 
     # Publish before the claim: hashing and fsyncing a large file must not hold SQLite's write lock.
-    blob = store.put_file(upload.path)
+    blob = store.put_file(upload.path, upload.sha256)
     return lambda model_id: Model(
         id=model_id, tenant=tenant, name=name, format=weights_format, sha256=blob.sha256, bytes=blob.bytes,
         arch={"arch": spec.arch, "kwargs": spec.kwargs}, input_spec=spec.input.model_dump(mode="json"),
