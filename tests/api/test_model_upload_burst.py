@@ -12,12 +12,16 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import Any
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from app.models import service
+from app.models.validator import WeightsReport
+from core.db.session import get_engine
 from core.settings import get_settings
 from tests.api.helpers import upload_model
 from tests.conftest import AppEnv, SmallCnnFiles, clear_cached_singletons
@@ -68,3 +72,19 @@ def test_uploads_waiting_for_the_validator_hold_no_connection(
     assert set(statuses) <= {201, 429} and 201 in statuses, [response.text for response in responses]
     assert other_tenant, "GET /v1/me was not asked while the uploads ran"
     assert [response.status_code for response in other_tenant] == [200] * len(other_tenant)
+
+
+def test_no_connection_is_checked_out_while_the_weights_are_checked(
+        client: TestClient, auth_headers: dict[str, str], small_cnn_files: SmallCnnFiles,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    checked_out: list[int] = []
+    real_check = service.check_weights
+
+    def check_counting_connections(*args: Any) -> WeightsReport:
+        checked_out.append(get_engine().pool.checkedout())
+        return real_check(*args)
+
+    monkeypatch.setattr(service, "check_weights", check_counting_connections)
+    response = upload_model(client, auth_headers, small_cnn_files.safetensors, small_cnn_files.spec)
+    assert response.status_code == 201, response.text
+    assert checked_out == [0]
