@@ -9,8 +9,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from app.models import budget
 from core.db.models import Job
+from core.errors import Invalid
 from tests.api.helpers import count_rows
+from worker.engine.config import ArchSpec
 
 RGB_224 = {"arch": "resnet18", "kwargs": {"num_classes": 10}, "input": {"image_size": 224, "channels": 3}}
 
@@ -57,3 +60,11 @@ def test_a_job_within_the_budget_is_accepted(client: TestClient, auth_headers: d
                                              teacher_224: str) -> None:
     response = distill(client, auth_headers, teacher_224, {"arch": "resnet18"}, batch_size=256)
     assert response.status_code == 201, response.text
+
+
+def test_an_estimate_past_the_child_limits_is_a_refusal() -> None:
+    """A constructor that runs wild even on meta meets the child's limits (here its time): a 422, and the API
+    process carries on."""
+    arch = ArchSpec(arch="small_cnn", kwargs={"num_classes": 10, "width": 7}, input={"image_size": 8, "channels": 1})
+    with pytest.raises(Invalid, match=r"estimating the model's size took longer than 0\.01 s"):
+        budget.estimate([arch], timeout=0.01)
