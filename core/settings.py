@@ -22,7 +22,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".condenser")
     database_url: str = ""
     broker_url: str = ""
-    # PostgreSQL connections per process (SQLAlchemy's QueuePool), and how long a request waits for one.
+    # Pooled database connections per process (SQLAlchemy's QueuePool), and how long a request waits for one.
     database_pool_size: int = Field(default=5, gt=0)
     database_max_overflow: int = Field(default=10, ge=0)
     database_pool_timeout_seconds: float = Field(default=30.0, gt=0)
@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     # Model validation runs in a short-lived child process so that the API never imports torch.
     model_validation_timeout_seconds: float = Field(default=120.0, gt=0)
     # What one model may cost (teacher, student or upload), estimated from its constructor before it is accepted:
-    # parameters, and the memory one training step needs at the job's batch size (app.budget).
+    # parameters, and the memory one training step needs at the job's batch size (app.models.budget).
     max_model_parameters: int = Field(default=2_000_000_000, gt=0)
     max_training_memory_bytes: int = Field(default=256 << 30, gt=0)
 
