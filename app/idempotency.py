@@ -101,6 +101,15 @@ def claim(session: Session, request: IdempotentRequest | None, resource_id: str)
     return None
 
 
+def replay(session: Session, rows: TenantRepository[RowT], tenant: str,
+           request: IdempotentRequest | None) -> Outcome[RowT] | None:
+    """The row an earlier request with this key created, as a replayed Outcome; None if there is none.
+
+    A creating route whose checks are slow (a child process) asks this first, so that a retry skips them."""
+    earlier = previous_resource(session, request)
+    return None if earlier is None else Outcome(rows.require(session, tenant, earlier), replayed=True)
+
+
 def create_once(session: Session, rows: TenantRepository[RowT], tenant: str, request: IdempotentRequest | None,
                 prepare: Callable[[], Callable[[str], RowT]]) -> Outcome[RowT]:
     """Add a new row to `rows` for this request, or return the row an earlier request with its key created.
@@ -109,9 +118,9 @@ def create_once(session: Session, rows: TenantRepository[RowT], tenant: str, req
     its new id. It runs before the claim, so it must only read the database: the claim is the transaction's
     first write, and slow work such as hashing and fsyncing a large file must not hold SQLite's write lock.
     """
-    earlier = previous_resource(session, request)
+    earlier = replay(session, rows, tenant, request)
     if earlier is not None:
-        return Outcome(rows.require(session, tenant, earlier), replayed=True)
+        return earlier
     build = prepare()
     resource_id = rows.new_id()
     winner = claim(session, request, resource_id)

@@ -22,6 +22,10 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".condenser")
     database_url: str = ""
     broker_url: str = ""
+    # Pooled database connections per process (SQLAlchemy's QueuePool), and how long a request waits for one.
+    database_pool_size: int = Field(default=5, gt=0)
+    database_max_overflow: int = Field(default=10, ge=0)
+    database_pool_timeout_seconds: float = Field(default=30.0, gt=0)
 
     max_upload_bytes: int = Field(default=1 << 30, gt=0)
     # Archives are unpacked with these bounds so that a bomb is refused before it fills memory or disk.
@@ -59,6 +63,10 @@ class Settings(BaseSettings):
     hard_time_limit_seconds: int = Field(default=6 * 3600 + 300, gt=0)
     # Model validation runs in a short-lived child process so that the API never imports torch.
     model_validation_timeout_seconds: float = Field(default=120.0, gt=0)
+    # What one model may cost (teacher, student or upload), estimated from its constructor before it is accepted:
+    # parameters, and the memory one training step needs at the job's batch size (app.models.budget).
+    max_model_parameters: int = Field(default=2_000_000_000, gt=0)
+    max_training_memory_bytes: int = Field(default=256 << 30, gt=0)
 
     # Live job events (SSE): how often a stream looks for new events, and how often it proves it is alive.
     events_poll_seconds: float = Field(default=0.5, gt=0)

@@ -74,16 +74,17 @@ class BlobStore:
                 _flush(out)
             return self._publish(tmp, digest.hexdigest(), size)
 
-    def put_file(self, source: Path) -> StoredBlob:
-        """Publish a file written elsewhere in this store's tmp dir (moved, not copied)."""
+    def put_file(self, source: Path, sha256: str | None = None) -> StoredBlob:
+        """Publish a file written elsewhere in this store's tmp dir (moved, not copied). `sha256`: the digest its
+        writer computed over the bytes as it wrote them (an upload's), which spares reading the file again."""
         digest = hashlib.sha256()
-        size = 0
         with open(source, "rb") as handle:
-            while chunk := handle.read(CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
+            if sha256 is None:
+                while chunk := handle.read(CHUNK):
+                    digest.update(chunk)
             os.fsync(handle.fileno())
-        return self._publish(source, digest.hexdigest(), size)
+            size = os.fstat(handle.fileno()).st_size
+        return self._publish(source, sha256 or digest.hexdigest(), size)
 
     def put_bytes(self, data: bytes) -> StoredBlob:
         with self.temp_path() as tmp:

@@ -15,10 +15,12 @@ from app import quotas
 from app.auth.service import Principal
 from app.datasets.repository import datasets
 from app.datasets.service import builtin_summary
-from app.idempotency import Outcome, create_once, idempotent_request
+from app.deps import release_connection
+from app.idempotency import Outcome, create_once, idempotent_request, replay
 from app.jobs import repository
 from app.jobs.repository import jobs
 from app.jobs.schemas import AnyJobCreate, JobCreate
+from app.models import budget
 from app.models.repository import models
 from app.pagination import PageRequest
 from app.schemas import invalid_from
@@ -27,7 +29,7 @@ from core import lifecycle
 from core.db.models import Artifact, Job, JobEvent, Model
 from core.db.repository import job_artifacts
 from core.errors import Invalid
-from core.jobspec import SPEC_CLASSES, stored_form
+from core.jobspec import SPEC_CLASSES, JobSpecBase, PruneJobSpec, stored_form
 from core.settings import Settings
 from worker.engine.config import BUILTIN_DATASETS, ArchSpec, InputSpec, StudentSpec, check_dataset_fits, student_arch
 from worker.engine.errors import SpecError
@@ -55,8 +57,14 @@ class JobView:
 def submit_job(session: Session, principal: Principal, body: AnyJobCreate, idempotency_key: str | None,
                settings: Settings) -> Outcome[Job]:
     request = idempotent_request(principal.tenant, ROUTE, idempotency_key, body.model_dump(mode="json"))
-    outcome = create_once(session, jobs, principal.tenant, request,
-                          lambda: _prepare(session, principal.tenant, body, settings))
+    earlier = replay(session, jobs, principal.tenant, request)
+    if earlier is not None:
+        return earlier
+    build, uses = _prepare(session, principal.tenant, body, settings)
+    # Estimating a spec not seen before runs a child: no pooled connection is held meanwhile.
+    release_connection(session)
+    budget.check_models(uses, settings)
+    outcome = create_once(session, jobs, principal.tenant, request, lambda: build)
     if not outcome.replayed:
         job = outcome.resource
         lifecycle.record_event(session, job, "state", principal.actor, "submitted")
@@ -65,24 +73,26 @@ def submit_job(session: Session, principal: Principal, body: AnyJobCreate, idemp
     return outcome
 
 
-def _prepare(session: Session, tenant: str, body: AnyJobCreate, settings: Settings) -> Callable[[str], Job]:
-    """Check everything the job names; returns how to build its row from its id."""
+def _prepare(session: Session, tenant: str, body: AnyJobCreate,
+             settings: Settings) -> tuple[Callable[[str], Job], list[budget.ModelUse]]:
+    """Check everything the job names; returns how to build its row from its id, and the models it runs."""
     quotas.check_job_slot(session, tenant, settings)
     # A distillation names its input model "teacher"; pruning and quantization name it "model".
     field = "teacher" if isinstance(body, JobCreate) else "model"
     source = _input_model(session, tenant, body.input_model, field)
     source_input = InputSpec.model_validate(source.input_spec)
     dataset_id, dataset = _dataset(session, tenant, body.dataset)
-    spec = _stored_spec(body, source, source_input)
+    spec, uses = _typed_spec(body, source, source_input)
     if body.webhook_url is not None:
         webhooks.check_job_webhook(session, tenant, body.webhook_url, settings)
     _check_dataset(dataset, source, source_input, field, body.kind)
     if body.eval_dataset is not None:
         _check_eval_dataset(session, tenant, body.eval_dataset, body.dataset, dataset, source, source_input, field)
     # The input model goes in teacher_id whatever the kind: the worker loads it from there.
-    return lambda job_id: Job(id=job_id, tenant=tenant, kind=body.kind, spec=spec, teacher_id=source.id,
+    stored = stored_form(spec)
+    return lambda job_id: Job(id=job_id, tenant=tenant, kind=body.kind, spec=stored, teacher_id=source.id,
                               dataset_id=dataset_id, status="queued", max_attempts=settings.max_attempts,
-                              webhook_url=body.webhook_url)
+                              webhook_url=body.webhook_url), uses
 
 
 def get_job(session: Session, tenant: str, job_id: str) -> Job:
@@ -121,15 +131,34 @@ def _after_commit(session: Session, action: Callable[[], None]) -> None:
     event.listen(session, "after_commit", run)
 
 
-def _stored_spec(body: AnyJobCreate, source: Model, source_input: InputSpec) -> dict[str, Any]:
+def _typed_spec(body: AnyJobCreate, source: Model,
+                source_input: InputSpec) -> tuple[JobSpecBase, list[budget.ModelUse]]:
     """The submission as its typed spec with every default filled in (and a distillation student's classes
-    taken from its teacher, here and only here), as the worker will read it."""
+    taken from its teacher, here and only here), as the worker will read it; and the models it runs."""
     # Where to announce the end is not a compression setting: it has its own column.
     fields: dict[str, Any] = {name: getattr(body, name) for name in SPEC_CLASSES[body.kind].model_fields}
-    if isinstance(body, JobCreate):
-        student = _student_arch(body.student, source, source_input)
-        fields["student"] = StudentSpec(arch=student.arch, kwargs=student.kwargs)
-    return stored_form(SPEC_CLASSES[body.kind](**fields))
+    source_arch = ArchSpec(arch=source.arch["arch"], kwargs=source.arch["kwargs"], input=source_input)
+    if not isinstance(body, JobCreate):
+        spec = SPEC_CLASSES[body.kind](**fields)
+        return spec, _compression_uses(spec, source_arch)
+    student = _student_arch(body.student, source_arch, source.id)
+    fields["student"] = StudentSpec(arch=student.arch, kwargs=student.kwargs)
+    spec = SPEC_CLASSES[body.kind](**fields)
+    batch = spec.distill.training.batch_size  # type: ignore[attr-defined]
+    return spec, [budget.ModelUse("teacher", source_arch, batch, trains=False),
+                  budget.ModelUse("student", student, batch, trains=True)]
+
+
+def _compression_uses(spec: JobSpecBase, model: ArchSpec) -> list[budget.ModelUse]:
+    """A pruned or quantized model is never bigger than its input: the input's estimate stands for it."""
+    fine_tuning = spec.prune.recovery if isinstance(spec, PruneJobSpec) else spec.quantize.qat  # type: ignore[attr-defined]
+    if fine_tuning is None:
+        # Ranking channels and calibrating run the model forward on a few samples: its parameters are what count.
+        return [budget.ModelUse("model", model, 1, trains=False)]
+    # The fine-tuned copy learns from the original, which runs alongside it as its teacher.
+    batch = fine_tuning.training.batch_size
+    return [budget.ModelUse("model", model, batch, trains=False),
+            budget.ModelUse(f"{spec.kind}d model", model, batch, trains=True)]
 
 
 def _input_model(session: Session, tenant: str, model_id: str, field: str) -> Model:
@@ -156,10 +185,9 @@ def _expect_kind(value: str, field: str, kind: str, expected: str) -> None:
     raise Invalid(f"{field} must be {expected}; '{value}' is {got}")
 
 
-def _student_arch(student: StudentSpec, teacher: Model, teacher_input: InputSpec) -> ArchSpec:
-    teacher_arch = ArchSpec(arch=teacher.arch["arch"], kwargs=teacher.arch["kwargs"], input=teacher_input)
+def _student_arch(student: StudentSpec, teacher_arch: ArchSpec, teacher_id: str) -> ArchSpec:
     try:
-        return student_arch(student, teacher_arch, f"the teacher {teacher.id}")
+        return student_arch(student, teacher_arch, f"the teacher {teacher_id}")
     except SpecError as exc:
         raise Invalid(str(exc)) from exc
     except ValidationError as exc:

@@ -11,7 +11,9 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from app import quotas
-from app.idempotency import Outcome, create_once, idempotent_request
+from app.deps import release_connection
+from app.idempotency import Outcome, create_once, idempotent_request, replay
+from app.models import budget
 from app.models.repository import models
 from app.models.validator import WeightsReport, check_weights
 from app.pagination import PageRequest
@@ -35,22 +37,29 @@ _UNCOUNTED_PARAMS = 0
 def register_model(session: Session, tenant: str, upload: Upload, idempotency_key: str | None,
                    store: BlobStore, settings: Settings) -> Outcome[Model]:
     request = idempotent_request(tenant, ROUTE, idempotency_key, upload.fingerprint())
-    return create_once(session, models, tenant, request, lambda: _prepare(session, tenant, upload, store, settings))
-
-
-def _prepare(session: Session, tenant: str, upload: Upload, store: BlobStore,
-             settings: Settings) -> Callable[[str], Model]:
-    """Check the upload and store its weights; returns how to build the row from its id."""
+    earlier = replay(session, models, tenant, request)
+    if earlier is not None:
+        return earlier
     quotas.check_storage(session, tenant, settings, upload.bytes)
+    # The checks below wait for a validator slot and run a child for seconds or minutes: holding a pooled
+    # connection meanwhile let a burst of uploads starve every other request of the database.
+    release_connection(session)
+    build = _prepare(tenant, upload, store, settings)
+    return create_once(session, models, tenant, request, lambda: build)
+
+
+def _prepare(tenant: str, upload: Upload, store: BlobStore, settings: Settings) -> Callable[[str], Model]:
+    """Check the upload and store its weights, without the database; returns how to build the row from its id."""
     spec = parse_arch_spec(upload.fields.get("spec"))
     name = upload.display_name(fallback="model")
     weights_format = upload.fields.get("format") or detect_format(upload.path)
     if weights_format not in _FORMATS:
         raise Invalid(f"format must be one of {', '.join(_FORMATS)}, got '{weights_format}'")
     report = _check_weights(upload.path, weights_format, spec, settings)
+    _check_budget(spec, report, settings)
 
     # Publish before the claim: hashing and fsyncing a large file must not hold SQLite's write lock.
-    blob = store.put_file(upload.path)
+    blob = store.put_file(upload.path, upload.sha256)
     return lambda model_id: Model(
         id=model_id, tenant=tenant, name=name, format=weights_format, sha256=blob.sha256, bytes=blob.bytes,
         arch={"arch": spec.arch, "kwargs": spec.kwargs}, input_spec=spec.input.model_dump(mode="json"),
@@ -88,6 +97,14 @@ def _check_weights(path: Path, weights_format: str, spec: ArchSpec, settings: Se
     if _torch_archive_format(path) != weights_format:
         raise Invalid(f"the file is not a {weights_format} archive")
     return WeightsReport(param_count=_UNCOUNTED_PARAMS, num_classes=spec.num_classes)
+
+
+def _check_budget(spec: ArchSpec, report: WeightsReport, settings: Settings) -> None:
+    """A model too large to train even one sample at a time is refused now, not by every job that names it."""
+    if report.activations_per_sample is not None:
+        # What the weights check measured is what a job's check would estimate: it need not run a child again.
+        budget.remember(spec, budget.ModelCost(report.param_count, report.activations_per_sample))
+    budget.check_models([budget.ModelUse("model", spec, batch_size=1, trains=True)], settings)
 
 
 def detect_format(path: Path) -> str:

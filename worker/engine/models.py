@@ -9,6 +9,7 @@ then only their tensors are kept, loaded into the spec's architecture.
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,26 @@ def load_model(path: Path, fmt: WeightsFormat, arch: ArchSpec, allow_code: bool 
     return model
 
 
+def check_weights_fit(path: Path, fmt: WeightsFormat, model: nn.Module, arch: ArchSpec) -> None:
+    """Refuse weights whose names or shapes do not fit `model` (which may live on the meta device), reading only
+    what says so: a safetensors header, or a state_dict's tensors mapped from the file rather than read."""
+    if fmt == "safetensors":
+        shapes = _safetensors_shapes(path)
+    else:
+        shapes = _read_state_dict(path, mmap=zipfile.is_zipfile(path))
+    _check_state_matches(model.state_dict(), shapes, arch)
+
+
+def _safetensors_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """Each tensor's name and shape (as storage-less meta tensors), from the header; opening checks that the
+    header's offsets tile the data region exactly, so a truncated or padded file is refused as load_file would."""
+    try:
+        with safetensors.safe_open(path, framework="pt") as weights:
+            return {key: torch.empty(weights.get_slice(key).get_shape(), device="meta") for key in weights.keys()}  # noqa: SIM118 -- safe_open is no dict
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path.name} is not a valid safetensors file: {exc}") from exc
+
+
 def _read_weights(path: Path, fmt: WeightsFormat, allow_code: bool) -> dict[str, torch.Tensor]:
     if fmt in CODE_FORMATS:
         if not allow_code:
@@ -129,9 +150,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ModelLoadError(f"{path.name} is not a valid safetensors file: {exc}") from exc
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
     try:
-        loaded = torch.load(path, weights_only=True, map_location="cpu")
+        loaded = torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, TypeError) as exc:
         # weights_only refuses anything but tensors and plain containers; its message is pages long.
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

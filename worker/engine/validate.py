@@ -2,8 +2,12 @@
 
     python -m worker.engine.validate --format safetensors --arch-json '{"arch": ...}' PATH
 
-prints one JSON line, {"ok": true, "param_count": N, "num_classes": K} or
+prints one JSON line, {"ok": true, "param_count": N, "num_classes": K, "activations_per_sample": M} or
 {"ok": false, "error": "<message for the user>"}, and exits 0 either way.
+
+The model is built on the meta device (shapes, no storage, no initialisation) and the file is read only as far
+as names and shapes go: what the worker will load must fit the architecture, and the architecture must run at
+the declared input size, which shapes alone prove. Checking a 233 MB resnet152 this way reads its header.
 """
 
 from __future__ import annotations
@@ -14,13 +18,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import ValidationError
-from torch import nn
 
+from worker.engine.budget import build_on_meta, measure
 from worker.engine.config import TENSOR_FORMATS, ArchSpec
-from worker.engine.errors import EngineError, SpecError
-from worker.engine.models import describe_validation_error, load_model, logits_of, param_count
+from worker.engine.errors import EngineError
+from worker.engine.models import check_weights_fit, describe_validation_error
 
 
 def validate(path: Path, fmt: str, arch_json: str) -> dict[str, Any]:
@@ -29,28 +32,13 @@ def validate(path: Path, fmt: str, arch_json: str) -> dict[str, Any]:
     except ValidationError as exc:
         return {"ok": False, "error": f"invalid architecture spec: {describe_validation_error(exc)}"}
     try:
-        model = load_model(path, fmt, arch)
-        _check_forward(model, arch)
+        model = build_on_meta(arch)
+        check_weights_fit(path, fmt, model, arch)
+        cost = measure(model, arch)
     except EngineError as exc:
         return {"ok": False, "error": str(exc)}
-    return {"ok": True, "param_count": param_count(model), "num_classes": arch.num_classes}
-
-
-def _check_forward(model: nn.Module, arch: ArchSpec) -> None:
-    """Prove the weights run at the declared input size and give one score per class."""
-    shape = (1, arch.input.channels, arch.input.image_size, arch.input.image_size)
-    size = "x".join(str(dim) for dim in shape[1:])
-    try:
-        with torch.inference_mode():
-            output = logits_of(model.eval()(torch.zeros(shape)))
-    # Shape errors surface as RuntimeError; torchvision's own input checks (torch._assert) as AssertionError.
-    except (RuntimeError, AssertionError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0][:300]
-        raise SpecError(f"{arch.arch} does not run on {size} inputs: {first_line}") from exc
-    if tuple(output.shape) != (1, arch.num_classes):
-        raise SpecError(
-            f"{arch.arch} outputs shape {list(output.shape)} on a {size} input; expected [1, {arch.num_classes}]"
-        )
+    return {"ok": True, "param_count": cost.parameters, "num_classes": arch.num_classes,
+            "activations_per_sample": cost.activations_per_sample}
 
 
 def main(argv: list[str] | None = None) -> int:
