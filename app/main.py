@@ -19,6 +19,7 @@ from app.artifacts.router import router as artifacts_router
 from app.auth.router import router as auth_router
 from app.dashboard.router import add_dashboard
 from app.datasets.router import router as datasets_router
+from app.docs.router import add_docs
 from app.health import STORAGE_FULL_ERRNOS
 from app.jobs.router import router as jobs_router
 from app.models.router import router as models_router
@@ -70,7 +71,9 @@ TAGS = [
 
 def create_app() -> FastAPI:
     app = FastAPI(title="condenser", version="0.1.0", summary="Model compression as a service.",
-                  description=DESCRIPTION, openapi_tags=TAGS)
+                  description=DESCRIPTION, openapi_tags=TAGS,
+                  # FastAPI's pages load their scripts from a CDN; add_docs serves ours at the same paths.
+                  docs_url=None, redoc_url=None)
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(OperationalError, _database_error)
     app.add_exception_handler(PoolTimeout, _database_error)
@@ -84,6 +87,7 @@ def create_app() -> FastAPI:
     for router in (models_router, datasets_router, jobs_router, artifacts_router, auth_router, webhooks_router):
         app.include_router(router, prefix=API_PREFIX)
     add_dashboard(app)
+    add_docs(app)
     _narrow_openapi_to_settings(app)
     return app
 
