@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Response, Security
+from fastapi import Depends, Header, Request, Response, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -37,9 +37,12 @@ _bearer = HTTPBearer(
 
 
 def require_principal(
-    session: DbSession, credentials: HTTPAuthorizationCredentials | None = Security(_bearer)
+    request: Request, session: DbSession, credentials: HTTPAuthorizationCredentials | None = Security(_bearer)
 ) -> Principal:
-    return authenticate(session, credentials.credentials if credentials else None)
+    principal = authenticate(session, credentials.credentials if credentials else None)
+    # For code below the route that counts per tenant (upload slots) without its own dependency.
+    request.state.principal = principal
+    return principal
 
 
 CurrentPrincipal = Annotated[Principal, Depends(require_principal)]

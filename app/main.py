@@ -14,11 +14,14 @@ from app.auth.router import router as auth_router
 from app.dashboard.router import add_dashboard
 from app.datasets.router import router as datasets_router
 from app.jobs.router import router as jobs_router
+from app.jobs.stream import EventHub
 from app.models.router import router as models_router
 from app.pathguard import RefuseHostilePaths
 from app.schemas import ErrorOut, field_problems, summarize
+from app.uploads import new_upload_slots
 from app.webhooks.router import router as webhooks_router
 from core.errors import DomainError
+from core.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,9 @@ def create_app() -> FastAPI:
     for router in (models_router, datasets_router, jobs_router, artifacts_router, auth_router, webhooks_router):
         app.include_router(router, prefix=API_PREFIX)
     add_dashboard(app)
+    # Per process: the slots count what this process serves, and one poller feeds all its event streams.
+    app.state.upload_slots = new_upload_slots(get_settings())
+    app.state.event_hub = EventHub(get_settings())
     return app
 
 

@@ -53,6 +53,25 @@ class Settings(BaseSettings):
     # Live job events (SSE): how often a stream looks for new events, and how often it proves it is alive.
     events_poll_seconds: float = Field(default=0.5, gt=0)
     events_keepalive_seconds: float = Field(default=15.0, gt=0)
+    # Open event streams per API process, per tenant and in all; past them a new stream is a 429. An idle
+    # stream costs a socket and a little memory, no thread and no database session.
+    max_event_streams: int = Field(default=2000, gt=0)
+    max_event_streams_per_tenant: int = Field(default=200, gt=0)
+    # Uploads being received per API process, per tenant and in all (each holds a temp file of up to
+    # max_upload_bytes and, once received, a validation); past them a new upload is a 429.
+    max_uploads_in_flight: int = Field(default=16, gt=0)
+    max_uploads_in_flight_per_tenant: int = Field(default=4, gt=0)
+
+    # HTTP server limits (`condenser serve`): connections served at once (beyond: 503), seconds an idle
+    # keep-alive connection is kept, and the largest request head accepted. Room for every stream and upload.
+    http_max_connections: int = Field(default=2500, gt=0)
+    http_keepalive_seconds: int = Field(default=5, gt=0)
+    http_max_header_bytes: int = Field(default=64 * 1024, gt=0)
+    # The database pool per process: size it to the threads that hold sessions (the API's thread pool runs
+    # at most 40 requests at once). A request that waits longer than the timeout for a connection is a 503.
+    db_pool_size: int = Field(default=20, gt=0)
+    db_max_overflow: int = Field(default=20, ge=0)
+    db_pool_timeout_seconds: float = Field(default=10.0, gt=0)
 
     # Operations. An empty metrics token leaves /metrics open (bind it privately); set, it is a bearer token.
     metrics_token: str = ""

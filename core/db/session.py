@@ -14,15 +14,20 @@ from core.settings import get_settings
 
 
 def make_engine(url: str) -> Engine:
+    settings = get_settings()
+    pool = {"pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow,
+            "pool_timeout": settings.db_pool_timeout_seconds}
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        in_memory = not path or path == ":memory:"  # one shared connection (SingletonThreadPool): no queue to size
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
+                               **({} if in_memory else pool))
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # pre_ping so that a restarted PostgreSQL costs one retry, not a failed job.
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    return create_engine(url, pool_pre_ping=True, **pool)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,62 @@
+"""Counted slots for long requests (uploads, event streams), per tenant and in all, per API process.
+
+A request takes a slot before it costs anything and gives it back on every way out; past either bound it is
+a 429 with Retry-After, so that one tenant cannot hold every slot and nobody can hold them all. Counters live
+in the process (not the database): they count what this process is doing now, and vanish with it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from core.errors import TooManyRequests
+
+
+class Busy(TooManyRequests):
+    """A 429 that says when to try again."""
+
+    def __init__(self, message: str, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_seconds)}
+
+
+class Slots:
+    def __init__(self, what: str, total: int, per_tenant: int, retry_after_seconds: int) -> None:
+        self.what = what  # how the refusal names them: "uploads in progress"
+        self.total = total
+        self.per_tenant = per_tenant
+        self.retry_after_seconds = retry_after_seconds
+        self.held: Counter[str] = Counter()
+        # Sync routes take slots on the thread pool, async ones on the event loop.
+        self.lock = threading.Lock()
+
+    def acquire(self, tenant: str) -> None:
+        with self.lock:
+            self._take(tenant)
+
+    def release(self, tenant: str) -> None:
+        with self.lock:
+            self.held[tenant] -= 1
+            if self.held[tenant] <= 0:
+                del self.held[tenant]
+
+    def _take(self, tenant: str) -> None:
+        if self.held[tenant] >= self.per_tenant:
+            raise Busy(f"this tenant already has {self.held[tenant]} {self.what}, the most this server allows per "
+                       f"tenant; wait for one to finish (retry after {self.retry_after_seconds} s)",
+                       self.retry_after_seconds)
+        if self.held.total() >= self.total:
+            raise Busy(f"the server already has {self.total} {self.what}, the most it allows; retry after "
+                       f"{self.retry_after_seconds} s", self.retry_after_seconds)
+        self.held[tenant] += 1
+
+    @contextmanager
+    def hold(self, tenant: str) -> Iterator[None]:
+        self.acquire(tenant)
+        try:
+            yield
+        finally:
+            self.release(tenant)
