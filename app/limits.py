@@ -7,12 +7,15 @@ in the process (not the database): they count what this process is doing now, an
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import weakref
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
-from core.errors import TooManyRequests
+from core.errors import TooManyRequests, Unavailable
+from core.settings import Settings
 
 
 class Busy(TooManyRequests):
@@ -60,3 +63,44 @@ class Slots:
             yield
         finally:
             self.release(tenant)
+
+
+class SessionGate:
+    """At most `places` requests hold a database session at once; the others wait on the event loop, up to the
+    pool timeout, then get a 503 with Retry-After."""
+
+    def __init__(self, places: int, timeout_seconds: float, retry_after_seconds: int) -> None:
+        self.places = places
+        self.timeout_seconds = timeout_seconds
+        self.retry_after_seconds = retry_after_seconds
+        # asyncio primitives belong to one loop; a process serves on one, tests start several.
+        self.semaphores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+            weakref.WeakKeyDictionary())
+
+    @asynccontextmanager
+    async def place(self) -> AsyncIterator[None]:
+        semaphore = self.semaphores.setdefault(asyncio.get_running_loop(), asyncio.Semaphore(self.places))
+        try:
+            async with asyncio.timeout(self.timeout_seconds):
+                await semaphore.acquire()
+        except TimeoutError:
+            raise BusyDatabase(self.retry_after_seconds) from None
+        try:
+            yield
+        finally:
+            semaphore.release()
+
+
+class BusyDatabase(Unavailable):
+    def __init__(self, retry_after_seconds: int) -> None:
+        super().__init__("the server is busy (every database connection is in use); retry shortly")
+        self.headers = {"Retry-After": str(retry_after_seconds)}
+
+
+# Connections kept out of the gate's count: the event poller, health checks, webhook delivery.
+CONNECTIONS_OUTSIDE_REQUESTS = 4
+
+
+def new_session_gate(settings: Settings, retry_after_seconds: int) -> SessionGate:
+    places = max(1, settings.db_pool_size + settings.db_max_overflow - CONNECTIONS_OUTSIDE_REQUESTS)
+    return SessionGate(places, settings.db_pool_timeout_seconds, retry_after_seconds)

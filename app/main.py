@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app import health, metrics
 from app.artifacts.router import router as artifacts_router
@@ -15,6 +16,7 @@ from app.dashboard.router import add_dashboard
 from app.datasets.router import router as datasets_router
 from app.jobs.router import router as jobs_router
 from app.jobs.stream import EventHub
+from app.limits import new_session_gate
 from app.models.router import router as models_router
 from app.pathguard import RefuseHostilePaths
 from app.schemas import ErrorOut, field_problems, summarize
@@ -26,6 +28,7 @@ from core.settings import get_settings
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/v1"
+POOL_RETRY_AFTER_SECONDS = 5
 
 DESCRIPTION = """
 Turn a trained PyTorch classifier into a smaller, faster one: knowledge distillation into a smaller student
@@ -62,6 +65,7 @@ def create_app() -> FastAPI:
                   description=DESCRIPTION, openapi_tags=TAGS)
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(PoolTimeout, _pool_exhausted)
     app.add_exception_handler(Exception, _unexpected_error)
     app.add_middleware(RefuseHostilePaths)
     app.include_router(health.router)
@@ -72,6 +76,7 @@ def create_app() -> FastAPI:
     # Per process: the slots count what this process serves, and one poller feeds all its event streams.
     app.state.upload_slots = new_upload_slots(get_settings())
     app.state.event_hub = EventHub(get_settings())
+    app.state.session_gate = new_session_gate(get_settings(), POOL_RETRY_AFTER_SECONDS)
     return app
 
 
@@ -86,6 +91,13 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     problems = field_problems(exc.errors())
     body = ErrorOut(detail=f"invalid request: {summarize(problems)}", errors=problems)
     return JSONResponse(body.model_dump(), status_code=422)
+
+
+async def _pool_exhausted(request: Request, exc: Exception) -> JSONResponse:
+    # Every database connection of this process is busy: the server is overloaded, not broken.
+    log.warning("no database connection free within the pool timeout on %s %s", request.method, request.url.path)
+    return JSONResponse({"detail": "the server is busy (no database connection free); retry shortly"},
+                        status_code=503, headers={"Retry-After": str(POOL_RETRY_AFTER_SECONDS)})
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
