@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     # Model validation runs in a short-lived child process so that the API never imports torch.
     model_validation_timeout_seconds: float = Field(default=120.0, gt=0)
 
-    # Live job events (SSE): how often a stream looks for new events, and how often it proves it is alive.
+    # Live job events (SSE): how often the process's one poller looks for new events of every followed job, and
+    # how often an idle stream proves it is alive.
     events_poll_seconds: float = Field(default=0.5, gt=0)
     events_keepalive_seconds: float = Field(default=15.0, gt=0)
     # Open event streams per API process, per tenant and in all; past them a new stream is a 429. An idle
