@@ -103,13 +103,18 @@ def serve(
     from core.logs import configure_logging
     from core.settings import get_settings
 
-    configure_logging(get_settings())
-    wait_for_database(get_settings().database_url)
-    upgrade_to_head(get_settings().database_url)
+    settings = get_settings()
+    configure_logging(settings)
+    wait_for_database(settings.database_url)
+    upgrade_to_head(settings.database_url)
     worker_process = _start_worker(concurrency) if concurrency > 0 else None
     try:
-        # No log_config: uvicorn's records go through the root handler, in CONDENSER_LOG_FORMAT.
-        uvicorn.run("app.main:app", host=host, port=port, log_level="warning", log_config=None)
+        # No log_config: uvicorn's records go through the root handler, in CONDENSER_LOG_FORMAT. Past
+        # limit_concurrency connections uvicorn answers 503; the backlog queues connections not yet accepted.
+        uvicorn.run("app.main:app", host=host, port=port, log_level="warning", log_config=None,
+                    limit_concurrency=settings.http_max_connections, backlog=settings.http_max_connections,
+                    timeout_keep_alive=settings.http_keepalive_seconds,
+                    h11_max_incomplete_event_size=settings.http_max_header_bytes)
     finally:
         if worker_process is not None:
             _stop_worker(worker_process)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Response, Security
+import anyio
+from fastapi import Depends, Header, Request, Response, Security
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -16,10 +18,24 @@ from core.settings import Settings, get_settings
 from core.storage import BlobStore, get_store
 
 
-def get_session() -> Iterator[Session]:
-    """The request's unit of work: committed after the handler returns, rolled back if it raises."""
-    with session_scope() as session:
-        yield session
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """The request's unit of work: committed after the handler returns, rolled back if it raises.
+
+    A request takes one of the gate's places first, waiting on the event loop rather than on a thread: a
+    session keeps its connection between the handler's hops onto the thread pool, so without the gate more
+    requests than connections would each hold one and leave the pool's remaining waiters, on every thread,
+    blocked until the pool timeout (a deadlock under load, then 500s)."""
+    async with request.app.state.session_gate.place():
+        scope = session_scope()
+        session = scope.__enter__()
+        try:
+            yield session
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):  # a disconnect must not skip the rollback and the close
+                await run_in_threadpool(scope.__exit__, type(exc), exc, exc.__traceback__)
+            raise
+        with anyio.CancelScope(shield=True):
+            await run_in_threadpool(scope.__exit__, None, None, None)
 
 
 # scope="function": commit before the response is sent, so a failed commit is an error response
@@ -37,9 +53,12 @@ _bearer = HTTPBearer(
 
 
 def require_principal(
-    session: DbSession, credentials: HTTPAuthorizationCredentials | None = Security(_bearer)
+    request: Request, session: DbSession, credentials: HTTPAuthorizationCredentials | None = Security(_bearer)
 ) -> Principal:
-    return authenticate(session, credentials.credentials if credentials else None)
+    principal = authenticate(session, credentials.credentials if credentials else None)
+    # For code below the route that counts per tenant (upload slots) without its own dependency.
+    request.state.principal = principal
+    return principal
 
 
 CurrentPrincipal = Annotated[Principal, Depends(require_principal)]

@@ -22,10 +22,13 @@ from app.datasets.router import router as datasets_router
 from app.docs.router import add_docs
 from app.health import STORAGE_FULL_ERRNOS
 from app.jobs.router import router as jobs_router
+from app.jobs.stream import EventHub
+from app.limits import new_session_gate
 from app.models.router import router as models_router
 from app.models.schemas import list_accepted_formats
 from app.pathguard import RefuseHostilePaths
 from app.schemas import ErrorOut, field_problems, summarize
+from app.uploads import new_upload_slots
 from app.webhooks.router import router as webhooks_router
 from core.errors import DomainError, InsufficientStorage, Unavailable, public_text
 from core.settings import get_settings
@@ -89,6 +92,10 @@ def create_app() -> FastAPI:
     add_dashboard(app)
     add_docs(app)
     _narrow_openapi_to_settings(app)
+    # Per process: the slots count what this process serves, and one poller feeds all its event streams.
+    app.state.upload_slots = new_upload_slots(get_settings())
+    app.state.event_hub = EventHub(get_settings())
+    app.state.session_gate = new_session_gate(get_settings(), DATABASE_RETRY_AFTER_SECONDS)
     return app
 
 
@@ -107,11 +114,17 @@ async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
     # Messages may quote a library's text: no heap address, temp file or host path reaches the client.
     return JSONResponse(ErrorOut(detail=public_text(exc.message)).model_dump(exclude_none=True),
-                        status_code=exc.status_code, headers=getattr(exc, "headers", None))
+                        status_code=exc.status_code, headers=exc.headers)
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     """An unreachable database (refused, dropped, pool exhausted) is a 503 to retry; a full one is a 507."""
+    if isinstance(exc, PoolTimeout):
+        # Every database connection of this process is busy: the server is overloaded, not broken.
+        log.warning("no database connection free within the pool timeout on %s %s", request.method, request.url.path)
+        return await _domain_error(request, Unavailable(
+            "the server is busy (no database connection free); retry after the Retry-After delay",
+            DATABASE_RETRY_AFTER_SECONDS))
     log.error("database error on %s %s", request.method, request.url.path, exc_info=exc)
     original = getattr(exc, "orig", None)
     if SQLITE_FULL in str(original) or getattr(original, "sqlstate", None) == POSTGRES_DISK_FULL:

@@ -22,8 +22,10 @@ from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from app.filenames import MAX_NAME, safe_filename, stem
+from app.limits import Slots
 from app.metrics import UPLOADED_BYTES
 from core.errors import DomainError, Invalid, TooLarge
+from core.settings import Settings
 from core.storage import BlobStore
 
 FILE_FIELD = "file"
@@ -34,6 +36,8 @@ MAX_PART_HEADER_BYTES = 4096
 # Room in the body for part headers, boundaries and text fields besides the file itself. The number of
 # parts is bounded too: each must carry a known name, at most once.
 MULTIPART_OVERHEAD_BYTES = 1 << 20
+# An upload takes seconds to minutes: a client refused for want of a slot retries after this long.
+UPLOAD_RETRY_AFTER_SECONDS = 10
 
 
 class UnsupportedMediaType(DomainError):
@@ -68,7 +72,8 @@ async def receive_upload(request: Request, store: BlobStore, limit: int,
     """Parse the request body; yields the Upload and removes its temp file on exit."""
     boundary = _boundary(request)
     _refuse_declared_oversize(request, limit)
-    with store.temp_path(".upload") as path:
+    # The slot covers what follows the receipt inside the caller's block too (validation, ingestion).
+    with upload_slots(request).hold(request.state.principal.tenant), store.temp_path(".upload") as path:
         reader = _FormReader(boundary, path, limit, frozenset(text_fields))
         try:
             async for chunk in request.stream():
@@ -80,6 +85,15 @@ async def receive_upload(request: Request, store: BlobStore, limit: int,
             reader.close()
         yield upload
         UPLOADED_BYTES.inc(upload.bytes)  # reached only when the route accepted the upload
+
+
+def upload_slots(request: Request) -> Slots:
+    return request.app.state.upload_slots
+
+
+def new_upload_slots(settings: Settings) -> Slots:
+    return Slots("uploads in progress", settings.max_uploads_in_flight, settings.max_uploads_in_flight_per_tenant,
+                 retry_after_seconds=UPLOAD_RETRY_AFTER_SECONDS)
 
 
 def _boundary(request: Request) -> bytes:

@@ -21,9 +21,11 @@ def public_text(text: str, limit: int = PUBLIC_TEXT_LIMIT) -> str:
 class DomainError(Exception):
     status_code = 400
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, retry_after_seconds: int | None = None) -> None:
         super().__init__(message)
         self.message = message
+        # Refusals of an overloaded or unavailable server say when to come back (429, 503).
+        self.headers = None if retry_after_seconds is None else {"Retry-After": str(retry_after_seconds)}
 
 
 class NotFound(DomainError):
@@ -52,10 +54,6 @@ class TooManyRequests(DomainError):
 
 class Unavailable(DomainError):
     status_code = 503
-
-    def __init__(self, message: str, retry_after_seconds: int) -> None:
-        super().__init__(message)
-        self.headers = {"Retry-After": str(retry_after_seconds)}
 
 
 class InsufficientStorage(DomainError):

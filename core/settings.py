@@ -22,10 +22,12 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".condenser")
     database_url: str = ""
     broker_url: str = ""
-    # Pooled database connections per process (SQLAlchemy's QueuePool), and how long a request waits for one.
-    database_pool_size: int = Field(default=5, gt=0)
-    database_max_overflow: int = Field(default=10, ge=0)
-    database_pool_timeout_seconds: float = Field(default=30.0, gt=0)
+    # The database pool per process (SQLAlchemy's QueuePool): size it to the threads that hold sessions (the
+    # API's thread pool runs at most 40 requests at once). A request that waits longer than the timeout for a
+    # connection is a 503.
+    database_pool_size: int = Field(default=20, gt=0)
+    database_max_overflow: int = Field(default=20, ge=0)
+    database_pool_timeout_seconds: float = Field(default=10.0, gt=0)
 
     max_upload_bytes: int = Field(default=1 << 30, gt=0)
     # Archives are unpacked with these bounds so that a bomb is refused before it fills memory or disk.
@@ -68,9 +70,24 @@ class Settings(BaseSettings):
     max_model_parameters: int = Field(default=2_000_000_000, gt=0)
     max_training_memory_bytes: int = Field(default=256 << 30, gt=0)
 
-    # Live job events (SSE): how often a stream looks for new events, and how often it proves it is alive.
+    # Live job events (SSE): how often the process's one poller looks for new events of every followed job, and
+    # how often an idle stream proves it is alive.
     events_poll_seconds: float = Field(default=0.5, gt=0)
     events_keepalive_seconds: float = Field(default=15.0, gt=0)
+    # Open event streams per API process, per tenant and in all; past them a new stream is a 429. An idle
+    # stream costs a socket and a little memory, no thread and no database session.
+    max_event_streams: int = Field(default=2000, gt=0)
+    max_event_streams_per_tenant: int = Field(default=200, gt=0)
+    # Uploads being received per API process, per tenant and in all (each holds a temp file of up to
+    # max_upload_bytes and, once received, a validation); past them a new upload is a 429.
+    max_uploads_in_flight: int = Field(default=16, gt=0)
+    max_uploads_in_flight_per_tenant: int = Field(default=4, gt=0)
+
+    # HTTP server limits (`condenser serve`): connections served at once (beyond: 503), seconds an idle
+    # keep-alive connection is kept, and the largest request head accepted. Room for every stream and upload.
+    http_max_connections: int = Field(default=2500, gt=0)
+    http_keepalive_seconds: int = Field(default=5, gt=0)
+    http_max_header_bytes: int = Field(default=64 * 1024, gt=0)
 
     # /readyz says 503 when the data directory has less free space than this (uploads would fail with 507).
     readiness_min_free_bytes: int = Field(default=256 << 20, ge=0)

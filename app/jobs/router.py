@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
-from fastapi.responses import StreamingResponse
 from pydantic import WithJsonSchema
 
 from app.artifacts.service import artifacts_of_job
@@ -132,10 +131,7 @@ def job_events(
     # Checked here, before any byte is streamed, so another tenant's job is a plain 404.
     events = service.events_after(session, principal.tenant, job_id, after_id, limit)
     if stream.wants_stream(request.headers.get("accept")):
-        return StreamingResponse(stream.event_stream(principal, job_id, after_id, settings),
-                                 media_type=stream.MEDIA_TYPE,
-                                 # no-transform and X-Accel-Buffering: proxies must pass events on at once.
-                                 headers={"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"})
+        return stream.EventStreamResponse(request.app.state.event_hub, principal, job_id, after_id, settings)
     return [JobEventOut.model_validate(event) for event in events]
 
 

@@ -1,50 +1,51 @@
-"""A job's events as Server-Sent Events, read from the database.
+"""A job's events as Server-Sent Events, fed by one poller per API process.
 
-Each poll opens a short session, reads the job's state and the events after the last one sent, and closes
-it before sleeping, so a thousand open streams hold no database connections. Stored events carry `id:`
-lines (their row ids) so that a reconnecting EventSource resumes with Last-Event-ID; the live progress
-snapshot that the worker's heartbeat writes on the job row is sent, without an id, whenever it changes.
-The stream ends after the event that recorded the job's final state.
+Streams do not poll: they subscribe to an `EventHub`, whose single task reads, once per tick and in one short
+session on the thread pool, the state, progress and newest event id of every job someone follows, then the
+new events of those jobs that have any, and which followers' keys were revoked; it hands each stream what it
+has not sent yet and wakes it. An idle stream is an asyncio wait: no thread, no session, no query of its own.
+The task runs while there are subscribers and stops with the last one.
+
+Stored events carry `id:` lines (their row ids) so that a reconnecting EventSource resumes with Last-Event-ID;
+the live progress snapshot that the worker's heartbeat writes on the job row is sent, without an id, whenever
+it changes. The stream ends after the event that recorded the job's final state.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
+from starlette.types import Receive, Scope, Send
 
-from app.auth.service import Principal, revoked
-from app.jobs import repository, service
+from app.auth.service import Principal
 from app.jobs.schemas import JobEventOut
+from app.limits import Slots
+from core.db.models import ApiKey, Job, JobEvent
 from core.db.session import session_scope
-from core.errors import NotFound
 from core.lifecycle import FINISHED
 from core.settings import Settings
 from core.views import JobProgress
 
+log = logging.getLogger(__name__)
+
 MEDIA_TYPE = "text/event-stream"
-BATCH = 200
+# Events read per tick, over all jobs; a longer backlog is read on the next tick, at once.
+BATCH = 500
+# Jobs named in one events query: each adds a term, and SQLite bounds an expression's depth.
+JOBS_PER_EVENTS_QUERY = 200
 # EventSource reconnects after this many milliseconds when the connection drops.
 RETRY_MILLISECONDS = 2000
-
-
-@dataclass(frozen=True)
-class Poll:
-    key_revoked: bool
-    status: str
-    snapshot: dict[str, Any]
-    events: list[JobEventOut]
-
-    @property
-    def caught_up_on_final_state(self) -> bool:
-        # The status is read before the events and the final state commits with its event, so a finished
-        # status means that event is in this batch or an earlier one, unless the batch was cut short.
-        return self.status in FINISHED and len(self.events) < BATCH
+STREAM_RETRY_AFTER_SECONDS = 30
 
 
 def wants_stream(accept: str | None) -> bool:
@@ -57,43 +58,202 @@ def format_event(event: str, data: Any, event_id: int | None = None) -> str:
     return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def poll(principal: Principal, job_id: str, after_id: int) -> Poll:
+@dataclass(eq=False)
+class Subscription:
+    """One open stream: where it is in its job's history, and what the hub has left for it to send."""
+
+    principal: Principal
+    job_id: str
+    cursor: int  # the id of the last stored event handed to it
+    chunks: list[str] = field(default_factory=list)
+    last_snapshot: dict[str, Any] | None = None
+    finished: bool = False  # its last chunk is queued: send what is left and close
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def push(self, chunks: Iterable[str], finished: bool = False) -> None:
+        self.chunks.extend(chunks)
+        self.finished = self.finished or finished
+        if self.chunks or self.finished:
+            self.wake.set()
+
+    def take(self) -> str:
+        self.wake.clear()
+        text, self.chunks = "".join(self.chunks), []
+        return text
+
+
+@dataclass(frozen=True)
+class JobState:
+    status: str
+    snapshot: dict[str, Any]
+    last_event_id: int  # 0: none
+
+
+@dataclass(frozen=True)
+class Tick:
+    """What one read found: each followed job's state (absent: deleted), the new events of those that have
+    any (oldest first, as (id, SSE text)), and which of the followers' keys still work."""
+
+    jobs: dict[str, JobState]
+    events: dict[str, list[tuple[int, str]]]
+    live_keys: set[str]
+    truncated: bool
+
+
+def read_tick(cursors: dict[str, int], key_prefixes: set[str]) -> Tick:
+    """cursors: job id -> the lowest event id any of its followers has been handed."""
     with session_scope() as session:
-        job = service.get_job(session, principal.tenant, job_id)
-        snapshot = {"status": job.status, "progress": JobProgress.model_validate(job.progress or {}).model_dump()}
-        rows = repository.events_after(session, job.id, after_id, BATCH)
+        jobs = _job_states(session, list(cursors))
+        behind = {job_id: cursor for job_id, cursor in cursors.items()
+                  if job_id in jobs and jobs[job_id].last_event_id > cursor}
+        rows = _events_after(session, behind)
         # The key was checked when the stream opened; a stream can outlive that by hours.
-        events = [JobEventOut.model_validate(row) for row in rows]
-        return Poll(revoked(session, principal), job.status, snapshot, events)
+        live = set(session.scalars(select(ApiKey.prefix).where(ApiKey.prefix.in_(key_prefixes),
+                                                               ApiKey.revoked_at.is_(None))))
+    events: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for row in rows:
+        event = JobEventOut.model_validate(row)
+        events[row.job_id].append((event.id, format_event(event.kind, event.model_dump(mode="json"), event.id)))
+    return Tick(jobs, events, live, truncated=len(rows) >= BATCH)
 
 
-async def event_stream(principal: Principal, job_id: str, after_id: int, settings: Settings) -> AsyncIterator[str]:
+def _job_states(session: Session, job_ids: list[str]) -> dict[str, JobState]:
+    # One statement, so the status and the newest event id come from the same snapshot: the final state
+    # commits with its event, so a finished status means that event's id is at most last_event_id.
+    last_event = select(func.max(JobEvent.id)).where(JobEvent.job_id == Job.id).scalar_subquery()
+    rows = session.execute(select(Job.id, Job.status, Job.progress, last_event).where(Job.id.in_(job_ids)))
+    return {job_id: JobState(status, {"status": status,
+                                      "progress": JobProgress.model_validate(progress or {}).model_dump()},
+                             last or 0)
+            for job_id, status, progress, last in rows}
+
+
+def _events_after(session: Session, cursors: dict[str, int]) -> list[JobEvent]:
+    rows: list[JobEvent] = []
+    items = list(cursors.items())
+    for start in range(0, len(items), JOBS_PER_EVENTS_QUERY):
+        if len(rows) >= BATCH:
+            break
+        chunk = items[start:start + JOBS_PER_EVENTS_QUERY]
+        where = or_(*((JobEvent.job_id == job_id) & (JobEvent.id > cursor) for job_id, cursor in chunk))
+        rows += session.scalars(select(JobEvent).where(where).order_by(JobEvent.id).limit(BATCH - len(rows)))
+    return rows
+
+
+class EventHub:
+    """Every open stream of this process, and the one task that feeds them."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.poll_seconds = settings.events_poll_seconds
+        self.slots = Slots("open event streams", settings.max_event_streams, settings.max_event_streams_per_tenant,
+                           retry_after_seconds=STREAM_RETRY_AFTER_SECONDS)
+        self.subscriptions: set[Subscription] = set()
+        self.task: asyncio.Task[None] | None = None
+        self.poke = asyncio.Event()  # a new subscriber: read now rather than at the next tick
+
+    def subscribe(self, principal: Principal, job_id: str, after_id: int) -> Subscription:
+        """Raises Busy (429) past the caps. Called on the event loop, which the poller then runs on."""
+        self.slots.acquire(principal.tenant)
+        subscription = Subscription(principal, job_id, after_id)
+        self.subscriptions.add(subscription)
+        if self.task is None or self.task.done() or self.task.get_loop() is not asyncio.get_running_loop():
+            self.poke = asyncio.Event()
+            self.task = asyncio.create_task(self._run(), name="event-hub")
+        self.poke.set()
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        if subscription in self.subscriptions:
+            self.subscriptions.remove(subscription)
+            self.slots.release(subscription.principal.tenant)
+        if not self.subscriptions:
+            self.poke.set()  # the poller ends now, not a tick later
+
+    async def _run(self) -> None:
+        while self.subscriptions:
+            self.poke.clear()
+            truncated = False
+            try:
+                truncated = await self._tick()
+            except Exception:  # a database hiccup must not end every stream: log it and read again
+                log.exception("reading job events for %d streams failed", len(self.subscriptions))
+            if not truncated:
+                try:
+                    async with asyncio.timeout(self.poll_seconds):
+                        await self.poke.wait()
+                except TimeoutError:
+                    pass
+
+    async def _tick(self) -> bool:
+        followers = list(self.subscriptions)
+        cursors: dict[str, int] = {}
+        for subscription in followers:
+            cursors[subscription.job_id] = min(cursors.get(subscription.job_id, subscription.cursor),
+                                               subscription.cursor)
+        prefixes = {subscription.principal.key_prefix for subscription in followers}
+        tick = await run_in_threadpool(read_tick, cursors, prefixes)
+        for subscription in followers:
+            if subscription in self.subscriptions and not subscription.finished:
+                _deliver(subscription, tick)
+        return tick.truncated
+
+
+def _deliver(subscription: Subscription, tick: Tick) -> None:
+    principal = subscription.principal
+    if principal.key_prefix not in tick.live_keys:
+        subscription.push([format_event("error", {"detail": f"API key cnd_{principal.key_prefix} was revoked"})],
+                          finished=True)
+        return
+    state = tick.jobs.get(subscription.job_id)
+    if state is None:
+        subscription.push([], finished=True)  # deleted meanwhile: nothing more will happen to it
+        return
+    chunks = [text for event_id, text in tick.events.get(subscription.job_id, []) if event_id > subscription.cursor]
+    for event_id, _ in tick.events.get(subscription.job_id, []):
+        subscription.cursor = max(subscription.cursor, event_id)
+    if state.snapshot != subscription.last_snapshot:
+        chunks.append(format_event("snapshot", state.snapshot))
+        subscription.last_snapshot = state.snapshot
+    done = state.status in FINISHED and subscription.cursor >= state.last_event_id
+    if done:
+        chunks.append(format_event("end", {"status": state.status}))
+    subscription.push(chunks, finished=done)
+
+
+async def event_stream(subscription: Subscription, settings: Settings) -> AsyncIterator[str]:
     """`state`, `progress`, `log` and `webhook` events (stored, with ids), `snapshot` events (live progress),
     keep-alive comments, and a final `end` event; or an `error` event, and the end, once the key is revoked."""
     yield f"retry: {RETRY_MILLISECONDS}\n\n"
-    last_snapshot: dict[str, Any] | None = None
-    last_write = time.monotonic()
     while True:
         try:
-            current = await run_in_threadpool(poll, principal, job_id, after_id)
-        except NotFound:
-            return  # deleted meanwhile: nothing more will happen to it
-        if current.key_revoked:
-            yield format_event("error", {"detail": f"API key cnd_{principal.key_prefix} was revoked"})
+            async with asyncio.timeout(settings.events_keepalive_seconds):
+                await subscription.wake.wait()
+        except TimeoutError:
+            yield ": keep-alive\n\n"
+            continue
+        text = subscription.take()
+        if text:
+            yield text
+        if subscription.finished:
             return
-        chunks = [format_event(event.kind, event.model_dump(mode="json"), event.id) for event in current.events]
-        if current.events:
-            after_id = current.events[-1].id
-        if current.snapshot != last_snapshot:
-            chunks.append(format_event("snapshot", current.snapshot))
-            last_snapshot = current.snapshot
-        if current.caught_up_on_final_state:
-            yield "".join(chunks) + format_event("end", {"status": current.status})
-            return
-        if not chunks and time.monotonic() - last_write >= settings.events_keepalive_seconds:
-            chunks.append(": keep-alive\n\n")
-        if chunks:
-            yield "".join(chunks)
-            last_write = time.monotonic()
-        if len(current.events) < BATCH:
-            await asyncio.sleep(settings.events_poll_seconds)
+
+
+class EventStreamResponse(StreamingResponse):
+    """Subscribes when the response starts (a 429 then is still an error response) and unsubscribes however
+    it ends: finished, disconnected, or failed."""
+
+    def __init__(self, hub: EventHub, principal: Principal, job_id: str, after_id: int, settings: Settings) -> None:
+        super().__init__(iter(()), media_type=MEDIA_TYPE,
+                         # no-transform and X-Accel-Buffering: proxies must pass events on at once.
+                         headers={"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"})
+        self.hub = hub
+        self.follow = (principal, job_id, after_id)
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        subscription = self.hub.subscribe(*self.follow)
+        try:
+            self.body_iterator = event_stream(subscription, self.settings)
+            await super().__call__(scope, receive, send)
+        finally:
+            self.hub.unsubscribe(subscription)

@@ -17,9 +17,11 @@ def make_engine(url: str, pool_size: int = 5, max_overflow: int = 10, pool_timeo
     pool = {"pool_size": pool_size, "max_overflow": max_overflow, "pool_timeout": pool_timeout}
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
+        in_memory = not path or path == ":memory:"  # one shared connection (SingletonThreadPool): no queue to size
+        if not in_memory:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **pool)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
+                               **({} if in_memory else pool))
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # pre_ping so that a restarted PostgreSQL costs one retry, not a failed job.
