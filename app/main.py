@@ -19,6 +19,7 @@ from app.pathguard import RefuseHostilePaths
 from app.schemas import ErrorOut, field_problems, summarize
 from app.webhooks.router import router as webhooks_router
 from core.errors import DomainError
+from core.orphans import collecting
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ TAGS = [
 
 def create_app() -> FastAPI:
     app = FastAPI(title="condenser", version="0.1.0", summary="Model compression as a service.",
-                  description=DESCRIPTION, openapi_tags=TAGS)
+                  description=DESCRIPTION, openapi_tags=TAGS, lifespan=collecting)
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)
