@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import pytest
 import redis
 
 from core.db.models import Job, utcnow
@@ -19,6 +20,8 @@ from tests.conftest import bearer, insert_model_row, unique_tenant
 from tests.harness import Service
 from tests.support import TcpProxy, wait_for
 from worker.reaper import BROKER_MARKER
+
+pytestmark = pytest.mark.slow
 
 ONE_ATTEMPT = {"CONDENSER_MAX_ATTEMPTS": "1"}
 
