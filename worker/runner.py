@@ -56,9 +56,9 @@ def worker_identity() -> str:
 
 
 def run(message_id: str) -> None:
-    """Run the job a free worker should run next (lifecycle.claim_next): the one whose id the message carries
-    (`message_id`) only when that is the fairest; None claimable: the message was a duplicate, or stood for a
-    job that another message already ran."""
+    """Run the job a free worker should run next (lifecycle.claim_next). The message's own job (`message_id`) is
+    that one only when it is the fairest; with none claimable, the message was a duplicate, or stood for a job
+    that another message already ran."""
     settings = get_settings()
     owner = worker_identity()
     with session_scope() as session:
@@ -67,29 +67,28 @@ def run(message_id: str) -> None:
             log.info("message %s: no job to run (all running under live leases, finished, or out of attempts)",
                      message_id)
             return
-        job_id = job.id
-    with job_context(job_id):
-        _run_job(job_id, owner, settings)
-
-
-def _run_job(job_id: str, owner: str, settings: Settings) -> None:
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
+        ctx = _prepare(session, job, owner, settings)
+    if ctx is None:
+        return
+    with job_context(ctx.job_id):
+        heartbeat = Heartbeat(ctx.job_id, owner, settings.lease_seconds, settings.heartbeat_seconds)
+        heartbeat.start()
         try:
-            spec = load_stored(job.spec)
-        # The API validated this spec with the same classes: only a version skew between API and worker gets here.
-        except ValidationError as exc:
-            reason = f"the job's stored spec does not validate: {describe_validation_error(exc)}"
-            lifecycle.finish(session, job_id, owner, "failed", f"failed: {reason}", error=reason)
-            return
-        ctx = _context(session, job, spec, owner, settings)
-    heartbeat = Heartbeat(job_id, owner, settings.lease_seconds, settings.heartbeat_seconds)
-    heartbeat.start()
+            _run_claimed(ctx, heartbeat, settings)
+        finally:
+            heartbeat.stop()
+
+
+def _prepare(session: Any, job: Job, owner: str, settings: Settings) -> JobContext | None:
+    """The claimed job's context; None when its spec does not validate (the job is failed, here)."""
     try:
-        _run_claimed(ctx, heartbeat, settings)
-    finally:
-        heartbeat.stop()
+        spec = load_stored(job.spec)
+    # The API validated this spec with the same classes: only a version skew between API and worker gets here.
+    except ValidationError as exc:
+        reason = f"the job's stored spec does not validate: {describe_validation_error(exc)}"
+        lifecycle.finish(session, job.id, owner, "failed", f"failed: {reason}", error=reason)
+        return None
+    return _context(session, job, spec, owner, settings)
 
 
 def _context(session: Any, job: Job, spec: JobSpecBase, owner: str, settings: Settings) -> JobContext:
