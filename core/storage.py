@@ -165,7 +165,7 @@ class BlobStore:
                 removed.append(path)
         abandoned = time.time() - ABANDONED_ASIDE_SECONDS
         for aside in self.trash_dir.iterdir():
-            if aside.stat().st_ctime < abandoned:  # the rename aside set its ctime
+            if _modified_before(aside, abandoned, "st_ctime"):  # the rename aside set its ctime
                 self._restore(aside.name.split(".", 1)[0], aside)
         return removed
 
@@ -179,9 +179,10 @@ def _touch(path: Path) -> bool:
     return True
 
 
-def _modified_before(path: Path, cutoff: float) -> bool:
+def _modified_before(path: Path, cutoff: float, time_field: str = "st_mtime") -> bool:
+    """Whether the file's mtime (or ctime) is before `cutoff`; False if it is gone (another collector took it)."""
     try:
-        return path.stat().st_mtime < cutoff
+        return getattr(path.stat(), time_field) < cutoff
     except FileNotFoundError:
         return False
 
