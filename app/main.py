@@ -31,6 +31,7 @@ from app.schemas import ErrorOut, field_problems, summarize
 from app.uploads import new_upload_slots
 from app.webhooks.router import router as webhooks_router
 from core.errors import DomainError, InsufficientStorage, Unavailable, public_text
+from core.orphans import collecting
 from core.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ TAGS = [
 
 def create_app() -> FastAPI:
     app = FastAPI(title="condenser", version="0.1.0", summary="Model compression as a service.",
-                  description=DESCRIPTION, openapi_tags=TAGS,
+                  description=DESCRIPTION, openapi_tags=TAGS, lifespan=collecting,
                   # FastAPI's pages load their scripts from a CDN; add_docs serves ours at the same paths.
                   docs_url=None, redoc_url=None)
     app.add_exception_handler(DomainError, _domain_error)

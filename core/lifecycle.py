@@ -11,8 +11,8 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, and_, case, func, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from core.db.models import Job, JobEvent, utcnow
 from core.errors import Conflict
@@ -25,9 +25,11 @@ ACTIVE = frozenset({"running", "canceling"})
 
 
 def record_event(session: Session, job: Job, kind: str, actor: str, message: str,
-                 data: dict[str, Any] | None = None) -> JobEvent:
-    event = JobEvent(job_id=job.id, kind=kind, status=job.status, attempt=job.attempt, actor=actor,
-                     message=message, data=data or {})
+                 data: dict[str, Any] | None = None, attempt: int | None = None) -> JobEvent:
+    """`attempt`: the attempt that did what the event tells, when it is not the job's current one (an epoch of
+    an earlier attempt recorded late)."""
+    event = JobEvent(job_id=job.id, kind=kind, status=job.status, attempt=job.attempt if attempt is None else attempt,
+                     actor=actor, message=message, data=data or {})
     session.add(event)
     # Each event is a log line too, carrying the job id, for those who follow jobs in their logs.
     log.info("%s (%s): %s", kind, job.status, message, extra={"job_id": job.id})
@@ -50,18 +52,22 @@ def _ended(session: Session, job: Job, actor: str, message: str, data: dict[str,
 # ---- submission side (API) -------------------------------------------------------------------
 
 def request_cancel(session: Session, job: Job, actor: str) -> list[str]:
-    """Cancel a queued job at once; ask a running one to stop. Returns task ids to revoke."""
+    """Cancel a queued job at once; ask a running one to stop. Returns task ids to revoke.
+
+    Only a queued job's message is revoked: a message runs whichever job is fairest (claim_next), so a running
+    job's own message may still be out, standing for another queued job, which revoking it would strand."""
     if job.status in FINISHED:
         raise Conflict(f"job {job.id} already {job.status}; only queued or running jobs can be canceled")
     if job.status == "queued":
         job.status = "canceled"
         job.finished_at = utcnow()
         _ended(session, job, actor, "canceled before it started")
-    elif job.status == "running":
+        return [job.id]
+    if job.status == "running":
         job.status = "canceling"
         job.cancel_requested = True
         record_event(session, job, "state", actor, "cancel requested; the worker stops between steps")
-    return [job.id]
+    return []
 
 
 def revoke_after_commit(task_ids: list[str]) -> None:
@@ -100,21 +106,61 @@ def dispatch(job_ids: list[str]) -> list[str]:
 
 # ---- worker side ------------------------------------------------------------------------------
 
-def claim(session: Session, job_id: str, owner: str, lease_seconds: int) -> Job | None:
-    """Take the job if it is queued, or running under an expired lease. None: someone else has it."""
+def _claimable(job: Any, now: datetime) -> ColumnElement[bool]:
+    """Queued, or running under an expired lease (its worker vanished), with an attempt left."""
+    return and_(or_(job.status == "queued", and_(job.status == "running", job.lease_expires_at < now)),
+                job.attempt < job.max_attempts)
+
+
+def _fairest_claimable(session: Session, now: datetime) -> Any:
+    """The id of the job a free worker should run next, as a scalar subquery: the oldest claimable job of the
+    tenant with the fewest live leases; between tenants running as many, the one whose latest job started
+    longest ago (never: first), so that one worker alternates tenants instead of draining the oldest backlog.
+    Per tenant that has claimable jobs, this reads its jobs (index ix_jobs_tenant_created): once per job run."""
+    live = and_(Job.status.in_(ACTIVE), Job.lease_expires_at >= now)
+    candidate = aliased(Job, name="candidate")
+    waiting_tenants = select(candidate.tenant).where(_claimable(candidate, now))
+    tenants = (select(Job.tenant.label("tenant"), func.sum(case((live, 1), else_=0)).label("running"),
+                      func.max(Job.started_at).label("last_start"))
+               .where(Job.tenant.in_(waiting_tenants)).group_by(Job.tenant).subquery("tenant_load"))
+    pick = aliased(Job, name="pick")
+    query = (select(pick.id).join(tenants, tenants.c.tenant == pick.tenant).where(_claimable(pick, now))
+             .order_by(tenants.c.running, tenants.c.last_start.asc().nulls_first(), pick.created_at, pick.id)
+             .limit(1))
+    if session.get_bind().dialect.name == "postgresql":
+        # Two workers claiming at once: the second skips the row the first has locked instead of waiting for it
+        # (and then finding it taken). SQLite runs one writer at a time, so the UPDATE below is atomic there.
+        query = query.with_for_update(skip_locked=True, of=pick)
+    return query.scalar_subquery()
+
+
+def claim_next(session: Session, owner: str, lease_seconds: int) -> Job | None:
+    """Take the fairest claimable job (see _fairest_claimable). None: nothing to run.
+
+    A task's message means "run one job now", not "run this job": every message claims at most one job and
+    every queued job has a message out, so each job is run, exactly once (the UPDATE is conditional), while
+    another tenant's next job waits at most for one job to end. A duplicate message, or the message of a job
+    that another message already ran, runs the next queued job or does nothing."""
     now = utcnow()
-    claimable = or_(
-        Job.status == "queued",
-        and_(Job.status == "running", Job.lease_expires_at < now),
-    )
+    return _take(session, Job.id == _fairest_claimable(session, now), owner, lease_seconds, now)
+
+
+def claim(session: Session, job_id: str, owner: str, lease_seconds: int) -> Job | None:
+    """Take this job if it is claimable, whatever else is queued (the tests set up a job's state with it)."""
+    return _take(session, Job.id == job_id, owner, lease_seconds, utcnow())
+
+
+def _take(session: Session, which: ColumnElement[bool], owner: str, lease_seconds: int, now: datetime) -> Job | None:
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, claimable, Job.attempt < Job.max_attempts)
+        .where(which, _claimable(Job, now))
         .values(status="running", attempt=Job.attempt + 1, lease_owner=owner,
                 lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+        .returning(Job.id)
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount != 1:
+    job_id = result.scalar_one_or_none()
+    if job_id is None:
         return None
     job = session.get(Job, job_id, populate_existing=True)
     assert job is not None
@@ -179,11 +225,13 @@ def release(session: Session, job_id: str, owner: str, message: str, refund_atte
     return True
 
 
-def reap(session: Session, actor: str, redispatch_all_queued: bool) -> list[str]:
+def reap(session: Session, actor: str, redispatch_all_queued: bool, message_grace: timedelta) -> list[str]:
     """Requeue jobs whose lease expired, fail those out of attempts, settle abandoned cancels.
 
-    Returns the ids of queued jobs to (re)send: those never sent (outbox), those just requeued,
-    and, when the broker lost its messages, every queued job.
+    Returns the ids of queued jobs to (re)send: those never sent (outbox), those just requeued, those sent longer
+    than `message_grace` ago (their message may be gone: a worker took it while the database was down, or died
+    holding it; a duplicate is harmless, the claim being conditional), and, when the broker lost its messages,
+    every queued job.
     """
     now = utcnow()
     stale = select(Job).where(Job.status.in_(ACTIVE), Job.lease_expires_at < now)
@@ -193,7 +241,7 @@ def reap(session: Session, actor: str, redispatch_all_queued: bool) -> list[str]
         _settle_expired(session, job, actor, now)
     queued = select(Job.id).where(Job.status == "queued")
     if not redispatch_all_queued:
-        queued = queued.where(Job.enqueued_at.is_(None))
+        queued = queued.where(or_(Job.enqueued_at.is_(None), Job.enqueued_at < now - message_grace))
     return list(session.scalars(queued.order_by(Job.created_at)))
 
 

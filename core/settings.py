@@ -59,6 +59,22 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(default=60, ge=2)
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     reaper_interval_seconds: float = Field(default=15.0, gt=0)
+    # A queued job whose message was sent this long ago is sent again: the message may be gone (taken by a worker
+    # while the database was down, or held by one that died). A duplicate only makes a free worker start the next
+    # queued job sooner, or do nothing; each costs a worker one process start.
+    message_grace_seconds: float = Field(default=900.0, gt=0)
+    # A finishing job retries its last database write (artifacts, final state) this long through an outage before
+    # the attempt counts as failed.
+    publish_retry_seconds: float = Field(default=120.0, ge=0)
+    # Memory (private, writable: heap, tensors, stacks; not mapped files or reserved GPU address space) that one
+    # job's process may take, in GiB; 0: the host's memory divided by the worker's concurrency. Past it, the job
+    # fails with an error that says so instead of taking the host or the worker down.
+    job_memory_limit_gib: float = Field(default=0.0, ge=0)
+    # Files that nothing references are removed once older than this: blobs no row names (written by a transaction
+    # that never committed) and temp files (uploads cut off by a crash). Far above the longest upload and the
+    # longest time from a blob's write to its row's commit.
+    orphan_file_grace_hours: float = Field(default=24.0, gt=0)
+    orphan_collect_interval_seconds: float = Field(default=3600.0, gt=0)
     # A failed job's work dir (its last checkpoint) is kept this long for inspection.
     work_dir_retention_hours: float = Field(default=24.0, ge=0)
     soft_time_limit_seconds: int = Field(default=6 * 3600, gt=0)

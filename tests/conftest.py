@@ -4,8 +4,8 @@ Environments are module-scoped so that a module pays for migrations (and model u
 database; tests stay independent by each using fresh tenants, which see nothing of one another.
 
 Reusable by other suites (e2e): database_url, broker_url, app_env (AppEnv: settings, env vars for
-subprocesses, store), client, make_api_key, tenant, auth_headers, other_auth_headers, insert_model,
-insert_artifact, small_cnn_files, digits_teacher.
+subprocesses, store), client, make_api_key, tenant, auth_headers, other_auth_headers, insert_model (and
+insert_model_row, for a database set up otherwise), insert_artifact, small_cnn_files, digits_teacher.
 """
 
 from __future__ import annotations
@@ -176,26 +176,27 @@ def other_auth_headers(make_api_key: Callable[[str], str]) -> dict[str, str]:
 # --- rows written directly, as the worker or a fast setup would ----------------------------------
 
 
+def insert_model_row(tenant: str, **fields: Any) -> str:
+    """The id of a Model row written without the upload path (no weights check; no blob unless `sha256` names one
+    stored): enough for job submission, which only reads the row."""
+    spec = fields.pop("spec", SMALL_CNN_SPEC)
+    values: dict[str, Any] = {
+        "tenant": tenant, "name": "inserted", "format": "safetensors", "sha256": "0" * 64, "bytes": 0,
+        "arch": {"arch": spec["arch"], "kwargs": spec["kwargs"]},
+        "input_spec": {"mean": [0.5], "std": [0.5], "resize": "resize", **spec["input"]},
+        "num_classes": spec["kwargs"]["num_classes"], "param_count": 1, **fields,
+    }
+    with session_scope() as session:
+        model = Model(**values)
+        session.add(model)
+        session.flush()
+        return model.id
+
+
 @pytest.fixture(scope="module")
 def insert_model(app_env: AppEnv) -> Callable[..., str]:
-    """insert_model(tenant, **fields) -> id of a Model row written without the upload path (no weights
-    check, no blob): enough for job submission, which only reads the row."""
-
-    def insert(tenant: str, **fields: Any) -> str:
-        spec = fields.pop("spec", SMALL_CNN_SPEC)
-        values: dict[str, Any] = {
-            "tenant": tenant, "name": "inserted", "format": "safetensors", "sha256": "0" * 64, "bytes": 0,
-            "arch": {"arch": spec["arch"], "kwargs": spec["kwargs"]},
-            "input_spec": {"mean": [0.5], "std": [0.5], "resize": "resize", **spec["input"]},
-            "num_classes": spec["kwargs"]["num_classes"], "param_count": 1, **fields,
-        }
-        with session_scope() as session:
-            model = Model(**values)
-            session.add(model)
-            session.flush()
-            return model.id
-
-    return insert
+    """insert_model(tenant, **fields) -> id of a Model row (insert_model_row) in this module's database."""
+    return insert_model_row
 
 
 @pytest.fixture(scope="module")

@@ -38,14 +38,16 @@ def record_epochs(session: Any, ctx: JobContext, history: list[dict[str, Any]]) 
     """Add a progress event for each finished epoch of `history` that the job's events lack.
 
     The checkpoint's history is the truth: epochs that ended while the database was unreachable, or in an
-    attempt that died before recording them, are filled in by the next write that gets through."""
+    attempt that died before recording them, are filled in by the next write that gets through, under the attempt
+    that ran them (stamped on the entry when it was checkpointed)."""
     recorded = {event.data.get("epoch") for event in session.scalars(
         select(JobEvent).where(JobEvent.job_id == ctx.job_id, JobEvent.kind == "progress"))}
     job = session.get(Job, ctx.job_id)
     for entry in history:
         if entry["epoch"] not in recorded:
             lifecycle.record_event(session, job, "progress", ctx.owner,
-                                   f"epoch {entry['epoch']} done; checkpoint written", entry)
+                                   f"epoch {entry['epoch']} done; checkpoint written", entry,
+                                   attempt=entry.get("attempt", ctx.attempt))
 
 
 class JobGuard:
@@ -72,6 +74,10 @@ class JobGuard:
         self.check()
 
     def on_checkpoint(self, state: dict[str, Any]) -> None:
+        for entry in state.get("history", ()):
+            # Which attempt ran each epoch travels with the checkpoint, so that a later attempt that records it
+            # (the database was away, or this process died first) does not claim it.
+            entry.setdefault("attempt", self.ctx.attempt)
         self.checkpoints.save(state)
         if state.get("step_in_epoch") or not state.get("history"):
             return  # a mid-epoch checkpoint on the way out: the give-back event says why

@@ -11,6 +11,7 @@ import logging
 import shutil
 import socket
 from datetime import timedelta
+from typing import Any
 
 from celery import Celery
 
@@ -18,8 +19,8 @@ from core import lifecycle
 from core.broker import get_celery
 from core.db.models import utcnow
 from core.db.session import session_scope
+from core.periodic import PeriodicThread
 from core.settings import get_settings
-from worker.periodic import PeriodicThread
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +30,24 @@ BROKER_MARKER = "condenser:broker-marker"
 
 
 def broker_lost_messages(app: Celery) -> bool:
+    """Whether the broker's marker is missing (see BROKER_MARKER); mark_broker sets it once the jobs are re-sent."""
+    client = _redis_client(app)
+    # The filesystem broker keeps messages on disk; only a killed worker's unacked message is lost, and its job's
+    # lease expiry covers that.
+    return client is not None and not client.exists(BROKER_MARKER)
+
+
+def mark_broker(app: Celery) -> None:
+    client = _redis_client(app)
+    if client is not None:
+        client.set(BROKER_MARKER, "1")
+
+
+def _redis_client(app: Celery) -> Any:
     with app.connection_for_write() as connection:
         connection.ensure_connection(max_retries=1)
         client = getattr(connection.default_channel, "client", None)
-        if client is None or not hasattr(client, "set"):
-            # The filesystem broker keeps messages on disk; only a killed worker's unacked
-            # message is lost, and its job's lease expiry covers that.
-            return False
-        return bool(client.set(BROKER_MARKER, "1", nx=True))
+        return client if client is not None and hasattr(client, "set") else None
 
 
 def collect_work_dirs() -> list[str]:
@@ -56,16 +67,23 @@ def collect_work_dirs() -> list[str]:
 
 def reap_once() -> list[str]:
     actor = f"reaper@{socket.gethostname()}"
+    settings = get_settings()
+    app = get_celery()
     try:
-        redispatch_all = broker_lost_messages(get_celery())
+        redispatch_all = broker_lost_messages(app)
     except Exception:
         log.warning("broker unreachable; reaper will retry", exc_info=True)
         return []
     if redispatch_all:
         log.info("broker marker missing: re-sending every queued job")
     with session_scope() as session:
-        to_send = lifecycle.reap(session, actor, redispatch_all_queued=redispatch_all)
-    return lifecycle.dispatch(to_send) if to_send else []
+        to_send = lifecycle.reap(session, actor, redispatch_all_queued=redispatch_all,
+                                 message_grace=timedelta(seconds=settings.message_grace_seconds))
+    sent = lifecycle.dispatch(to_send) if to_send else []
+    if redispatch_all and len(sent) == len(to_send):
+        # Only now: had the database or the broker failed above, the next pass must re-send them all again.
+        mark_broker(app)
+    return sent
 
 
 def reap_and_collect() -> None:

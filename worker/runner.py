@@ -21,8 +21,9 @@ from pydantic import ValidationError
 
 from core import lifecycle
 from core.db.models import Artifact, Dataset, Job, Model
-from core.db.session import session_scope
+from core.db.session import session_scope, through_outage
 from core.jobspec import JobSpecBase, load_stored, stored_form
+from core.logs import job_context
 from core.settings import Settings, get_settings
 from core.storage import BlobStore, StoredBlob, get_store
 from core.views import as_utc
@@ -36,6 +37,7 @@ from worker.guard import JobGuard, LeaseLost, Preempted, record_epochs
 from worker.heartbeat import Heartbeat
 from worker.jobs import acceptance
 from worker.jobs.base import Checkpoints, JobContext, JobOutcome, ModelSource, OutputFile, job_function
+from worker.memory import is_out_of_memory, out_of_memory_message
 from worker.preemption import stop_requested
 
 log = logging.getLogger(__name__)
@@ -53,28 +55,40 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
-def run(job_id: str) -> None:
+def run(message_id: str) -> None:
+    """Run the job a free worker should run next (lifecycle.claim_next). The message's own job (`message_id`) is
+    that one only when it is the fairest; with none claimable, the message was a duplicate, or stood for a job
+    that another message already ran."""
     settings = get_settings()
     owner = worker_identity()
     with session_scope() as session:
-        job = lifecycle.claim(session, job_id, owner, settings.lease_seconds)
+        job = lifecycle.claim_next(session, owner, settings.lease_seconds)
         if job is None:
-            log.info("job %s not claimable here (held by a live lease, finished, or out of attempts)", job_id)
+            log.info("message %s: no job to run (all running under live leases, finished, or out of attempts)",
+                     message_id)
             return
+        ctx = _prepare(session, job, owner, settings)
+    if ctx is None:
+        return
+    with job_context(ctx.job_id):
+        heartbeat = Heartbeat(ctx.job_id, owner, settings.lease_seconds, settings.heartbeat_seconds)
+        heartbeat.start()
         try:
-            spec = load_stored(job.spec)
-        # The API validated this spec with the same classes: only a version skew between API and worker gets here.
-        except ValidationError as exc:
-            reason = f"the job's stored spec does not validate: {describe_validation_error(exc)}"
-            lifecycle.finish(session, job_id, owner, "failed", f"failed: {reason}", error=reason)
-            return
-        ctx = _context(session, job, spec, owner, settings)
-    heartbeat = Heartbeat(job_id, owner, settings.lease_seconds, settings.heartbeat_seconds)
-    heartbeat.start()
+            _run_claimed(ctx, heartbeat, settings)
+        finally:
+            heartbeat.stop()
+
+
+def _prepare(session: Any, job: Job, owner: str, settings: Settings) -> JobContext | None:
+    """The claimed job's context; None when its spec does not validate (the job is failed, here)."""
     try:
-        _run_claimed(ctx, heartbeat, settings)
-    finally:
-        heartbeat.stop()
+        spec = load_stored(job.spec)
+    # The API validated this spec with the same classes: only a version skew between API and worker gets here.
+    except ValidationError as exc:
+        reason = f"the job's stored spec does not validate: {describe_validation_error(exc)}"
+        lifecycle.finish(session, job.id, owner, "failed", f"failed: {reason}", error=reason)
+        return None
+    return _context(session, job, spec, owner, settings)
 
 
 def _context(session: Any, job: Job, spec: JobSpecBase, owner: str, settings: Settings) -> JobContext:
@@ -142,6 +156,11 @@ def _run_claimed(ctx: JobContext, heartbeat: Heartbeat, settings: Settings) -> N
         # The input cannot work (bad weights, data that does not fit): retrying would not help.
         _end(ctx, "failed", f"failed: {error}", error=str(error))
     except Exception as error:
+        if is_out_of_memory(error):
+            # Another attempt would need as much: the job's own size is at fault, not the worker.
+            reason = out_of_memory_message()
+            _end(ctx, "failed", f"failed: {reason}", error=reason)
+            return
         log.exception("job %s attempt %d crashed", ctx.job_id, ctx.attempt)
         _retry_or_fail(ctx, f"{type(error).__name__}: {error}")
 
@@ -176,20 +195,26 @@ def _publish(ctx: JobContext, outcome: JobOutcome, store: BlobStore) -> None:
              for output in outcome.files]
     blobs = [(output, store.put_file(output.path)) for output in files]
     blobs += [(output, store.put_file(output.path)) for output in _report(ctx, outcome, blobs)]
-    with session_scope() as session:
-        record_epochs(session, ctx, outcome.metrics.get("history", []))
-        job = session.get(Job, ctx.job_id)
-        for output, blob in blobs:
-            session.add(Artifact(tenant=job.tenant, job_id=ctx.job_id, kind=output.kind, filename=output.filename,
-                                 media_type=output.media_type, runtime=output.runtime, sha256=blob.sha256,
-                                 bytes=blob.bytes))
-        if acceptance_result:
-            lifecycle.record_event(session, job, "acceptance", ctx.owner, _acceptance_line(acceptance_result),
-                                   {"formats": acceptance_result["formats"]})
-        if not lifecycle.finish(session, ctx.job_id, ctx.owner, status, message, error=error,
-                                metrics=outcome.metrics):
-            # Someone else owns the job now: roll back so that only one attempt ever publishes.
-            raise LeaseLost(ctx.job_id)
+
+    def record() -> None:
+        with session_scope() as session:
+            record_epochs(session, ctx, outcome.metrics.get("history", []))
+            job = session.get(Job, ctx.job_id)
+            for output, blob in blobs:
+                session.add(Artifact(tenant=job.tenant, job_id=ctx.job_id, kind=output.kind,
+                                     filename=output.filename, media_type=output.media_type, runtime=output.runtime,
+                                     sha256=blob.sha256, bytes=blob.bytes))
+            if acceptance_result:
+                lifecycle.record_event(session, job, "acceptance", ctx.owner, _acceptance_line(acceptance_result),
+                                       {"formats": acceptance_result["formats"]})
+            if not lifecycle.finish(session, ctx.job_id, ctx.owner, status, message, error=error,
+                                    metrics=outcome.metrics):
+                # Someone else owns the job now: roll back so that only one attempt ever publishes.
+                raise LeaseLost(ctx.job_id)
+
+    # The work is done and its files stored: a database outage now must not cost the attempt (the heartbeat keeps
+    # the lease through it). Blobs whose rows never commit are orphans for the collector (core.orphans).
+    through_outage(record, get_settings().publish_retry_seconds, f"job {ctx.job_id}: publishing")
     shutil.rmtree(ctx.work_dir, ignore_errors=True)
 
 

@@ -9,12 +9,14 @@ import signal
 from typing import Any
 
 from celery import signals
+from sqlalchemy.exc import OperationalError
 
 from core.broker import RUN_JOB_TASK, get_celery
 from core.db.session import get_engine
-from core.logs import configure_logging, job_context
+from core.logs import configure_logging
 from core.settings import get_settings
 from core.threads import host_cpus
+from worker.memory import limit_job_memory
 from worker.preemption import install_stop_handlers
 
 log = logging.getLogger(__name__)
@@ -22,12 +24,15 @@ celery_app = get_celery()
 _worker: Any = None
 
 
-@celery_app.task(name=RUN_JOB_TASK)
+# A database error (PostgreSQL away, SQLite locked past its timeout) must not ack the message as done: the job
+# would stay queued with its message gone. Retried with backoff (1 s doubling to 60 s) for as long as it lasts;
+# each retry is a new message, so that the original is acked only once its successor is in the broker.
+@celery_app.task(name=RUN_JOB_TASK, autoretry_for=(OperationalError,), max_retries=None, retry_backoff=1,
+                 retry_backoff_max=60, retry_jitter=True)
 def run_job(job_id: str) -> None:
     from worker.runner import run
 
-    with job_context(job_id):
-        run(job_id)
+    run(job_id)
 
 
 @signals.setup_logging.connect
@@ -47,15 +52,17 @@ def _preload(sender: Any = None, **_: Any) -> None:
 
 @signals.worker_ready.connect
 def _start_reaper(**_: Any) -> None:
+    from core.orphans import start_collector
     from worker.reaper import start_reaper
 
     start_reaper()
+    start_collector()
 
 
 @signals.worker_ready.connect
 def _start_webhook_sender(**_: Any) -> None:
+    from core.periodic import PeriodicThread
     from core.webhooks.delivery import deliver_due
-    from worker.periodic import PeriodicThread
 
     PeriodicThread("condenser-webhooks", get_settings().webhook_poll_seconds, deliver_due).start()
 
@@ -78,6 +85,7 @@ def _prepare_job_process(**_: Any) -> None:
     # 20-50x slower on 2 cores).
     concurrency = _worker.concurrency if _worker is not None else 1
     torch.set_num_threads(settings.torch_threads or max(1, host_cpus() // concurrency))
+    limit_job_memory(settings.job_memory_limit_gib, concurrency)
 
 
 @signals.worker_shutting_down.connect

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.settings import get_settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def make_engine(url: str, pool_size: int = 5, max_overflow: int = 10, pool_timeout: float = 30.0) -> Engine:
@@ -63,3 +70,19 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def through_outage(transaction: Callable[[], T], seconds: float, what: str) -> T:
+    """Run `transaction` (which opens its own session scope); while the database is unreachable, run it again
+    with backoff (0.5 s, doubling up to 10 s) until `seconds` have passed, then let the error through."""
+    deadline = time.monotonic() + seconds
+    delay = 0.5
+    while True:
+        try:
+            return transaction()
+        except OperationalError:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: database unavailable; trying again in %.1f s", what, delay, exc_info=True)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)

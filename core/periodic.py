@@ -1,4 +1,4 @@
-"""Background threads of the worker's main process (the reaper, the webhook sender)."""
+"""Background threads: the worker's reaper and webhook sender, the collector of orphan files (worker and API)."""
 
 from __future__ import annotations
 
