@@ -15,13 +15,14 @@ from sqlalchemy import ColumnElement, and_, case, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from core.db.models import Job, JobEvent, utcnow
-from core.errors import Conflict
+from core.errors import Conflict, public_text
 from core.webhooks.outbox import announce_end
 
 log = logging.getLogger(__name__)
 
 FINISHED = frozenset({"succeeded", "failed", "canceled"})
 ACTIVE = frozenset({"running", "canceling"})
+JOB_TEXT_LIMIT = 8000
 
 
 def record_event(session: Session, job: Job, kind: str, actor: str, message: str,
@@ -190,6 +191,10 @@ def renew_lease(session: Session, job_id: str, owner: str, lease_seconds: int,
 def finish(session: Session, job_id: str, owner: str, status: str, message: str,
            error: str | None = None, metrics: dict[str, Any] | None = None) -> bool:
     """Move our job to a final state, only while we still hold its lease."""
+    # The client reads both: a library's text may carry a host path or a heap address (never its length cap:
+    # an acceptance verdict is long and all of it matters).
+    message = public_text(message, limit=JOB_TEXT_LIMIT)
+    error = None if error is None else public_text(error, limit=JOB_TEXT_LIMIT)
     now = utcnow()
     values: dict[str, Any] = {"status": status, "finished_at": now, "lease_owner": None,
                               "lease_expires_at": None, "error": error, "updated_at": now}
