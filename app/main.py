@@ -21,6 +21,7 @@ from app.dashboard.router import add_dashboard
 from app.datasets.router import router as datasets_router
 from app.docs.router import add_docs
 from app.health import STORAGE_FULL_ERRNOS
+from app.jobs.detail import RecentEvents
 from app.jobs.router import router as jobs_router
 from app.jobs.stream import EventHub
 from app.limits import new_session_gate
@@ -95,6 +96,7 @@ def create_app() -> FastAPI:
     # Per process: the slots count what this process serves, and one poller feeds all its event streams.
     app.state.upload_slots = new_upload_slots(get_settings())
     app.state.event_hub = EventHub(get_settings())
+    app.state.recent_events = RecentEvents()
     app.state.session_gate = new_session_gate(get_settings(), DATABASE_RETRY_AFTER_SECONDS)
     return app
 

@@ -41,19 +41,36 @@ STREAM_TENANTS = 10
 UPLOADS = 20
 UPLOAD_BODY_BYTES = 64 << 20
 
+# The reference the issue names: a bare FastAPI + SQLAlchemy + SQLite app reading one row, written as such an app
+# usually is (a sync route, an ORM session per request), on the same database file (WAL) as the service.
 BARE_READ_APP = textwrap.dedent('''
     import os
-    from fastapi import FastAPI
-    from sqlalchemy import create_engine, text
+    from typing import Any
+    from fastapi import FastAPI, HTTPException
+    from sqlalchemy import JSON, String, create_engine
+    from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
     engine = create_engine(os.environ["BARE_DB"], connect_args={"check_same_thread": False})
+    Session = sessionmaker(engine)
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Job(Base):
+        __tablename__ = "jobs"
+        id: Mapped[str] = mapped_column(String(40), primary_key=True)
+        status: Mapped[str] = mapped_column(String(16))
+        progress: Mapped[dict[str, Any]] = mapped_column(JSON)
+
     app = FastAPI()
 
     @app.get("/v1/jobs/{job_id}")
-    def get_job(job_id: str) -> dict:
-        with engine.connect() as connection:
-            row = connection.execute(text("SELECT id, status, progress FROM jobs WHERE id = :id"),
-                                     {"id": job_id}).mappings().one()
-        return dict(row)
+    def get_job(job_id: str) -> dict[str, Any]:
+        with Session() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise HTTPException(404)
+            return {"id": job.id, "status": job.status, "progress": job.progress}
 ''')
 
 BARE_UPLOAD_APP = textwrap.dedent('''
