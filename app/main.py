@@ -88,7 +88,8 @@ def create_app() -> FastAPI:
     app.add_middleware(RefuseHostilePaths)
     app.include_router(health.router)
     app.include_router(metrics.router)
-    for router in (models_router, datasets_router, jobs_router, artifacts_router, auth_router, webhooks_router):
+    # Routers are tried in this order: the route clients poll (GET /v1/jobs/{id}) is found first.
+    for router in (jobs_router, models_router, datasets_router, artifacts_router, auth_router, webhooks_router):
         app.include_router(router, prefix=API_PREFIX)
     add_dashboard(app)
     add_docs(app)
