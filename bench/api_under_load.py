@@ -1,8 +1,9 @@
 """The API's own speed under load (issue 13): one JSON line per measurement.
 
 - `get_job_alone`: GET /v1/jobs/{id} with a Bearer key, 16 keep-alive connections, against `condenser serve`
-  (embedded SQLite, its own process); `get_bare`: the same row read by a bare FastAPI + SQLAlchemy app started
-  here; `ratio_vs_bare` = ours / bare in requests per second.
+  (embedded SQLite, its own process); `get_bare`: the same row read, from the same SQLite file, by a bare FastAPI +
+  SQLAlchemy app started here (a sync route, an ORM session per request, no key); `ratio_vs_bare` = ours / bare
+  in requests per second.
 - `get_job_with_streams`: the same GET while 1,000 SSE streams (10 tenants, 100 each) are open.
 - `get_job_with_uploads`: the same GET while another tenant keeps 20 uploads in flight.
 - `model_upload`: POST /v1/models of a resnet152 safetensors (random weights, ~233 MB) until 201, vs
@@ -290,6 +291,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="Length of each GET measurement.")
     parser.add_argument("--skip-upload", action="store_true", help="Leave out the large model upload.")
     args = parser.parse_args()
+    # Other work on a shared machine takes cores from the servers: each line says how busy it was before the run.
+    load_before = round(os.getloadavg()[0], 2)
     work = Path(tempfile.mkdtemp(prefix="api-under-load-"))
     env = {"CONDENSER_DATA_DIR": str(work / "data"), "CONDENSER_DATABASE_URL": "", "CONDENSER_BROKER_URL": "",
            "CONDENSER_LOG_LEVEL": "WARNING", "CONDENSER_MAX_UPLOADS_IN_FLIGHT": str(UPLOADS + 2),
@@ -331,7 +334,7 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown")
     for result in results:
-        print(json.dumps({"cpu": cpu, "cores": os.cpu_count(),
+        print(json.dumps({"cpu": cpu, "cores": os.cpu_count(), "load_1m_before": load_before,
                           **{key: round(value, 3) if isinstance(value, float) else value
                              for key, value in result.items()}}))
 

@@ -20,6 +20,7 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
@@ -91,9 +92,15 @@ class JobState:
     status: str
     snapshot: dict[str, Any]
     last_event_id: int  # 0: none
-    # Formatted once per job and tick, whatever the number of its followers.
-    snapshot_event: str
-    end_event: str
+
+    # Formatted at most once per job and tick, whatever the number of its followers, and only when one needs it.
+    @cached_property
+    def snapshot_event(self) -> str:
+        return format_event("snapshot", self.snapshot)
+
+    @cached_property
+    def end_event(self) -> str:
+        return format_event("end", {"status": self.status})
 
 
 @dataclass(frozen=True)
@@ -129,13 +136,10 @@ def _job_states(session: Session, job_ids: list[str]) -> dict[str, JobState]:
     # commits with its event, so a finished status means that event's id is at most last_event_id.
     last_event = select(func.max(JobEvent.id)).where(JobEvent.job_id == Job.id).scalar_subquery()
     rows = session.execute(select(Job.id, Job.status, Job.progress, last_event).where(Job.id.in_(job_ids)))
-    return {job_id: _job_state(status, progress, last or 0) for job_id, status, progress, last in rows}
-
-
-def _job_state(status: str, progress: dict[str, Any] | None, last_event_id: int) -> JobState:
-    snapshot = {"status": status, "progress": JobProgress.model_validate(progress or {}).model_dump()}
-    return JobState(status, snapshot, last_event_id, snapshot_event=format_event("snapshot", snapshot),
-                    end_event=format_event("end", {"status": status}))
+    return {job_id: JobState(status, {"status": status,
+                                      "progress": JobProgress.model_validate(progress or {}).model_dump()},
+                             last or 0)
+            for job_id, status, progress, last in rows}
 
 
 def _events_after(session: Session, cursors: dict[str, int]) -> list[JobEvent]:
