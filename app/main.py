@@ -21,6 +21,7 @@ from app.dashboard.router import add_dashboard
 from app.datasets.router import router as datasets_router
 from app.docs.router import add_docs
 from app.health import STORAGE_FULL_ERRNOS
+from app.jobs.detail import RecentEvents
 from app.jobs.router import router as jobs_router
 from app.jobs.stream import EventHub
 from app.limits import new_session_gate
@@ -88,7 +89,8 @@ def create_app() -> FastAPI:
     app.add_middleware(RefuseHostilePaths)
     app.include_router(health.router)
     app.include_router(metrics.router)
-    for router in (models_router, datasets_router, jobs_router, artifacts_router, auth_router, webhooks_router):
+    # Routers are tried in this order: the route clients poll (GET /v1/jobs/{id}) is found first.
+    for router in (jobs_router, models_router, datasets_router, artifacts_router, auth_router, webhooks_router):
         app.include_router(router, prefix=API_PREFIX)
     add_dashboard(app)
     add_docs(app)
@@ -96,6 +98,7 @@ def create_app() -> FastAPI:
     # Per process: the slots count what this process serves, and one poller feeds all its event streams.
     app.state.upload_slots = new_upload_slots(get_settings())
     app.state.event_hub = EventHub(get_settings())
+    app.state.recent_events = RecentEvents()
     app.state.session_gate = new_session_gate(get_settings(), DATABASE_RETRY_AFTER_SECONDS)
     return app
 

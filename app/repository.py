@@ -43,8 +43,11 @@ class TenantRepository(Generic[RowT]):
         """The row, or a 404: another tenant's row is reported exactly like a missing one."""
         row = self.get(session, tenant, row_id)
         if row is None:
-            raise NotFound(f"{self.noun} {row_id} not found")
+            raise self.not_found(row_id)
         return row
+
+    def not_found(self, row_id: str) -> NotFound:
+        return NotFound(f"{self.noun} {row_id} not found")
 
     def page(self, session: Session, tenant: str, request: PageRequest,
              *where: ColumnElement[bool]) -> tuple[list[RowT], str | None]:

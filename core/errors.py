@@ -20,12 +20,14 @@ def public_text(text: str, limit: int = PUBLIC_TEXT_LIMIT) -> str:
 
 class DomainError(Exception):
     status_code = 400
+    headers: dict[str, str] | None = None  # sent with every error of the class (a 401's WWW-Authenticate)
 
     def __init__(self, message: str, retry_after_seconds: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         # Refusals of an overloaded or unavailable server say when to come back (429, 503).
-        self.headers = None if retry_after_seconds is None else {"Retry-After": str(retry_after_seconds)}
+        retry = {} if retry_after_seconds is None else {"Retry-After": str(retry_after_seconds)}
+        self.headers = {**(type(self).headers or {}), **retry} or None
 
 
 class NotFound(DomainError):

@@ -75,12 +75,21 @@ def revoked(session: Session, principal: Principal) -> bool:
 
 
 def authenticate(session: Session, plaintext: str | None) -> Principal:
+    return verify_key(repository.by_prefix(session, key_prefix(plaintext)), plaintext)
+
+
+def key_prefix(plaintext: str | None) -> str:
+    """The prefix that finds the key's row; a missing or malformed key is refused before any query."""
     if not plaintext:
         raise InvalidApiKey("missing API key: send the header 'Authorization: Bearer cnd_...'")
     match = _KEY_PATTERN.match(plaintext)
     if match is None:
         raise InvalidApiKey("malformed API key: expected 'cnd_<prefix>_<secret>' as created by 'condenser keys create'")
-    key = repository.by_prefix(session, match.group(1))
+    return match.group(1)
+
+
+def verify_key(key: ApiKey | None, plaintext: str) -> Principal:
+    """Who `plaintext` acts for, given the row its prefix found (None: no such prefix)."""
     # compare_digest so that response timing does not reveal how much of a guessed hash matched.
     if key is None or not hmac.compare_digest(key.key_hash, hash_key(plaintext)):
         raise InvalidApiKey("invalid API key")

@@ -8,10 +8,18 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from pydantic import WithJsonSchema
 
 from app.artifacts.service import artifacts_of_job
-from app.deps import CurrentPrincipal, DbSession, IdempotencyKey, SettingsDep, mark_replayed
+from app.deps import (
+    BearerKey,
+    CurrentPrincipal,
+    DbSession,
+    IdempotencyKey,
+    SettingsDep,
+    in_one_hop,
+    mark_replayed,
+)
 from app.idempotency import CREATED_RESPONSE
 from app.ids import JobId
-from app.jobs import service, stream
+from app.jobs import detail, service, stream
 from app.jobs.schemas import JobDetail, JobEventOut, JobPage, JobSubmission
 from app.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, PageRequest, next_link
 from app.routing import BoundedBodyRoute
@@ -63,9 +71,13 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobDetail, summary="Get a job", responses=error_responses(404))
-def get_job(job_id: JobId, principal: CurrentPrincipal, session: DbSession) -> JobDetail:
+async def get_job(job_id: JobId, request: Request, key: BearerKey) -> Response:
     """State, attempt, progress, metrics, error, timestamps, artifacts and the latest events of one job."""
-    return _detail(service.describe_job(session, principal.tenant, job_id))
+    # The read clients poll: one hop, one query in the usual case, the JSON made once (response_model documents
+    # it; returning the model would validate it again, on another hop).
+    recent_events = request.app.state.recent_events
+    body = await in_one_hop(request, lambda session: detail.job_detail_json(session, recent_events, key, job_id))
+    return Response(body, media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobDetail,

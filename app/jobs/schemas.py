@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from app.schemas import Page
-from core.db.models import Job, JobEvent
+from core.db.models import Job
 from core.jobspec import KINDS, MODEL_ID_EXAMPLE, DistillJobSpec, PruneJobSpec, QuantizeJobSpec
 from core.views import ArtifactOut, JobOut, OutModel, UtcDatetime, job_fields
 
@@ -103,7 +104,8 @@ class JobDetail(JobOut):
     events: list[JobEventOut] = Field(description="The latest events, oldest first.")
 
     @classmethod
-    def build(cls, job: Job, artifacts: list[ArtifactOut], events: list[JobEvent]) -> JobDetail:
+    def build(cls, job: Job, artifacts: list[ArtifactOut], events: Sequence[Any]) -> JobDetail:
+        """events: JobEvent rows, or rows with their attributes."""
         return cls(**job_fields(job), artifacts=artifacts,
                    events=[JobEventOut.model_validate(event) for event in events])
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydantic import ValidationError
-from sqlalchemy import event
+from sqlalchemy import Row, event
 from sqlalchemy.orm import Session
 
 from app import quotas
@@ -51,7 +51,7 @@ class DatasetShape(Protocol):
 class JobView:
     job: Job
     artifacts: list[Artifact]
-    events: list[JobEvent]
+    events: list[Row[Any]]  # with the attributes of a JobEvent
 
 
 def submit_job(session: Session, principal: Principal, body: AnyJobCreate, idempotency_key: str | None,

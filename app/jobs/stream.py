@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
@@ -46,6 +48,9 @@ JOBS_PER_EVENTS_QUERY = 200
 # EventSource reconnects after this many milliseconds when the connection drops.
 RETRY_MILLISECONDS = 2000
 STREAM_RETRY_AFTER_SECONDS = 30
+# While ticks keep failing (the database is down), one log line per this many seconds rather than a traceback
+# per tick.
+FAILURE_LOG_SECONDS = 30.0
 
 
 def wants_stream(accept: str | None) -> bool:
@@ -87,6 +92,15 @@ class JobState:
     status: str
     snapshot: dict[str, Any]
     last_event_id: int  # 0: none
+
+    # Formatted at most once per job and tick, whatever the number of its followers, and only when one needs it.
+    @cached_property
+    def snapshot_event(self) -> str:
+        return format_event("snapshot", self.snapshot)
+
+    @cached_property
+    def end_event(self) -> str:
+        return format_event("end", {"status": self.status})
 
 
 @dataclass(frozen=True)
@@ -140,6 +154,33 @@ def _events_after(session: Session, cursors: dict[str, int]) -> list[JobEvent]:
     return rows
 
 
+class FailureLog:
+    """The poller's failures, logged without flooding: the first with its traceback, then one line per
+    `every_seconds` while they go on, and one when a tick works again."""
+
+    def __init__(self, every_seconds: float = FAILURE_LOG_SECONDS) -> None:
+        self.every_seconds = every_seconds
+        self.in_a_row = 0
+        self.logged_at = 0.0
+
+    def failed(self, error: Exception, streams: int) -> None:
+        self.in_a_row += 1
+        now = time.monotonic()
+        if self.in_a_row == 1:
+            log.error("reading job events for %d streams failed; retrying every tick", streams, exc_info=error)
+        elif now - self.logged_at >= self.every_seconds:
+            log.error("reading job events for %d streams still fails (%d ticks in a row): %s: %s", streams,
+                      self.in_a_row, type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        else:
+            return
+        self.logged_at = now
+
+    def succeeded(self) -> None:
+        if self.in_a_row:
+            log.warning("reading job events works again after %d failed ticks", self.in_a_row)
+        self.in_a_row = 0
+
+
 class EventHub:
     """Every open stream of this process, and the one task that feeds them."""
 
@@ -150,6 +191,7 @@ class EventHub:
         self.subscriptions: set[Subscription] = set()
         self.task: asyncio.Task[None] | None = None
         self.poke = asyncio.Event()  # a new subscriber: read now rather than at the next tick
+        self.failures = FailureLog()
 
     def subscribe(self, principal: Principal, job_id: str, after_id: int) -> Subscription:
         """Raises Busy (429) past the caps. Called on the event loop, which the poller then runs on."""
@@ -175,8 +217,9 @@ class EventHub:
             truncated = False
             try:
                 truncated = await self._tick()
-            except Exception:  # a database hiccup must not end every stream: log it and read again
-                log.exception("reading job events for %d streams failed", len(self.subscriptions))
+                self.failures.succeeded()
+            except Exception as error:  # a database hiccup must not end every stream: log it and read again
+                self.failures.failed(error, len(self.subscriptions))
             if not truncated:
                 try:
                     async with asyncio.timeout(self.poll_seconds):
@@ -212,11 +255,11 @@ def _deliver(subscription: Subscription, tick: Tick) -> None:
     for event_id, _ in tick.events.get(subscription.job_id, []):
         subscription.cursor = max(subscription.cursor, event_id)
     if state.snapshot != subscription.last_snapshot:
-        chunks.append(format_event("snapshot", state.snapshot))
+        chunks.append(state.snapshot_event)
         subscription.last_snapshot = state.snapshot
     done = state.status in FINISHED and subscription.cursor >= state.last_event_id
     if done:
-        chunks.append(format_event("end", {"status": state.status}))
+        chunks.append(state.end_event)
     subscription.push(chunks, finished=done)
 
 

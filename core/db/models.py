@@ -116,6 +116,9 @@ class Job(Base):
 
 
 class JobEvent(Base):
+    """Append-only: a row is never updated, and is deleted only with its job. GET /v1/jobs/{id} relies on it (each
+    API process keeps a job's latest events while their count and newest id stay the same)."""
+
     __tablename__ = "job_events"
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,

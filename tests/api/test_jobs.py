@@ -10,10 +10,13 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from app.auth.service import revoke_key
+from app.jobs.service import EVENTS_SHOWN
+from core import lifecycle
 from core.db.models import Job
 from core.db.session import session_scope
 from tests.api.helpers import count_rows, files_in, npz_dataset, upload_dataset
-from tests.conftest import SMALL_CNN_SPEC, AppEnv
+from tests.conftest import SMALL_CNN_SPEC, AppEnv, bearer
 
 STUDENT = {"arch": "small_cnn", "kwargs": {"width": 2, "depth": 1}}
 
@@ -265,3 +268,25 @@ def test_eval_dataset_must_be_other_images_of_the_same_classes(client: TestClien
     # A built-in evaluates an upload of the same classes, and the gate is stored with its kind's default.
     built_in = submit(client, auth_headers, job_body(teacher_id, dataset=train_id, eval_dataset="digits")).json()
     assert built_in["spec"]["eval_dataset"] == "digits" and built_in["spec"]["max_accuracy_drop_pts"] is None
+
+
+def test_a_polled_job_shows_every_change_and_a_revoked_key_reads_nothing(
+        client: TestClient, make_api_key: Callable[[str], str], tenant: str, teacher_id: str) -> None:
+    # The process keeps the latest events of the jobs it serves: what changed between two reads must show.
+    key = make_api_key(tenant)
+    job_id = submit(client, bearer(key), job_body(teacher_id)).json()["id"]
+    first = client.get(f"/v1/jobs/{job_id}", headers=bearer(key)).json()
+    assert [event["message"] for event in first["events"]] == ["submitted"]
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.progress = {"stage": "training", "epoch": 1}
+        for epoch in range(EVENTS_SHOWN + 1):
+            lifecycle.record_event(session, job, "progress", "worker", f"epoch {epoch} done", {"epoch": epoch})
+    later = client.get(f"/v1/jobs/{job_id}", headers=bearer(key)).json()
+    assert later["progress"]["epoch"] == 1
+    assert [event["message"] for event in later["events"]] == [f"epoch {n} done" for n in range(1, EVENTS_SHOWN + 1)]
+    with session_scope() as session:
+        revoke_key(session, tenant, key.split("_")[1])
+    revoked = client.get(f"/v1/jobs/{job_id}", headers=bearer(key))
+    assert revoked.status_code == 401 and "revoked" in revoked.json()["detail"]

@@ -5,6 +5,7 @@ tenant's reads still answer (issue 13, item 4 and "bounded concurrency")."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -12,12 +13,13 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from app.client import parse_sse
 from app.jobs.stream import EventHub
 from app.limits import Slots
 from app.main import create_app
-from core.db.session import get_engine
+from core.db.session import get_engine, session_scope
 from tests.api.helpers import multipart_body
 from tests.api.test_events import SSE, cancel
 from tests.conftest import AppEnv
@@ -147,3 +149,37 @@ def test_many_open_streams_cost_one_poller_and_another_tenant_still_reads(
         await until(lambda: hub.task is not None and hub.task.done())  # the poller stops with its last stream
 
     run_against(app, scenario)
+
+
+def rename_table(old: str, new: str) -> None:
+    with session_scope() as session:
+        session.execute(text(f"ALTER TABLE {old} RENAME TO {new}"))
+
+
+def test_a_failing_poller_logs_once_not_at_every_tick(
+        app_env: AppEnv, tenant: str, auth_headers: dict[str, str], make_job: Callable[[str, dict[str, str]], str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    app = create_app()
+    hub: EventHub = app.state.event_hub
+    hub.poll_seconds = 0.02
+    followed = make_job(tenant, auth_headers)
+
+    async def scenario(http: httpx.AsyncClient) -> None:
+        stream = asyncio.create_task(http.get(f"/v1/jobs/{followed}/events", headers={**auth_headers, **SSE}))
+        await until(lambda: len(hub.subscriptions) == 1)
+        # A real database error at every tick: the table each tick reads is gone for a while.
+        await asyncio.to_thread(rename_table, "job_events", "job_events_away")
+        try:
+            await until(lambda: hub.failures.in_a_row >= 10)
+        finally:
+            await asyncio.to_thread(rename_table, "job_events_away", "job_events")
+        await until(lambda: hub.failures.in_a_row == 0)
+        await asyncio.to_thread(cancel, followed)
+        assert (await stream).status_code == 200
+
+    with caplog.at_level(logging.WARNING, logger="app.jobs.stream"):
+        run_against(app, scenario)
+    records = [record for record in caplog.records if record.name == "app.jobs.stream"]
+    assert [record.levelname for record in records] == ["ERROR", "WARNING"], [r.getMessage() for r in records]
+    assert records[0].exc_info is not None  # the first failure with its traceback
+    assert "works again after" in records[1].getMessage()
