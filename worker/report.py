@@ -135,9 +135,9 @@ def _evaluation_sentence(summary: dict[str, Any]) -> str:
         return f"Accuracies measured on {summary['validation_samples']} held-out images."
     if evaluation["source"] == "eval_dataset":
         return (f"Accuracies measured on {evaluation['samples']} images of the evaluation dataset "
-                f"{_cell(evaluation['dataset'])}, which the job neither trained nor calibrated on.")
+                f"{_code(evaluation['dataset'])}, which the job neither trained nor calibrated on.")
     return (f"Accuracies measured on {evaluation['samples']} images held out from the uploaded dataset "
-            f"{_cell(evaluation['dataset'])}: the job did not train on them, but the input model may have, so its "
+            f"{_code(evaluation['dataset'])}: the job did not train on them, but the input model may have, so its "
             "accuracy and the drops against it may look better than on new images (give eval_dataset to avoid it).")
 
 
@@ -218,4 +218,6 @@ def _code(text: str) -> str:
     one_line = " ".join(str(text).split())
     longest_run = max((len(run) for run in re.findall("`+", one_line)), default=0)
     fence = "`" * (longest_run + 1)
-    return f"{fence} {one_line} {fence}"
+    # CommonMark strips one space each side, which is what lets a span start or end with a backtick.
+    pad = " " if one_line.startswith("`") or one_line.endswith("`") else ""
+    return f"{fence}{pad}{one_line}{pad}{fence}"

@@ -71,9 +71,10 @@ def memory_hungry_job(service: Service, tenant: str, weights: Any) -> str:
 def test_one_worker_through_a_database_outage_serves_tenants_fairly_and_loses_no_job(
         service_factory: Any, small_cnn_files: Any) -> None:
     # One worker (one job at a time, one child for all: the order of claims is under test, not a process's
-    # lifecycle), a memory limit per job, and messages presumed lost a second after they were sent.
+    # lifecycle), a memory limit per job, and messages presumed lost a second after they were sent. The API's
+    # model budget admits the hungry job (it is the worker's limit under test here).
     service = service_factory("distributed", CONDENSER_MESSAGE_GRACE_SECONDS="1", CONDENSER_JOB_MEMORY_LIMIT_GIB="2",
-                              **ONE_ATTEMPT)
+                              CONDENSER_MAX_TRAINING_MEMORY_BYTES=str(1 << 40), **ONE_ATTEMPT)
     broker_keeps_its_messages(service)
     busy, other, stranded, hungry = (unique_tenant() for _ in range(4))
     backlog = [submit_as(service, busy, job_spec(insert_model_row(busy))) for _ in range(3)]

@@ -107,7 +107,7 @@ def test_model_card_shows_user_chosen_text_and_renders_none_of_it() -> None:
     assert "&lt;script&gt;alert(1)&lt;/script&gt; \\*\\*bold\\*\\* \\`x\\` \\[link\\](http://evil)" in model_row
     assert "- &lt;b&gt;note&lt;/b&gt; from \\_a\\_ library" in card
     # Inside a code span HTML is shown as written; the fence outlasts the backticks in the text.
-    assert '``` {"arch": "small_cnn", "kwargs": {"note": "`` <img src=x onerror=alert(1)>"}} ```' in card
+    assert '```{"arch": "small_cnn", "kwargs": {"note": "`` <img src=x onerror=alert(1)>"}}```' in card
 
 
 def test_curves_svg_has_one_point_per_epoch_per_series() -> None:
@@ -170,7 +170,7 @@ def test_summary_and_model_card_show_each_files_verdict_the_evaluation_and_the_c
             "40.00%, 55.00 points below the float input model") in card
     assert "| torchscript | 94.00% | 98.00% with the float input model | -1.00 pts | -1.00 pts | passed |" in card
     assert "**Not results:** the onnx file(s) failed their acceptance checks" in card
-    assert "images held out from the uploaded dataset digits:" in card and "may have" in card
+    assert "images held out from the uploaded dataset `digits`:" in card and "may have" in card
     assert "Measured on Some CPU (x86_64: avx2, avx512_vnni)." in card
     assert f"CPU {cpu.summary_line(cpu.describe())}." in card  # the environment: the host that wrote the report
 
