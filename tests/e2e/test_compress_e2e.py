@@ -28,7 +28,6 @@ from worker.engine import data, evaluate, export, models, prune, quantize
 from worker.engine.config import ArchSpec, DistillConfig
 from worker.engine.distill import distill
 from worker.jobs.inputs import calibration_subset
-from worker.runner import REJECTED_RUNTIME
 
 # Loading with plain torch.jit.load is the point here; its deprecation notice is not.
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")]
@@ -109,16 +108,14 @@ def finished(service: Service, job_ids: list[str], timeout: float) -> list[dict[
     return [service.api_job(job_id) for job_id in job_ids]
 
 
-def artifacts(service: Service, job: dict[str, Any], folder: Path, rejected: bool = False) -> dict[str, Path]:
-    """Every artifact of the job downloaded (sha256 checked) into `folder`, by kind; with `rejected`, of a job whose
-    every file failed its acceptance gates, by the kind each diagnostic would have had."""
-    assert job["status"] == ("failed" if rejected else "succeeded"), job["error"]
+def artifacts(service: Service, job: dict[str, Any], folder: Path) -> dict[str, Path]:
+    """Every artifact of the succeeded job downloaded (sha256 checked) into `folder`, by kind."""
+    assert job["status"] == "succeeded", job["error"]
     folder.mkdir()
     paths = {}
     for artifact in job["artifacts"]:
-        kind = artifact["kind"].removesuffix("_rejected") if rejected else artifact["kind"]
-        paths[kind] = folder / artifact["filename"]
-        paths[kind].write_bytes(download(service, artifact))
+        paths[artifact["kind"]] = folder / artifact["filename"]
+        paths[artifact["kind"]].write_bytes(download(service, artifact))
     return paths
 
 
@@ -182,9 +179,7 @@ def check_quantized(job: dict[str, Any], paths: dict[str, Path], spec: dict[str,
     assert agreement(onnx_logits, float_logits) >= agreement(expected, float_logits) - ONNX_INT8_SLACK
     program_logits = plain_program_logits(paths["quantized_pt2"], batch)
     assert agreement(program_logits, float_logits) >= agreement(expected, float_logits) - ONNX_INT8_SLACK
-    # A rejected file keeps the runtime it was measured with, after the word that it was rejected.
-    runtimes = {a["kind"].removesuffix("_rejected"): a["runtime"].removeprefix(REJECTED_RUNTIME)
-                for a in job["artifacts"]}
+    runtimes = {a["kind"]: a["runtime"] for a in job["artifacts"]}
     assert runtimes["quantized_torchscript"].startswith("torchscript (torch ") and "x86 fbgemm int8" in \
         runtimes["quantized_torchscript"]
     assert runtimes["quantized_onnx"] == "onnxruntime (CPU, QDQ int8)"
@@ -243,42 +238,29 @@ def test_small_cnn_pruned_and_quantized_over_http(service_factory: Any, small_cn
         assert check_report(service, job)["summary"]["after"]["label"] in ("pruned", "int8")
 
 
-@pytest.mark.parametrize(("arch", "prune_epochs"), [("resnet18", 1), ("mobilenet_v3_small", 0)])
-def test_torchvision_models_pruned_and_quantized(service_factory: Any, arch: str, prune_epochs: int,
-                                                 tmp_path: Path) -> None:
+def test_torchvision_model_pruned_and_quantized(service_factory: Any, tmp_path: Path) -> None:
+    """A torchvision resnet18 through both jobs. The other families are checked in every format by the engine's
+    tests (tests/engine/test_quantize_archs.py), and a file at chance is rejected by tests/worker/test_publish.py:
+    each would cost most of a minute more here."""
+    arch = "resnet18"
     spec = torchvision_spec(arch)
     service = service_factory("distributed")
     service.start_worker(concurrency=JOBS_AT_ONCE, **ONE_THREAD)  # starts while the model is probed
     input_model = probed_model(spec)
     model_id = service.upload_teacher(save(input_model, tmp_path, arch), spec)
     pruned_job, quantized_job = finished(service, [
-        submit(service, "prune", model_id, channel_ratio=0.5, epochs=prune_epochs, batch_size=64,
-               calibration_samples=32),
+        submit(service, "prune", model_id, channel_ratio=0.5, epochs=1, batch_size=64, calibration_samples=32),
         submit(service, "quantize", model_id, method="static", calibration_samples=64),
     ], timeout=300)
 
-    # mobilenet_v3 pruned without fine-tuning scores at chance (its features are random; only its head was fitted):
-    # the job fails at the acceptance floor, and its files, kept as REJECTED diagnostics, still match its model.
-    at_chance = prune_epochs == 0
-    if at_chance:
-        error = pruned_job["error"]
-        assert error.startswith("no file passed its acceptance checks") and "no better than chance" in error
-        assert {"pruned_pt2_rejected", "report_model_card"} <= {a["kind"] for a in pruned_job["artifacts"]}
-    pruned = check_pruned(pruned_job, artifacts(service, pruned_job, tmp_path / "pruned", rejected=at_chance), spec)
+    pruned = check_pruned(pruned_job, artifacts(service, pruned_job, tmp_path / "pruned"), spec)
     assert models.param_count(pruned) * 3 <= models.param_count(input_model)
     assert pruned_job["metrics"]["ratios"]["macs"] >= 3
-    # The int8 files of that head's small margins may land more than 3 points below the float model: the gate then
-    # rejects every one, saying so (a trained mobilenet_v3 keeps them: tests/engine/test_quantize_archs.py).
-    int8_rejected = quantized_job["status"] == "failed"
-    if int8_rejected:
-        assert arch == "mobilenet_v3_small", quantized_job["error"]
-        assert "points below the float input model it was made from" in quantized_job["error"]
-    paths = artifacts(service, quantized_job, tmp_path / "quantized", rejected=int8_rejected)
-    onnx_agreement = check_quantized(quantized_job, paths, spec, input_model, 64)
+    paths = artifacts(service, quantized_job, tmp_path / "quantized")
+    assert check_quantized(quantized_job, paths, spec, input_model, 64) >= ONNX_INT8_AGREEMENT
+    # Big enough that the int8 weights dominate the files.
     ratios = quantized_job["metrics"]["ratios"]
-    if arch == "resnet18":  # big enough that the int8 weights dominate the files
-        assert onnx_agreement >= ONNX_INT8_AGREEMENT
-        assert ratios["torchscript"]["file_bytes"] >= 3.8 and ratios["onnx"]["file_bytes"] >= 3.8
+    assert ratios["torchscript"]["file_bytes"] >= 3.8 and ratios["onnx"]["file_bytes"] >= 3.8
 
 
 def test_models_that_cannot_be_compressed_fail_naming_the_layer(service_factory: Any, tmp_path: Path) -> None:

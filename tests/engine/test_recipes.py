@@ -1,4 +1,4 @@
-"""The demo recipe: consistent specs, and (slow) the accuracies its docstring promises."""
+"""The demo recipe: consistent specs, and (slow) the teacher's accuracy its docstring promises."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import torch
 from tests.conftest import DigitsTeacher
 from worker.engine import data, evaluate, models, recipes
 from worker.engine.config import student_arch
-from worker.engine.distill import distill
 
 
 def _student_arch():
@@ -25,18 +24,12 @@ def test_demo_recipe_models() -> None:
 
 
 @pytest.mark.slow
-def test_demo_recipe_reaches_its_accuracies(digits_teacher: DigitsTeacher) -> None:
-    """The resnet18 teacher as recipes.train_digits_teacher() trains it (the session's digits_teacher, shared
-    with the demo's test), then the small_cnn student distilled from it here."""
-    teacher, teacher_accuracy = digits_teacher.model, digits_teacher.accuracy
-    assert teacher_accuracy >= 0.97
-
-    config = recipes.DIGITS_DISTILLATION
-    train, val = data.train_val_tensors(
+def test_demo_teacher_reaches_its_accuracy(digits_teacher: DigitsTeacher) -> None:
+    """The resnet18 teacher as recipes.train_digits_teacher() trains it (the session's digits_teacher, shared with
+    the demo's test). The student the recipe distills from it is checked where users meet it: tests/e2e/test_demo.py
+    runs the demo and asserts its accuracy (>= 0.96) on the downloaded file."""
+    assert digits_teacher.accuracy >= 0.97
+    _, val = data.train_val_tensors(
         data.load_builtin("digits"), recipes.DIGITS_INPUT, recipes.DIGITS_VAL_FRACTION, recipes.DIGITS_SEED
     )
-    assert evaluate.accuracy(teacher, *val) == teacher_accuracy
-    torch.manual_seed(recipes.DIGITS_SEED)
-    student = models.build_model(_student_arch())
-    result = distill(teacher, student, train, val, config, lambda _: None, seed=recipes.DIGITS_SEED)
-    assert result.final_val_accuracy >= 0.96
+    assert evaluate.accuracy(digits_teacher.model, *val) == digits_teacher.accuracy
