@@ -342,3 +342,13 @@ def test_canonical_npz_over_the_storage_quota_is_refused_before_writing(tmp_path
     ingest_dataset(upload, upload.name, tmp_path / "canonical.npz",
                    dataclasses.replace(limits, max_stored_bytes=refused.value.canonical_bytes))
     assert (tmp_path / "canonical.npz").stat().st_size <= refused.value.canonical_bytes
+
+
+def test_the_canonical_file_depends_on_the_images_only(tmp_path: Path, limits: IngestLimits) -> None:
+    """No clock time in its zip entries: the same images uploaded again, a second later or a day later, have the
+    same canonical sha256 (how an eval_dataset that repeats the training images is refused)."""
+    source = tmp_path / "upload.npz"
+    np.savez(source, x=np.arange(2 * 8 * 8, dtype=np.uint8).reshape(2, 8, 8), y=np.array([0, 1]))
+    ingest_dataset(source, "upload.npz", tmp_path / "canonical.npz", limits)
+    with zipfile.ZipFile(tmp_path / "canonical.npz") as archive:
+        assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
