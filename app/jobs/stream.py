@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
@@ -267,12 +268,16 @@ async def event_stream(subscription: Subscription, settings: Settings) -> AsyncI
     """`state`, `progress`, `log` and `webhook` events (stored, with ids), `snapshot` events (live progress),
     keep-alive comments, and a final `end` event; or an `error` event, and the end, once the key is revoked."""
     yield f"retry: {RETRY_MILLISECONDS}\n\n"
+    # Streams opened together would send their keep-alives together, a thousand writes in one instant that stall
+    # every other request of the process: each stream's first one comes at a random point of the interval.
+    quiet_seconds = settings.events_keepalive_seconds * (1.0 - random.random())
     while True:
         try:
-            async with asyncio.timeout(settings.events_keepalive_seconds):
+            async with asyncio.timeout(quiet_seconds):
                 await subscription.wake.wait()
         except TimeoutError:
             yield ": keep-alive\n\n"
+            quiet_seconds = settings.events_keepalive_seconds
             continue
         text = subscription.take()
         if text:
