@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -72,9 +73,7 @@ def _ingest(upload: Upload, canonical: Path, allowed: int, settings: Settings) -
         "max_compression_ratio": settings.max_compression_ratio, "max_image_pixels": settings.max_image_pixels,
         "max_tar_header_bytes": settings.max_tar_header_bytes, "max_stored_bytes": allowed,
     }}
-    limits = ChildLimits(timeout_seconds=settings.ingest_timeout_seconds, cpu_seconds=settings.ingest_cpu_seconds,
-                         address_space_bytes=settings.ingest_address_space_bytes,
-                         file_size_bytes=allowed + _FILE_SIZE_SLACK)
+    limits = _child_limits(settings, file_size_bytes=allowed + _FILE_SIZE_SLACK)
     with _ingest_slots(settings.max_concurrent_ingests):
         verdict = run_child(INGEST_MODULE, ["--job-json", json.dumps(job), str(upload.path), str(canonical)],
                             limits, what="reading the dataset")
@@ -85,6 +84,12 @@ def _ingest(upload: Upload, canonical: Path, allowed: int, settings: Settings) -
                        f"(its canonical .npz of uint8 images), and this tenant may store only {allowed} more of "
                        f"its {settings.max_stored_bytes_per_tenant}; delete data or upload fewer or smaller images")
     raise Invalid(public_text(str(verdict.get("error", "the dataset could not be read"))))
+
+
+def _child_limits(settings: Settings, file_size_bytes: int | None = None) -> ChildLimits:
+    limits = ChildLimits(timeout_seconds=settings.ingest_timeout_seconds, cpu_seconds=settings.ingest_cpu_seconds,
+                         address_space_bytes=settings.ingest_address_space_bytes)
+    return limits if file_size_bytes is None else replace(limits, file_size_bytes=file_size_bytes)
 
 
 @lru_cache
@@ -107,8 +112,7 @@ def builtin_summary(name: str) -> DatasetShape:
     if name not in BUILTIN_DATASETS:
         raise NotFound(f"no built-in dataset '{name}'; built-ins: {', '.join(BUILTIN_DATASETS)}")
     settings = get_settings()
-    limits = ChildLimits(timeout_seconds=settings.ingest_timeout_seconds, cpu_seconds=settings.ingest_cpu_seconds,
-                         address_space_bytes=settings.ingest_address_space_bytes)
+    limits = _child_limits(settings)
     verdict = run_child(INGEST_MODULE, ["--builtin", name], limits, what="describing the built-in dataset")
     if not verdict.get("ok"):
         raise Invalid(public_text(str(verdict.get("error", "the built-in dataset could not be read"))))

@@ -13,8 +13,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from app.models.validator import ADDRESS_SPACE_LIMIT, CHILD_SLOTS
-from app.sandbox import ChildLimits, run_child
+from app.models.validator import run_torch_child
 from core.errors import Invalid, public_text
 from core.settings import Settings
 from worker.engine.config import ArchSpec
@@ -96,11 +95,8 @@ def estimate(archs: list[ArchSpec], timeout: float) -> list[ModelCost]:
 
 def _estimate_in_child(archs: list[ArchSpec], timeout: float) -> list[ModelCost]:
     arch_json = json.dumps([arch.model_dump(mode="json") for arch in archs])
-    limits = ChildLimits(timeout_seconds=timeout, cpu_seconds=max(1, int(timeout)) * 2,
-                         address_space_bytes=ADDRESS_SPACE_LIMIT)
-    # A constructor that allocates wildly even on the meta device blows these limits: a 422 like any other refusal.
-    with CHILD_SLOTS:
-        verdict = run_child(ESTIMATOR_MODULE, ["--arch-json", arch_json], limits, what="estimating the model's size")
+    # A constructor that allocates wildly even on the meta device blows the child's limits: a 422 like any other.
+    verdict = run_torch_child(ESTIMATOR_MODULE, ["--arch-json", arch_json], timeout, what="estimating the model's size")
     if not verdict.get("ok"):
         raise Invalid(f"the model cannot be built: {public_text(str(verdict.get('error', 'unknown error')))}")
     return [ModelCost(int(item["parameters"]), int(item["activations_per_sample"]))

@@ -33,11 +33,16 @@ def check_weights(path: Path, weights_format: str, spec: ArchSpec, timeout: floa
     """Check in a child that the file's tensors fit `spec` and that it runs at its input size; Invalid (422) with
     the reason if not."""
     args = ["--format", weights_format, "--arch-json", spec.model_dump_json(), str(path)]
-    limits = ChildLimits(timeout_seconds=timeout, cpu_seconds=max(1, int(timeout)) * 2,
-                         address_space_bytes=ADDRESS_SPACE_LIMIT)
-    with CHILD_SLOTS:
-        verdict = run_child(VALIDATOR_MODULE, args, limits, what="checking the weights")
+    verdict = run_torch_child(VALIDATOR_MODULE, args, timeout, what="checking the weights")
     if not verdict.get("ok"):
         raise Invalid(f"the weights do not fit the spec: {public_text(str(verdict.get('error', 'unknown error')))}")
     return WeightsReport(param_count=int(verdict["param_count"]), num_classes=int(verdict["num_classes"]),
                          activations_per_sample=int(verdict["activations_per_sample"]))
+
+
+def run_torch_child(module: str, args: list[str], timeout: float, what: str) -> dict[str, object]:
+    """A child that imports torch (the validator, the size estimator): one of CHILD_SLOTS, under the same limits."""
+    limits = ChildLimits(timeout_seconds=timeout, cpu_seconds=max(1, int(timeout)) * 2,
+                         address_space_bytes=ADDRESS_SPACE_LIMIT)
+    with CHILD_SLOTS:
+        return run_child(module, args, limits, what=what)
