@@ -10,7 +10,7 @@ under concurrency: two requests checked at the same moment may both pass.
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, true
 from sqlalchemy.orm import Session
 
 from core.db.models import Artifact, Dataset, Job, Model
@@ -18,9 +18,11 @@ from core.errors import TooLarge, TooManyRequests
 from core.lifecycle import FINISHED
 from core.settings import Settings
 
-# The size of the blob each row holds. Datasets recorded before canonical_bytes existed count their upload.
-_STORED_BYTES = ((Model, Model.bytes), (Dataset, func.coalesce(Dataset.canonical_bytes, Dataset.bytes)),
-                 (Artifact, Artifact.bytes))
+# The size of the blob each row holds, and which rows hold one of their own. Datasets recorded before
+# canonical_bytes existed count their upload; a job's result model shares its artifact's file, counted there.
+_STORED_BYTES = ((Model, Model.bytes, Model.source_job_id.is_(None)),
+                 (Dataset, func.coalesce(Dataset.canonical_bytes, Dataset.bytes), true()),
+                 (Artifact, Artifact.bytes, true()))
 
 
 def check_job_slot(session: Session, tenant: str, settings: Settings) -> None:
@@ -47,5 +49,5 @@ def check_storage(session: Session, tenant: str, settings: Settings, incoming: i
 
 def stored_bytes(session: Session, tenant: str) -> int:
     # int(): PostgreSQL sums BIGINT as NUMERIC, which arrives as a Decimal.
-    return sum(int(session.scalar(select(func.coalesce(func.sum(size), 0)).where(entity.tenant == tenant)) or 0)
-               for entity, size in _STORED_BYTES)
+    return sum(int(session.scalar(select(func.coalesce(func.sum(size), 0)).where(entity.tenant == tenant, own))
+                   or 0) for entity, size, own in _STORED_BYTES)

@@ -70,6 +70,8 @@ class JobSpecBase(Spec):
 
     # The field that holds this kind's engine config, whose fields may also be given flat.
     config_field: ClassVar[str] = ""
+    # The field that names the input model: a distillation's "teacher", the "model" of the other kinds.
+    input_field: ClassVar[str] = "model"
 
     @model_validator(mode="before")
     @classmethod
@@ -84,13 +86,14 @@ class JobSpecBase(Spec):
     @property
     def input_model(self) -> str:
         """The id of the model the job starts from (a distillation's teacher)."""
-        raise NotImplementedError
+        return str(getattr(self, self.input_field))
 
 
 class DistillJobSpec(JobSpecBase):
     """A distillation job: teacher, data, student architecture, and how to distill (all optional)."""
 
     config_field: ClassVar[str] = "distill"
+    input_field: ClassVar[str] = "teacher"
     kind: Literal["distill"] = Field(default="distill", description="The job type: distill (the default), prune "
                                      "or quantize.")
     teacher: str = _model_field("the teacher")
@@ -108,10 +111,6 @@ class DistillJobSpec(JobSpecBase):
         "below the teacher is kept only as a diagnostic. The floor (no result at chance level or predicting one "
         "class) always applies.")
 
-    @property
-    def input_model(self) -> str:
-        return self.teacher
-
 
 class PruneJobSpec(JobSpecBase):
     """A pruning job: structured channel pruning (or unstructured sparsity) of the model, then recovery
@@ -123,10 +122,6 @@ class PruneJobSpec(JobSpecBase):
     dataset: str = _dataset_field("ranking channels (calibration_samples) and recovery fine-tuning")
     prune: PruneConfig = Field(description="How to prune; its fields (channel_ratio, method, epochs, ...) may be "
                                "given flat.")
-
-    @property
-    def input_model(self) -> str:
-        return self.model
 
 
 class QuantizeJobSpec(JobSpecBase):
@@ -140,10 +135,6 @@ class QuantizeJobSpec(JobSpecBase):
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig, description="How to quantize; its fields "
                                      "(method, backend, calibration_samples, and for qat epochs, lr, ...) may be "
                                      "given flat.")
-
-    @property
-    def input_model(self) -> str:
-        return self.model
 
 
 JobSpec = Annotated[DistillJobSpec | PruneJobSpec | QuantizeJobSpec, Field(discriminator="kind")]

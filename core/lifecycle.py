@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, case, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
+from core import pipelines
 from core.db.models import Job, JobEvent, utcnow
 from core.errors import Conflict, public_text
 from core.webhooks.outbox import announce_end
@@ -45,9 +46,11 @@ def _record(session: Session, job_id: str, kind: str, actor: str, message: str,
 
 
 def _ended(session: Session, job: Job, actor: str, message: str, data: dict[str, Any] | None = None) -> None:
-    """Record the final state and, in the same transaction, announce it to the job's webhook (if any)."""
+    """Record the final state and, in the same transaction, announce it to the job's webhook (if any) and move
+    its pipeline (if it is a stage of one) along."""
     record_event(session, job, "state", actor, message, data)
     announce_end(session, job)
+    pipelines.stage_ended(session, job)
 
 
 # ---- submission side (API) -------------------------------------------------------------------
@@ -168,6 +171,7 @@ def _take(session: Session, which: ColumnElement[bool], owner: str, lease_second
     if job.started_at is None:
         job.started_at = now
     record_event(session, job, "state", owner, f"claimed (attempt {job.attempt} of {job.max_attempts})")
+    pipelines.mark_running(session, job)
     return job
 
 

@@ -36,7 +36,15 @@ from worker.engine.models import describe_validation_error
 from worker.guard import JobGuard, LeaseLost, Preempted, record_epochs
 from worker.heartbeat import Heartbeat
 from worker.jobs import acceptance
-from worker.jobs.base import Checkpoints, JobContext, JobOutcome, ModelSource, OutputFile, job_function
+from worker.jobs.base import (
+    Checkpoints,
+    JobContext,
+    JobOutcome,
+    ModelSource,
+    OutputFile,
+    OutputModel,
+    job_function,
+)
 from worker.memory import is_out_of_memory, out_of_memory_message
 from worker.preemption import stop_requested
 
@@ -190,11 +198,14 @@ def _publish(ctx: JobContext, outcome: JobOutcome, store: BlobStore) -> None:
     add their rows, the epochs not yet recorded and the acceptance outcome, and end the job: succeeded, or failed
     when no result passed."""
     status, message, error = _conclude(ctx.kind, outcome.metrics)
+    # Lineage shows what made each model (library versions, device): kept with the job's figures.
+    outcome.metrics["environment"] = report.environment(_device_name(ctx))
     acceptance_result = outcome.metrics.get("acceptance") or {}
     files = [_as_diagnostic(output) if output.format in acceptance_result.get("failed_formats", ()) else output
              for output in outcome.files]
     blobs = [(output, store.put_file(output.path)) for output in files]
     blobs += [(output, store.put_file(output.path)) for output in _report(ctx, outcome, blobs)]
+    result_file = _result_file(outcome, files, blobs) if status == "succeeded" else None
 
     def record() -> None:
         with session_scope() as session:
@@ -204,6 +215,9 @@ def _publish(ctx: JobContext, outcome: JobOutcome, store: BlobStore) -> None:
                 session.add(Artifact(tenant=job.tenant, job_id=ctx.job_id, kind=output.kind,
                                      filename=output.filename, media_type=output.media_type, runtime=output.runtime,
                                      sha256=blob.sha256, bytes=blob.bytes))
+            if result_file is not None and outcome.model is not None:
+                # Before the job ends: ending it moves its pipeline on, which takes this model.
+                _register_model(session, job, outcome.model, *result_file)
             if acceptance_result:
                 lifecycle.record_event(session, job, "acceptance", ctx.owner, _acceptance_line(acceptance_result),
                                        {"formats": acceptance_result["formats"]})
@@ -216,6 +230,29 @@ def _publish(ctx: JobContext, outcome: JobOutcome, store: BlobStore) -> None:
     # the lease through it). Blobs whose rows never commit are orphans for the collector (core.orphans).
     through_outage(record, get_settings().publish_retry_seconds, f"job {ctx.job_id}: publishing")
     shutil.rmtree(ctx.work_dir, ignore_errors=True)
+
+
+def _result_file(outcome: JobOutcome, files: list[OutputFile],
+                 blobs: list[tuple[OutputFile, StoredBlob]]) -> tuple[OutputFile, StoredBlob] | None:
+    """The file that holds the job's result model: the first of its candidates still published as a result
+    (a file that failed its acceptance checks was renamed to a diagnostic kind)."""
+    if outcome.model is None:
+        return None
+    stored = {output.kind: (output, blob) for output, blob in blobs}
+    published = {output.kind for output in files}
+    return next((stored[kind] for kind in outcome.model.file_kinds if kind in published and kind in stored), None)
+
+
+def _register_model(session: Any, job: Job, result: OutputModel, output: OutputFile, blob: StoredBlob) -> Model:
+    """The job's result as a model of the tenant's, sharing the artifact's stored file."""
+    source = session.get(Model, job.teacher_id)
+    name = f"{source.name} · {result.label}"[:Model.name.type.length]
+    model = Model(tenant=job.tenant, name=name, format=output.format or "safetensors", sha256=blob.sha256,
+                  bytes=blob.bytes, arch=result.arch, input_spec=result.input_spec, num_classes=result.num_classes,
+                  param_count=result.param_count, precision=result.precision, source_job_id=job.id)
+    session.add(model)
+    session.flush()
+    return model
 
 
 def _as_diagnostic(output: OutputFile) -> OutputFile:
@@ -247,8 +284,7 @@ def _report(ctx: JobContext, outcome: JobOutcome, blobs: list[tuple[OutputFile, 
     artifacts = [{"kind": output.kind, "filename": output.filename, "runtime": output.runtime,
                   "sha256": blob.sha256, "bytes": blob.bytes} for output, blob in blobs]
     job = {"id": ctx.job_id, "kind": ctx.kind, "attempt": ctx.attempt, "spec": stored_form(ctx.spec)}
-    document = report.build_document(job, ctx.provenance, outcome.metrics, artifacts,
-                                     report.environment(_device_name(ctx)))
+    document = report.build_document(job, ctx.provenance, outcome.metrics, artifacts, outcome.metrics["environment"])
     return [OutputFile(item.kind, item.path, item.path.name, item.media_type, "report")
             for item in report.write_report(ctx.work_dir / "report", document)]
 

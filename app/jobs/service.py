@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydantic import ValidationError
-from sqlalchemy import Row, event
+from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from app import quotas
@@ -19,7 +19,7 @@ from app.deps import release_connection
 from app.idempotency import Outcome, create_once, idempotent_request, replay
 from app.jobs import repository
 from app.jobs.repository import jobs
-from app.jobs.schemas import AnyJobCreate, JobCreate
+from app.jobs.schemas import AnyJobCreate
 from app.models import budget
 from app.models.repository import models
 from app.pagination import PageRequest
@@ -28,8 +28,10 @@ from app.webhooks import service as webhooks
 from core import lifecycle
 from core.db.models import Artifact, Job, JobEvent, Model
 from core.db.repository import job_artifacts
+from core.db.session import after_commit
 from core.errors import Invalid
-from core.jobspec import SPEC_CLASSES, JobSpecBase, PruneJobSpec, stored_form
+from core.jobspec import SPEC_CLASSES, DistillJobSpec, JobSpecBase, PruneJobSpec, stored_form
+from core.lineage import job_inputs
 from core.settings import Settings
 from worker.engine.config import BUILTIN_DATASETS, ArchSpec, InputSpec, StudentSpec, check_dataset_fits, student_arch
 from worker.engine.errors import SpecError
@@ -69,7 +71,7 @@ def submit_job(session: Session, principal: Principal, body: AnyJobCreate, idemp
         job = outcome.resource
         lifecycle.record_event(session, job, "state", principal.actor, "submitted")
         # The message names a row that must exist when a worker reads it: send only after the commit.
-        _after_commit(session, lambda: lifecycle.dispatch([job.id]))
+        after_commit(session, lambda: lifecycle.dispatch([job.id]))
     return outcome
 
 
@@ -77,22 +79,55 @@ def _prepare(session: Session, tenant: str, body: AnyJobCreate,
              settings: Settings) -> tuple[Callable[[str], Job], list[budget.ModelUse]]:
     """Check everything the job names; returns how to build its row from its id, and the models it runs."""
     quotas.check_job_slot(session, tenant, settings)
-    # A distillation names its input model "teacher"; pruning and quantization name it "model".
-    field = "teacher" if isinstance(body, JobCreate) else "model"
-    source = _input_model(session, tenant, body.input_model, field)
+    source = _input_model(session, tenant, body.input_model, body.input_field)
+    checked = check_job(session, tenant, body, source)
+    if body.webhook_url is not None:
+        webhooks.check_job_webhook(session, tenant, body.webhook_url, settings)
+    # The input model goes in teacher_id whatever the kind: the worker loads it from there.
+    stored, inputs = stored_form(checked.spec), job_inputs(session, checked.spec, source)
+    return lambda job_id: Job(id=job_id, tenant=tenant, kind=body.kind, spec=stored, teacher_id=source.id,
+                              dataset_id=checked.dataset_id, status="queued", max_attempts=settings.max_attempts,
+                              webhook_url=body.webhook_url, inputs=inputs), checked.uses
+
+
+@dataclass(frozen=True)
+class CheckedJob:
+    spec: JobSpecBase  # typed, every default filled in
+    dataset_id: str | None  # None: a built-in
+    uses: list[budget.ModelUse]  # the models it runs, for the budget check
+
+
+def check_job(session: Session, tenant: str, body: JobSpecBase, source: Model) -> CheckedJob:
+    """Everything a job names, checked against its input model: a stored model, or (for a pipeline's later stage)
+    the model the stage before it will make."""
+    field = body.input_field
+    _check_trainable(session, source, body.kind, field)
     source_input = InputSpec.model_validate(source.input_spec)
     dataset_id, dataset = _dataset(session, tenant, body.dataset)
     spec, uses = _typed_spec(body, source, source_input)
-    if body.webhook_url is not None:
-        webhooks.check_job_webhook(session, tenant, body.webhook_url, settings)
     _check_dataset(dataset, source, source_input, field, body.kind)
     if body.eval_dataset is not None:
         _check_eval_dataset(session, tenant, body.eval_dataset, body.dataset, dataset, source, source_input, field)
-    # The input model goes in teacher_id whatever the kind: the worker loads it from there.
-    stored = stored_form(spec)
-    return lambda job_id: Job(id=job_id, tenant=tenant, kind=body.kind, spec=stored, teacher_id=source.id,
-                              dataset_id=dataset_id, status="queued", max_attempts=settings.max_attempts,
-                              webhook_url=body.webhook_url), uses
+    return CheckedJob(spec=spec, dataset_id=dataset_id, uses=uses)
+
+
+_INT8_ADVICE = {
+    "distill": "it runs only on int8 CPU kernels and cannot teach here; distill from the float model it was "
+               "quantized from{parent}",
+    "prune": "pruning needs float weights; prune the float model it was quantized from{parent}, then quantize the "
+             "pruned model",
+    "quantize": "it is quantized already; quantize the float model it came from{parent} with other settings instead",
+}
+
+
+def _check_trainable(session: Session, source: Model, kind: str, field: str) -> None:
+    """An int8 model (a quantize job's result) is an end product: no job takes it as its input."""
+    if source.precision != "int8":
+        return
+    job = session.get(Job, source.source_job_id) if source.source_job_id else None
+    parent = job.teacher_id if job is not None else None
+    advice = _INT8_ADVICE[kind].format(parent=f" ({parent})" if parent else "")
+    raise Invalid(f"{field} {source.id} is an int8 model: {advice}")
 
 
 def get_job(session: Session, tenant: str, job_id: str) -> Job:
@@ -116,29 +151,18 @@ def list_jobs(session: Session, tenant: str, status: str | None, page: PageReque
 def cancel_job(session: Session, principal: Principal, job_id: str) -> Job:
     job = get_job(session, principal.tenant, job_id)
     task_ids = lifecycle.request_cancel(session, job, principal.actor)
-    _after_commit(session, lambda: lifecycle.revoke_after_commit(task_ids))
+    after_commit(session, lambda: lifecycle.revoke_after_commit(task_ids))
     return job
 
 
-def _after_commit(session: Session, action: Callable[[], None]) -> None:
-    """Run `action` once the request's transaction commits (not when a savepoint is released)."""
-    pending = [action]
-
-    def run(committed: Session) -> None:
-        if pending and not committed.in_nested_transaction():
-            pending.pop()()
-
-    event.listen(session, "after_commit", run)
-
-
-def _typed_spec(body: AnyJobCreate, source: Model,
+def _typed_spec(body: JobSpecBase, source: Model,
                 source_input: InputSpec) -> tuple[JobSpecBase, list[budget.ModelUse]]:
     """The submission as its typed spec with every default filled in (and a distillation student's classes
     taken from its teacher, here and only here), as the worker will read it; and the models it runs."""
     # Where to announce the end is not a compression setting: it has its own column.
     fields: dict[str, Any] = {name: getattr(body, name) for name in SPEC_CLASSES[body.kind].model_fields}
     source_arch = ArchSpec(arch=source.arch["arch"], kwargs=source.arch["kwargs"], input=source_input)
-    if not isinstance(body, JobCreate):
+    if not isinstance(body, DistillJobSpec):
         spec = SPEC_CLASSES[body.kind](**fields)
         return spec, _compression_uses(spec, source_arch)
     student = _student_arch(body.student, source_arch, source.id)

@@ -59,6 +59,13 @@ class Model(Base):
     num_classes: Mapped[int] = mapped_column(Integer)
     param_count: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # "float32", or "int8" for a quantize job's result (which runs on int8 kernels and cannot be trained further).
+    precision: Mapped[str] = mapped_column(String(16), default="float32")
+    # The job whose result this is; NULL for an upload. No foreign key: jobs already point at models (teacher_id),
+    # and a cycle of keys would need deferred constraints on every dialect for nothing the code does not check.
+    source_job_id: Mapped[str | None] = mapped_column(String(40), index=True, default=None)
+    # Set when the tenant deleted it: the row stays for lineage and history, its file goes (if nothing else has it).
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Dataset(Base):
@@ -80,6 +87,7 @@ class Dataset(Base):
     class_counts: Mapped[list[Any]] = mapped_column()
     image_shape: Mapped[list[Any]] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)  # as Model.deleted_at
 
 
 class Job(Base):
@@ -113,6 +121,38 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     # Where to announce the job's end; NULL: the tenant's default webhook, if it has one.
     webhook_url: Mapped[str | None] = mapped_column(String(2048), default=None)
+    # A pipeline's stage: the pipeline and the stage's name in its spec.
+    pipeline_id: Mapped[str | None] = mapped_column(ForeignKey("pipelines.id"), index=True, default=None)
+    stage: Mapped[str | None] = mapped_column(String(64), default=None)
+    # What the job read, fixed at submission ({"model"|"dataset"|"eval_dataset": {"id", "sha256"}}): lineage shows it
+    # and a replay refuses inputs that changed since. NULL for jobs from before revision 0004.
+    inputs: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # The job this one replays (POST /v1/jobs/{id}/replay).
+    replay_of: Mapped[str | None] = mapped_column(String(40), default=None)
+
+
+class Pipeline(Base):
+    """Stages run as ordinary jobs, each started when the stage it takes its model from has succeeded and passed
+    its gate. The stages' state lives in their jobs (Job.pipeline_id, Job.stage); a stage without a job has not
+    started (or never will: the pipeline ended first)."""
+
+    __tablename__ = "pipelines"
+    __table_args__ = (Index("ix_pipelines_tenant_created", "tenant", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("pip"))
+    tenant: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(200))
+    # The stored spec: input model, datasets, and each stage's name, input, gate and fully-defaulted job spec.
+    spec: Mapped[dict[str, Any]] = mapped_column()
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    # The pipeline input's accuracy on the evaluation images, once a stage has measured it (gates "against input").
+    input_accuracy: Mapped[float | None] = mapped_column(default=None)
+    replay_of: Mapped[str | None] = mapped_column(String(40), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
 class JobEvent(Base):

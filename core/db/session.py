@@ -86,3 +86,15 @@ def through_outage(transaction: Callable[[], T], seconds: float, what: str) -> T
             log.warning("%s: database unavailable; trying again in %.1f s", what, delay, exc_info=True)
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
+
+
+def after_commit(session: Session, action: Callable[[], None]) -> None:
+    """Run `action` once the session's transaction commits (not when a savepoint is released): a message that
+    names a row must not reach a worker before the row exists."""
+    pending = [action]
+
+    def run(committed: Session) -> None:
+        if pending and not committed.in_nested_transaction():
+            pending.pop()()
+
+    event.listen(session, "after_commit", run)

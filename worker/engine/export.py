@@ -37,6 +37,11 @@ def save_json(document: dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
+def stored_arch(arch: ArchSpec) -> dict[str, Any]:
+    """The architecture as a model row stores it (its input is stored apart)."""
+    return {"arch": arch.arch, "kwargs": arch.kwargs}
+
+
 def arch_spec_document(arch: ArchSpec) -> dict[str, Any]:
     """What a user needs to rebuild the model and feed it: architecture, kwargs, preprocessing."""
     return {

@@ -62,10 +62,25 @@ class OutputFile:
     format: str | None = None  # the format key (measure.SUFFIXES) of a file that holds a model: judged, may be rejected
 
 
+@dataclass(frozen=True)
+class OutputModel:
+    """The job's result as a model that later jobs can take by id: which of its files holds it (the first of
+    `file_kinds` that passed its acceptance checks) and how to rebuild it."""
+
+    file_kinds: tuple[str, ...]
+    arch: dict[str, Any]  # {"arch", "kwargs"} and, for a pruned model, "pruned_shapes"
+    input_spec: dict[str, Any]
+    num_classes: int
+    param_count: int
+    precision: str = "float32"
+    label: str = "output"  # what the result is, in the model's name: student, pruned, int8
+
+
 @dataclass
 class JobOutcome:
     files: list[OutputFile]
     metrics: dict[str, Any]
+    model: OutputModel | None = None
 
 
 class Checkpoints:

@@ -13,7 +13,7 @@ from worker.engine import evaluate, export, models
 from worker.engine.config import ArchSpec, student_arch
 from worker.engine.distill import distill
 from worker.jobs import inputs, measure
-from worker.jobs.base import Checkpoints, Guard, JobContext, JobOutcome, OutputFile, job_kind
+from worker.jobs.base import Checkpoints, Guard, JobContext, JobOutcome, OutputFile, OutputModel, job_kind
 
 
 @job_kind("distill")
@@ -47,7 +47,11 @@ def run_distill(ctx: JobContext[DistillJobSpec], guard: Guard, checkpoints: Chec
         *(OutputFile(f"student_{fmt}", path, path.name, "application/octet-stream", measure.runtime_of(fmt), fmt)
           for fmt, path in runnable.items()),
     ]
-    return JobOutcome(files=files, metrics=metrics)
+    result_model = OutputModel(file_kinds=("student_safetensors",), arch=export.stored_arch(student_spec),
+                               input_spec=student_spec.input.model_dump(mode="json"),
+                               num_classes=student_spec.num_classes, param_count=metrics["student"]["param_count"],
+                               label="student")
+    return JobOutcome(files=files, metrics=metrics, model=result_model)
 
 
 def _export(student: torch.nn.Module, student_spec: ArchSpec, example: torch.Tensor, folder: Path,

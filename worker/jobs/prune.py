@@ -20,7 +20,7 @@ from worker.engine.batchnorm import recalibrate_batchnorm_
 from worker.engine.config import ArchSpec, PruneConfig
 from worker.engine.distill import distill
 from worker.jobs import inputs, measure
-from worker.jobs.base import Checkpoints, Guard, JobContext, JobOutcome, OutputFile, job_kind
+from worker.jobs.base import Checkpoints, Guard, JobContext, JobOutcome, OutputFile, OutputModel, job_kind
 
 RECALIBRATION_BATCH = 64  # without fine-tuning there is no training batch size; any moderate batch estimates alike
 DENSE_NOTE = ("unstructured pruning only zeroes weights: shapes, file size and dense latency are those of the "
@@ -59,10 +59,21 @@ def run_prune(ctx: JobContext[PruneJobSpec], guard: Guard, checkpoints: Checkpoi
     guard.stage("evaluating", steps=2 * len(measure.EXPORTERS) + 1)
     metrics = _measure(ctx, model, arch, files, loaded.evaluation, guard.step)
     notes = [*measure.batchnorm_notes(batchnorm_report), *([DENSE_NOTE] if config.method == "unstructured" else [])]
+    result_model = OutputModel(file_kinds=("pruned_safetensors",), arch=_stored_arch(files),
+                               input_spec=arch.input.model_dump(mode="json"), num_classes=arch.num_classes,
+                               param_count=metrics["output"]["params"], label="pruned")
     return JobOutcome(files=files, metrics={**metrics, "pruning": details, "history": history, "notes": notes,
                                             "evaluation": loaded.evaluation_source, "batchnorm": batchnorm_report,
                                             "work": _work(ctx.spec, details, batchnorm_report,
-                                                          loaded.evaluation_source)})
+                                                          loaded.evaluation_source)},
+                      model=result_model)
+
+
+def _stored_arch(files: list[OutputFile]) -> dict[str, Any]:
+    """The pruned model as a model row stores it, read from the arch document users download (one record)."""
+    document = json.loads(next(output.path for output in files if output.kind == "pruned_arch_spec").read_text())
+    shapes = document.get("pruned_shapes") or {}
+    return {"arch": document["arch"], "kwargs": document["kwargs"], **({"pruned_shapes": shapes} if shapes else {})}
 
 
 def _pruned(model: nn.Module, config: PruneConfig, train: inputs.TensorPair, arch: ArchSpec, seed: int) -> (

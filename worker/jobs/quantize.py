@@ -19,7 +19,7 @@ from worker.engine import evaluate, export, onnxio, quantize
 from worker.engine.config import ArchSpec, QuantizeConfig
 from worker.engine.distill import distill
 from worker.jobs import inputs, measure
-from worker.jobs.base import Checkpoints, Guard, JobContext, JobOutcome, OutputFile, job_kind
+from worker.jobs.base import Checkpoints, Guard, JobContext, JobOutcome, OutputFile, OutputModel, job_kind
 
 TORCHSCRIPT_FILE = "quantized" + measure.SUFFIXES[measure.TORCHSCRIPT]
 ONNX_FILE = "quantized" + measure.SUFFIXES[measure.ONNX]
@@ -75,7 +75,11 @@ def run_quantize(ctx: JobContext[QuantizeJobSpec], guard: Guard, checkpoints: Ch
     metrics.update(quantization=details, history=history, notes=notes, evaluation=loaded.evaluation_source,
                    work=_work(ctx.spec, details["calibration_samples"], loaded.evaluation_source),
                    gpu=quantize.torchao_gpu_variants(model, val[0], ctx.spec.device))
-    return JobOutcome(files=files, metrics=metrics)
+    # ONNX Runtime first: the maintained int8 runtime whose file runs anywhere (TorchScript is deprecated upstream).
+    result_model = OutputModel(file_kinds=("quantized_onnx", "quantized_torchscript", "quantized_pt2"),
+                               arch=ctx.teacher.arch, input_spec=ctx.teacher.input_spec, num_classes=arch.num_classes,
+                               param_count=metrics["input"]["params"], precision="int8", label="int8")
+    return JobOutcome(files=files, metrics=metrics, model=result_model)
 
 
 def _export(int8: nn.Module, float_source: nn.Module, config: QuantizeConfig, arch: ArchSpec,
