@@ -28,6 +28,7 @@ from app.limits import new_session_gate
 from app.models.router import router as models_router
 from app.models.schemas import list_accepted_formats
 from app.pathguard import RefuseHostilePaths
+from app.pipelines.router import router as pipelines_router
 from app.schemas import ErrorOut, field_problems, summarize
 from app.uploads import new_upload_slots
 from app.webhooks.router import router as webhooks_router
@@ -90,7 +91,8 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     # Routers are tried in this order: the route clients poll (GET /v1/jobs/{id}) is found first.
-    for router in (jobs_router, models_router, datasets_router, artifacts_router, auth_router, webhooks_router):
+    for router in (jobs_router, models_router, datasets_router, artifacts_router, pipelines_router, auth_router,
+                   webhooks_router):
         app.include_router(router, prefix=API_PREFIX)
     add_dashboard(app)
     add_docs(app)

@@ -8,6 +8,7 @@ import os
 import random
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,9 +165,16 @@ class Service:
 @pytest.fixture
 def service_factory(tmp_path: Path, small_cnn_files: Any) -> Iterator[Any]:
     """service_factory(backend, **env) -> a running Service; everything is torn down afterwards."""
-    stack: list[Any] = []
+    with ExitStack() as services:
+        yield lambda backend, **env: services.enter_context(running_service(tmp_path, backend, **env))
 
-    def make(backend: str, **env: str) -> Service:
+
+@contextmanager
+def running_service(tmp_path: Path, backend: str, **env: str) -> Iterator[Service]:
+    """A Service on fresh databases ("distributed": PostgreSQL + Redis; otherwise SQLite + files) under tmp_path,
+    torn down on exit. For a module's tests that share one, enter it from a module-scoped fixture."""
+    stack: list[Any] = []
+    try:
         if backend == "distributed":
             database_gen, broker_gen = fresh_postgres_database(), fresh_redis_url()
             database_url, broker_url = next(database_gen), next(broker_gen)
@@ -193,9 +201,12 @@ def service_factory(tmp_path: Path, small_cnn_files: Any) -> Iterator[Any]:
         stack.append(client)
         service = Service(app_env, client, bearer(key), tmp_path, backend, broker_url)
         stack.append(service)
-        return service
+        yield service
+    finally:
+        _tear_down(stack)
 
-    yield make
+
+def _tear_down(stack: list[Any]) -> None:
     for item in reversed(stack):
         if isinstance(item, Service):
             item.stop()

@@ -79,7 +79,7 @@ def _prepare(session: Session, tenant: str, body: AnyJobCreate,
              settings: Settings) -> tuple[Callable[[str], Job], list[budget.ModelUse]]:
     """Check everything the job names; returns how to build its row from its id, and the models it runs."""
     quotas.check_job_slot(session, tenant, settings)
-    source = _input_model(session, tenant, body.input_model, body.input_field)
+    source = input_model(session, tenant, body.input_model, body.input_field)
     checked = check_job(session, tenant, body, source)
     if body.webhook_url is not None:
         webhooks.check_job_webhook(session, tenant, body.webhook_url, settings)
@@ -185,7 +185,7 @@ def _compression_uses(spec: JobSpecBase, model: ArchSpec) -> list[budget.ModelUs
             budget.ModelUse(f"{spec.kind}d model", model, batch, trains=True)]
 
 
-def _input_model(session: Session, tenant: str, model_id: str, field: str) -> Model:
+def input_model(session: Session, tenant: str, model_id: str, field: str) -> Model:
     _expect_kind(model_id, field, "model", "an uploaded model's id (mdl_...)")
     return models.require(session, tenant, model_id)
 

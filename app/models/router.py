@@ -18,7 +18,7 @@ from app.deps import (
 from app.idempotency import CREATED_RESPONSE
 from app.ids import ModelId
 from app.models import service
-from app.models.schemas import UPLOAD_OPENAPI, ModelOut, ModelPage
+from app.models.schemas import UPLOAD_OPENAPI, Lineage, ModelOut, ModelPage
 from app.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, PageRequest, next_link
 from app.routing import BoundedBodyRoute
 from app.schemas import error_responses
@@ -69,3 +69,11 @@ def list_models(request: Request, principal: CurrentPrincipal, session: DbSessio
 def get_model(model_id: ModelId, principal: CurrentPrincipal, session: DbSession) -> ModelOut:
     """One model by id (404 if it does not exist or belongs to another tenant)."""
     return ModelOut.from_row(service.get_model(session, principal.tenant, model_id))
+
+
+@router.get("/{model_id}/lineage", response_model=Lineage, summary="A model's lineage",
+            responses=error_responses(404))
+def model_lineage(model_id: ModelId, principal: CurrentPrincipal, session: DbSession) -> Lineage:
+    """The chain of jobs that made this model, back to the upload it started from: each job's kind, stored spec,
+    inputs (model, dataset and eval_dataset ids with their sha256) and engine versions."""
+    return service.model_lineage(session, principal.tenant, model_id)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from app.schemas import Page
 from app.uploads import multipart_openapi
@@ -26,7 +26,8 @@ class ModelOut(OutModel):
 
     id: str = Field(examples=["mdl_4f0c2a9e1b7d3c5a6e8f0b1d"])
     name: str = Field(examples=["digits-teacher"])
-    format: WeightsFormat
+    format: WeightsFormat | Literal["onnx"] = Field(description="The weights' format; onnx for an int8 model (a "
+                                                   "quantize job's result, whose ONNX Runtime file holds it).")
     sha256: str = Field(description="sha256 of the weights file as uploaded.")
     bytes: int = Field(description="Size of the weights file.")
     arch: str = Field(examples=["small_cnn"], description="'small_cnn' or a torchvision classification model.")
@@ -36,6 +37,11 @@ class ModelOut(OutModel):
     num_classes: int = Field(examples=[10])
     param_count: int | None = Field(examples=[23466], description="null for TorchScript and .pt2 uploads, "
                                     "which only workers load (the API never runs their code).")
+    precision: Literal["float32", "int8"] = Field(description="int8: a quantize job's result, which runs on int8 "
+                                                  "kernels; no job takes it as its input.")
+    source_job_id: str | None = Field(description="The job whose result this model is (its files are that job's "
+                                      "artifacts); null for an upload. GET /v1/models/{id}/lineage follows the chain.",
+                                      examples=[None])
     created_at: UtcDatetime
 
     @classmethod
@@ -43,7 +49,52 @@ class ModelOut(OutModel):
         return cls(id=row.id, name=row.name, format=row.format, sha256=row.sha256, bytes=row.bytes,
                    arch=row.arch["arch"], kwargs=row.arch["kwargs"], input=row.input_spec,
                    num_classes=row.num_classes, param_count=None if row.format in CODE_FORMATS else row.param_count,
-                   created_at=row.created_at)
+                   precision=row.precision, source_job_id=row.source_job_id, created_at=row.created_at)
+
+
+class LineageJob(BaseModel):
+    """A job in a model's lineage: what it ran, on what, with which engine."""
+
+    id: str
+    kind: str
+    status: str
+    pipeline_id: str | None
+    stage: str | None
+    replay_of: str | None
+    spec: dict[str, Any] = Field(description="Its stored spec, every default filled in.")
+    inputs: dict[str, Any] = Field(description="What it read: model, dataset, eval_dataset, each with its id and "
+                                   "sha256 (a built-in dataset by name).")
+    engine: dict[str, Any] | None = Field(description="Python, platform, device and library versions it ran with.")
+    measured_on: dict[str, Any] | None
+    finished_at: str | None
+
+
+class LineageModel(BaseModel):
+    id: str
+    name: str
+    format: str
+    precision: str
+    sha256: str
+    bytes: int
+    arch: dict[str, Any]
+    input: dict[str, Any]
+    num_classes: int
+    origin: Literal["upload", "job"]
+    created_at: str | None
+    deleted: bool
+
+
+class LineageStep(BaseModel):
+    model: LineageModel
+    made_by: LineageJob | None = Field(description="The job that made the model; null for the uploaded root.")
+
+
+class Lineage(BaseModel):
+    """Where a model came from: itself, the job that made it, that job's input model, ... back to an upload."""
+
+    model: str
+    chain: list[LineageStep] = Field(description="Newest first; the last entry is the uploaded root.")
+    root: str = Field(description="The uploaded model the chain starts from.")
 
 
 class ModelPage(Page[ModelOut]):

@@ -15,12 +15,14 @@ from app.deps import release_connection
 from app.idempotency import Outcome, create_once, idempotent_request, replay
 from app.models import budget
 from app.models.repository import models
+from app.models.schemas import Lineage, LineageStep
 from app.models.validator import WeightsReport, check_weights
 from app.pagination import PageRequest
 from app.schemas import invalid_from
 from app.uploads import Upload
 from core.db.models import Model
 from core.errors import Invalid
+from core.lineage import lineage
 from core.settings import Settings
 from core.storage import BlobStore
 from worker.engine.config import CODE_FORMATS, TENSOR_FORMATS, ArchSpec
@@ -68,6 +70,12 @@ def _prepare(tenant: str, upload: Upload, store: BlobStore, settings: Settings) 
 
 def get_model(session: Session, tenant: str, model_id: str) -> Model:
     return models.require(session, tenant, model_id)
+
+
+def model_lineage(session: Session, tenant: str, model_id: str) -> Lineage:
+    chain = lineage(session, get_model(session, tenant, model_id))
+    return Lineage(model=model_id, chain=[LineageStep.model_validate(step) for step in chain],
+                   root=chain[-1]["model"]["id"])
 
 
 def list_models(session: Session, tenant: str, page: PageRequest) -> tuple[list[Model], str | None]:
