@@ -161,7 +161,7 @@ def _typed_spec(body: JobSpecBase, source: Model,
     taken from its teacher, here and only here), as the worker will read it; and the models it runs."""
     # Where to announce the end is not a compression setting: it has its own column.
     fields: dict[str, Any] = {name: getattr(body, name) for name in SPEC_CLASSES[body.kind].model_fields}
-    source_arch = ArchSpec(arch=source.arch["arch"], kwargs=source.arch["kwargs"], input=source_input)
+    source_arch = ArchSpec.from_stored(source.arch, source.input_spec)
     if not isinstance(body, DistillJobSpec):
         spec = SPEC_CLASSES[body.kind](**fields)
         return spec, _compression_uses(spec, source_arch)

@@ -12,7 +12,7 @@ from app.uploads import multipart_openapi
 from core.db.models import Model
 from core.settings import Settings
 from core.views import OutModel, UtcDatetime
-from worker.engine.config import CODE_FORMATS, TENSOR_FORMATS, WeightsFormat
+from worker.engine.config import CODE_FORMATS, PRUNED_SHAPES_FORMAT, TENSOR_FORMATS, WeightsFormat
 
 SPEC_EXAMPLE: dict[str, Any] = {
     "arch": "small_cnn",
@@ -34,6 +34,10 @@ class ModelOut(OutModel):
     kwargs: dict[str, Any] = Field(examples=[SPEC_EXAMPLE["kwargs"]], description="Constructor arguments.")
     input: dict[str, Any] = Field(examples=[SPEC_EXAMPLE["input"]],
                                   description="The input the model expects (InputSpec); students inherit it.")
+    pruned_shapes: dict[str, list[int]] | None = Field(
+        default=None, examples=[None, {"features.0": [8, 1, 1], "features.1": [8]}],
+        description=f"A structurally pruned model's resized layers ({PRUNED_SHAPES_FORMAT}), as its spec gave them; "
+        "null for an unpruned model.")
     num_classes: int = Field(examples=[10])
     param_count: int | None = Field(examples=[23466], description="null for TorchScript and .pt2 uploads, "
                                     "which only workers load (the API never runs their code).")
@@ -48,6 +52,7 @@ class ModelOut(OutModel):
     def from_row(cls, row: Model) -> ModelOut:
         return cls(id=row.id, name=row.name, format=row.format, sha256=row.sha256, bytes=row.bytes,
                    arch=row.arch["arch"], kwargs=row.arch["kwargs"], input=row.input_spec,
+                   pruned_shapes=row.arch.get("pruned_shapes"),
                    num_classes=row.num_classes, param_count=None if row.format in CODE_FORMATS else row.param_count,
                    precision=row.precision, source_job_id=row.source_job_id, created_at=row.created_at)
 
@@ -107,7 +112,9 @@ UPLOAD_OPENAPI = multipart_openapi(
             "contentMediaType": "application/json",
             "description": "The architecture as a JSON string: {\"arch\", \"kwargs\" (num_classes required), "
             "\"input\": {\"image_size\", \"channels\" (1 or 3), \"mean\", \"std\", \"resize\" "
-            "(resize | resize_center_crop | pad)}}. The weights must load into exactly this model.",
+            "(resize | resize_center_crop | pad)}, \"pruned_shapes\" (optional: a structurally pruned model's "
+            "resized layers)}. A distill or prune job's student.arch.json or pruned.arch.json is accepted as it is. "
+            "The weights must load into exactly this model.",
             "examples": [json.dumps(SPEC_EXAMPLE)],
         },
         "name": {"type": "string", "maxLength": 200, "description": "Display name; defaults to the file name."},

@@ -25,7 +25,7 @@ from core.errors import Invalid
 from core.lineage import lineage
 from core.settings import Settings
 from core.storage import BlobStore
-from worker.engine.config import CODE_FORMATS, TENSOR_FORMATS, ArchSpec
+from worker.engine.config import CODE_FORMATS, TENSOR_FORMATS, ArchSpec, ArchSpecDocument
 
 ROUTE = "POST /v1/models"
 TEXT_FIELDS = ("spec", "name", "format")
@@ -64,7 +64,7 @@ def _prepare(tenant: str, upload: Upload, store: BlobStore, settings: Settings) 
     blob = store.put_file(upload.path, upload.sha256)
     return lambda model_id: Model(
         id=model_id, tenant=tenant, name=name, format=weights_format, sha256=blob.sha256, bytes=blob.bytes,
-        arch={"arch": spec.arch, "kwargs": spec.kwargs}, input_spec=spec.input.model_dump(mode="json"),
+        arch=spec.stored_arch(), input_spec=spec.input.model_dump(mode="json"),
         num_classes=report.num_classes, param_count=report.param_count)
 
 
@@ -83,11 +83,13 @@ def list_models(session: Session, tenant: str, page: PageRequest) -> tuple[list[
 
 
 def parse_arch_spec(raw: str | None) -> ArchSpec:
+    """The upload's spec: a plain ArchSpec, or this service's own student.arch.json or pruned.arch.json as it is."""
     if raw is None:
         raise Invalid("form field 'spec' is required: the architecture as JSON, e.g. "
-                      '{"arch": "small_cnn", "kwargs": {"num_classes": 10}, "input": {"image_size": 8, "channels": 1}}')
+                      '{"arch": "small_cnn", "kwargs": {"num_classes": 10}, "input": {"image_size": 8, "channels": 1}}'
+                      ", or a distill or prune job's .arch.json as it is")
     try:
-        return ArchSpec.model_validate_json(raw)
+        return ArchSpecDocument.model_validate_json(raw).arch_spec()
     except ValidationError as exc:
         if any(error["type"] == "json_invalid" for error in exc.errors()):
             raise Invalid(f"form field 'spec' is not valid JSON: {exc.errors()[0]['msg']}") from exc

@@ -6,7 +6,9 @@ import hashlib
 import json
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -208,4 +210,109 @@ def test_one_file_per_upload(client: TestClient, app_env: AppEnv, auth_headers: 
     doubled = body.replace(f"--{boundary}--".encode(), second_file + f"--{boundary}--".encode())
     response = client.post("/v1/models", headers={**auth_headers, "Content-Type": content_type}, content=doubled)
     assert_rejected(response, 422, "form field 'file' was sent twice")
+    assert_nothing_stored(app_env, tenant)
+
+
+# --- this service's own spec documents, uploaded as they are -------------------------------------
+
+
+@dataclass(frozen=True)
+class ServiceDocuments:
+    """What a distill job (student.arch.json) and a prune job (pruned.arch.json) write, made by the same engine
+    functions from the small_cnn teacher, and the pruned weights."""
+
+    student: dict[str, Any]
+    pruned: dict[str, Any]
+    pruned_weights: Path
+    pruned_params: int
+
+
+@pytest.fixture(scope="module")
+def service_documents(small_cnn_files: SmallCnnFiles, tmp_path_factory: pytest.TempPathFactory) -> ServiceDocuments:
+    import copy
+
+    from worker.engine import data, export, models, prune
+    from worker.engine.config import ArchSpec, PruneConfig
+
+    arch = ArchSpec.model_validate(small_cnn_files.spec)
+    model = models.load_model(small_cnn_files.safetensors, "safetensors", arch).eval()
+    x, y = data.train_val_tensors(data.load_builtin("digits"), arch.input, 0.2, 0)[0]
+    pruned = copy.deepcopy(model)
+    prune.prune_structured_(pruned, PruneConfig(channel_ratio=0.5), (x[:64], y[:64]), arch.num_classes)
+    pruned_arch = prune.pruned_arch(arch, prune.pruned_shapes(pruned, model))
+    weights = tmp_path_factory.mktemp("pruned") / "pruned.safetensors"
+    export.save_safetensors(pruned, weights)
+    # Through JSON, as the files are downloaded.
+    return ServiceDocuments(
+        student=json.loads(json.dumps(export.arch_spec_document(arch))),
+        pruned=json.loads(json.dumps(export.arch_spec_document(pruned_arch, with_pruned_shapes=True))),
+        pruned_weights=weights, pruned_params=models.param_count(pruned))
+
+
+def test_a_student_arch_json_is_accepted_as_it_is(client: TestClient, auth_headers: dict[str, str],
+                                                  small_cnn_files: SmallCnnFiles,
+                                                  service_documents: ServiceDocuments) -> None:
+    document = service_documents.student
+    assert {"framework", "how_to_load"} <= document.keys()
+    response = upload_model(client, auth_headers, small_cnn_files.safetensors, document)
+    assert response.status_code == 201, response.text
+    model = response.json()
+    assert (model["arch"], model["kwargs"], model["pruned_shapes"]) == ("small_cnn", document["kwargs"], None)
+    assert model["input"] == document["input"]
+
+
+def test_a_pruned_model_is_uploaded_with_its_pruned_arch_json(client: TestClient, auth_headers: dict[str, str],
+                                                              tenant: str, service_documents: ServiceDocuments) -> None:
+    document = service_documents.pruned
+    assert {"pruned_shapes", "pruned_shapes_format", "how_to_load"} <= document.keys()
+    response = upload_model(client, auth_headers, service_documents.pruned_weights, document)
+    assert response.status_code == 201, response.text
+    model = response.json()
+    assert model["pruned_shapes"] == document["pruned_shapes"] and model["pruned_shapes"]["features.0"] == [2, 1, 1]
+    assert model["param_count"] == service_documents.pruned_params
+    assert client.get(f"/v1/models/{model['id']}", headers=auth_headers).json() == model
+    # The stored row rebuilds the pruned architecture: jobs take it as their input model.
+    for job in ({"kind": "prune", "model": model["id"], "channel_ratio": 0.3, "epochs": 1},
+                {"kind": "quantize", "model": model["id"]},
+                {"kind": "distill", "teacher": model["id"], "student": {"arch": "small_cnn", "kwargs": {"width": 4}},
+                 "epochs": 1}):
+        submitted = client.post("/v1/jobs", headers=auth_headers, json={**job, "dataset": "digits"})
+        assert submitted.status_code == 201, submitted.text
+
+
+def test_pruned_weights_must_fit_the_pruned_shapes(client: TestClient, app_env: AppEnv, auth_headers: dict[str, str],
+                                                   tenant: str, small_cnn_files: SmallCnnFiles,
+                                                   service_documents: ServiceDocuments) -> None:
+    # The unpruned teacher's weights under the pruned document, and the pruned weights under the unpruned spec.
+    assert_rejected(upload_model(client, auth_headers, small_cnn_files.safetensors, service_documents.pruned), 422,
+                    "features.0.weight has shape [4, 1, 3, 3] but the spec's model expects [2, 1, 3, 3]")
+    assert_rejected(upload_model(client, auth_headers, service_documents.pruned_weights, service_documents.student),
+                    422, "features.0.weight has shape [2, 1, 3, 3] but the spec's model expects [4, 1, 3, 3]")
+    not_in_the_arch = {**service_documents.pruned, "pruned_shapes": {"fc": [10, 8]}}
+    assert_rejected(upload_model(client, auth_headers, service_documents.pruned_weights, not_in_the_arch), 422,
+                    "pruned_shapes: small_cnn has no module named 'fc'")
+    assert_nothing_stored(app_env, tenant)
+
+
+@pytest.mark.parametrize(
+    ("change", "message_part"),
+    [
+        ({"quantization": {"method": "static", "backend": "x86"}},
+         "int8 files cannot be uploaded as a model; upload the float model's safetensors with its arch spec"),
+        ({"framework": "torchvision"},
+         "framework 'torchvision' does not match arch 'small_cnn', whose framework is 'condenser.small_cnn'"),
+        ({"how_to_laod": "..."}, "how_to_laod: unknown field"),
+        ({"pruned_shapes": {"features.0": [8, "1", 1]}}, "pruned_shapes.features.0.1: Input should be a valid integer"),
+    ],
+    ids=["quantized-json", "wrong-framework", "unknown-key", "malformed-shapes"],
+)
+def test_a_document_that_is_no_float_models_spec_is_refused(
+        client: TestClient, app_env: AppEnv, auth_headers: dict[str, str], tenant: str,
+        small_cnn_files: SmallCnnFiles, service_documents: ServiceDocuments, change: dict[str, Any],
+        message_part: str) -> None:
+    document = {**service_documents.student, **change}
+    if "quantization" in change:
+        # As the quantize job writes it: how_to_load is a table of files there.
+        document["how_to_load"] = {"quantized.onnx": {"runtime": "onnxruntime", "code": "..."}}
+    assert_rejected(upload_model(client, auth_headers, small_cnn_files.safetensors, document), 422, message_part)
     assert_nothing_stored(app_env, tenant)

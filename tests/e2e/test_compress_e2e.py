@@ -143,10 +143,10 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 def check_pruned(job: dict[str, Any], paths: dict[str, Path], spec: dict[str, Any]) -> nn.Module:
     """The engine's model is rebuilt from the downloaded weights and arch spec; TorchScript and ONNX, loaded
     without condenser, must predict as it does."""
-    arch = ArchSpec.model_validate(spec)
     document = json.loads(paths["pruned_arch_spec"].read_text())
     assert (document["arch"], document["kwargs"]) == (spec["arch"], spec["kwargs"])
-    engine_model = prune.load_pruned(paths["pruned_safetensors"], arch, document["pruned_shapes"])
+    engine_model = models.load_model(paths["pruned_safetensors"], "safetensors",
+                                     ArchSpec.from_document(document)).eval()
     x_val, y_val = digits_splits(spec)[1]
     batch = x_val[:FIXED_BATCH]
     expected = evaluate.logits(engine_model, batch)

@@ -4,6 +4,7 @@ files that predict like the engine's model; unstructured sparsity reached and ke
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -53,10 +54,14 @@ def test_rebuilt_from_the_arch_document_and_exports_predict_the_same(trained_sma
                                                                      tmp_path: Path) -> None:
     arch, model = trained_small_cnn
     pruned, _ = pruned_copy(model, calibration, channel_ratio=0.5)
-    document = prune.pruned_arch_document(arch, prune.pruned_shapes(pruned, model))
+    pruned_arch = prune.pruned_arch(arch, prune.pruned_shapes(pruned, model))
     export.save_safetensors(pruned, tmp_path / "pruned.safetensors")
-    export.save_json(document, tmp_path / "pruned.arch.json")
-    rebuilt = prune.load_pruned(tmp_path / "pruned.safetensors", arch, document["pruned_shapes"])
+    export.save_json(export.arch_spec_document(pruned_arch, with_pruned_shapes=True), tmp_path / "pruned.arch.json")
+    # The document as a user downloads it, with its explanations, is the spec that rebuilds the model.
+    document = json.loads((tmp_path / "pruned.arch.json").read_text())
+    assert document["pruned_shapes"] == pruned_arch.pruned_shapes and "pruned_shapes_format" in document
+    assert ArchSpec.from_document(document) == pruned_arch
+    rebuilt = models.load_model(tmp_path / "pruned.safetensors", "safetensors", ArchSpec.from_document(document))
     x_val = digits_splits[1][0]
     expected = evaluate.logits(pruned, x_val)
     assert torch.equal(evaluate.logits(rebuilt, x_val), expected)
@@ -106,7 +111,7 @@ def test_a_classifier_convolution_is_kept(calibration) -> None:
     assert prune.output_layer_name(model, 10) == "classifier.1"
     assert evaluate.logits(pruned, images).shape == (4, 10)
     assert result.macs_after < result.macs_before
-    rebuilt = prune.rebuild(arch, prune.pruned_shapes(pruned, model))
+    rebuilt = models.build_model(prune.pruned_arch(arch, prune.pruned_shapes(pruned, model)))
     rebuilt.load_state_dict(pruned.state_dict())
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from worker.engine.catalog import SMALL_CNN, TORCHVISION_CLASSIFIERS
 
@@ -89,12 +89,57 @@ class InputSpec(Spec):
         return self
 
 
+# A structurally pruned model's record of resized layers (worker.engine.resize): bounded, so that a spec alone
+# cannot name more layers than any catalog model has, nor ask for absurd channel counts.
+MAX_PRUNED_LAYERS = 4096
+MAX_PRUNED_CHANNELS = 100_000
+PRUNED_SHAPES_FORMAT = ("Conv2d: [out_channels, in_channels, groups]; Linear: [out_features, in_features]; "
+                        "BatchNorm2d: [num_features]")
+LayerName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.]+$")]
+LayerShape = Annotated[list[Annotated[StrictInt, Field(ge=1, le=MAX_PRUNED_CHANNELS)]],
+                       Field(min_length=1, max_length=3)]
+
+
+def framework_of(arch: str) -> str:
+    """Where the architecture's constructor lives, as the spec documents this service writes name it."""
+    return "condenser.small_cnn" if arch == SMALL_CNN else "torchvision"
+
+
 class ArchSpec(Spec):
-    """A torchvision classification model by name, or the project's small CNN family."""
+    """A torchvision classification model by name, or the project's small CNN family; structurally pruned when
+    pruned_shapes resizes some of its layers."""
 
     arch: str = Field(description=f"'{SMALL_CNN}' or a torchvision classification model name.")
     kwargs: ModelKwargs = Field(default_factory=dict)
     input: InputSpec
+    pruned_shapes: Annotated[dict[LayerName, LayerShape], Field(max_length=MAX_PRUNED_LAYERS)] | None = Field(
+        default=None, description="Layers of a structurally pruned model, by module name, and their sizes "
+        f"({PRUNED_SHAPES_FORMAT}): the architecture is built, then these layers are replaced by ones of these "
+        "sizes. As a prune job's pruned.arch.json records them; null (or empty) for an unpruned model.")
+
+    @classmethod
+    def from_stored(cls, arch: dict[str, Any], input_spec: dict[str, Any]) -> ArchSpec:
+        """The spec of a stored model: its arch column (stored_arch()) and its input spec column."""
+        return cls(arch=arch["arch"], kwargs=arch["kwargs"], pruned_shapes=arch.get("pruned_shapes"),
+                   input=InputSpec.model_validate(input_spec))
+
+    @classmethod
+    def from_document(cls, document: Any) -> ArchSpec:
+        """The spec in a document as users hold it, this service's own .arch.json files included (ArchSpecDocument)."""
+        return ArchSpecDocument.model_validate(document).arch_spec()
+
+    def stored_arch(self) -> dict[str, Any]:
+        """What a model's arch column holds: the architecture, and a pruned one's resized layers."""
+        stored: dict[str, Any] = {"arch": self.arch, "kwargs": self.kwargs}
+        if self.pruned_shapes is not None:
+            stored["pruned_shapes"] = self.pruned_shapes
+        return stored
+
+    @field_validator("pruned_shapes")
+    @classmethod
+    def _none_when_empty(cls, shapes: dict[str, list[int]] | None) -> dict[str, list[int]] | None:
+        # An unstructured prune's record is empty: the same model as no record at all, and stored the same.
+        return shapes or None
 
     @field_validator("arch")
     @classmethod
@@ -132,6 +177,43 @@ class ArchSpec(Spec):
     @property
     def num_classes(self) -> int:
         return int(self.kwargs["num_classes"])
+
+
+# Keys of the spec documents this service writes (export.arch_spec_document) that only explain the file to a
+# reader: accepted in an uploaded spec, and dropped.
+DOCUMENT_ONLY_KEYS = ("framework", "how_to_load", "pruned_shapes_format")
+QUANTIZED_SPEC_REFUSAL = (
+    "this is a quantize job's quantized.json (it has a 'quantization' key): int8 files cannot be uploaded as a "
+    "model; upload the float model's safetensors with its arch spec (the quantized job's input model, or a distill "
+    "or prune job's student.arch.json / pruned.arch.json)")
+
+
+class ArchSpecDocument(ArchSpec):
+    """An architecture spec as users hold it: a plain ArchSpec, or one of this service's own spec documents as it
+    is (student.arch.json, pruned.arch.json), whose documentation-only keys are checked and dropped. ArchSpec
+    itself stays strict: a job spec with an unexpected key is a typo."""
+
+    framework: Literal["condenser.small_cnn", "torchvision"] | None = None
+    how_to_load: str | None = Field(default=None, max_length=20_000)
+    pruned_shapes_format: str | None = Field(default=None, max_length=1000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_quantized(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "quantization" in data:
+            raise ValueError(QUANTIZED_SPEC_REFUSAL)
+        return data
+
+    @model_validator(mode="after")
+    def _check_framework(self) -> ArchSpecDocument:
+        expected = framework_of(self.arch)
+        if self.framework is not None and self.framework != expected:
+            raise ValueError(f"framework '{self.framework}' does not match arch '{self.arch}', whose framework is "
+                             f"'{expected}'; correct one of them, or leave framework out")
+        return self
+
+    def arch_spec(self) -> ArchSpec:
+        return ArchSpec.model_validate(self.model_dump(exclude=set(DOCUMENT_ONLY_KEYS)))
 
 
 class StudentSpec(Spec):

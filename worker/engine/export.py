@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from worker.engine.catalog import SMALL_CNN
-from worker.engine.config import ArchSpec
+from worker.engine.config import PRUNED_SHAPES_FORMAT, ArchSpec, framework_of
 from worker.engine.errors import EngineError, ModelLoadError
 from worker.engine.fileio import atomic_write
 
@@ -37,20 +37,27 @@ def save_json(document: dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
-def stored_arch(arch: ArchSpec) -> dict[str, Any]:
-    """The architecture as a model row stores it (its input is stored apart)."""
-    return {"arch": arch.arch, "kwargs": arch.kwargs}
-
-
-def arch_spec_document(arch: ArchSpec) -> dict[str, Any]:
-    """What a user needs to rebuild the model and feed it: architecture, kwargs, preprocessing."""
-    return {
+def arch_spec_document(arch: ArchSpec, with_pruned_shapes: bool = False) -> dict[str, Any]:
+    """What a user needs to rebuild the model and feed it: architecture, kwargs, preprocessing, and a pruned
+    model's resized layers (`with_pruned_shapes`: even when none were, as every prune job's document says). The
+    upload of a model accepts it as it is (ArchSpec.from_document)."""
+    document = {
         "arch": arch.arch,
         "kwargs": arch.kwargs,
         "input": arch.input.model_dump(mode="json"),
-        "framework": "condenser.small_cnn" if arch.arch == SMALL_CNN else "torchvision",
+        "framework": framework_of(arch.arch),
         "how_to_load": _how_to_load(arch),
     }
+    if with_pruned_shapes or arch.pruned_shapes is not None:
+        document["pruned_shapes"] = arch.pruned_shapes or {}
+        document["pruned_shapes_format"] = PRUNED_SHAPES_FORMAT
+        document["how_to_load"] = (
+            "Build the architecture as below, then replace each module named in pruned_shapes by one of the same "
+            "type with those sizes, then load the weights; with condenser installed, model = "
+            "worker.engine.models.build_model(worker.engine.config.ArchSpec.from_document(<this document>)) does "
+            "both. " + document["how_to_load"]
+        )
+    return document
 
 
 def _how_to_load(arch: ArchSpec) -> str:

@@ -23,6 +23,7 @@ from torch import nn
 from worker.engine.catalog import SMALL_CNN
 from worker.engine.config import CODE_FORMATS, ArchSpec, WeightsFormat
 from worker.engine.errors import ModelLoadError, SpecError
+from worker.engine.resize import resize_
 
 # Containers that training scripts commonly wrap a state_dict in.
 _NESTING_KEYS = ("state_dict", "model")
@@ -62,7 +63,13 @@ class SmallCNN(nn.Module):
 
 
 def build_model(arch: ArchSpec) -> nn.Module:
-    """A freshly initialised model (never pretrained weights: nothing is downloaded)."""
+    """A freshly initialised model (never pretrained weights: nothing is downloaded), with the layers a structured
+    pruning resized (arch.pruned_shapes) at their recorded sizes."""
+    model = _base_model(arch)
+    return resize_(model, arch.pruned_shapes, arch.arch) if arch.pruned_shapes else model
+
+
+def _base_model(arch: ArchSpec) -> nn.Module:
     try:
         if arch.arch == SMALL_CNN:
             kwargs = {"in_channels": arch.input.channels, **arch.kwargs}

@@ -1,8 +1,10 @@
 """Pruning: structured channel removal (Torch-Pruning) and unstructured global magnitude pruning.
 
 Structured pruning gives layers fewer channels, so the model is really smaller and faster with any
-runtime; its new channel counts are recorded (`pruned_shapes`) so that the architecture can be rebuilt
-from its spec. Unstructured pruning only zeroes weights: dense shapes, dense latency.
+runtime; its new channel counts are recorded (`pruned_shapes`, ArchSpec.pruned_shapes) so that
+build_model() rebuilds the architecture from its spec. A model pruned before is pruned again the same way:
+its record, updated, still describes it against the base architecture. Unstructured pruning only zeroes
+weights: dense shapes, dense latency.
 
 Everything here is deterministic for the same weights and calibration batch (channels are ranked in
 eval mode, without dropout or batch statistics), so a resumed job re-prunes to the same structure.
@@ -14,22 +16,20 @@ import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
+from pydantic import ValidationError
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from worker.engine.config import ArchSpec, PruneConfig
 from worker.engine.errors import SpecError
 from worker.engine.evaluate import TensorPair
-from worker.engine.export import arch_spec_document
 from worker.engine.macs import count_macs
-from worker.engine.models import build_model, logits_of
+from worker.engine.models import describe_validation_error, logits_of
+from worker.engine.resize import RESIZABLE, Shapes, resize_, shape_of
 
 # A channel ratio above this leaves layers too thin to recover by fine-tuning.
 MAX_CHANNEL_RATIO = 0.9
@@ -38,8 +38,6 @@ MACS_TOLERANCE = 1.02
 MAX_SEARCH_TRIALS = 8
 _PRUNED_TYPES = (nn.Conv2d, nn.Linear)
 _NAMES_SHOWN = 8
-
-Shapes = dict[str, list[int]]
 
 _IMPORTANCE: dict[str, Callable[[], tp.importance.Importance]] = {
     "magnitude": lambda: tp.importance.MagnitudeImportance(p=2),
@@ -196,7 +194,7 @@ def _zero_fraction(tensors: list[torch.Tensor]) -> float:
 def output_layer_name(model: nn.Module, num_classes: int) -> str:
     """The layer that produces the logits: the last conv or linear layer with num_classes outputs."""
     candidates = [name for name, module in model.named_modules()
-                  if isinstance(module, _PRUNED_TYPES) and _shape_of(module)[0] == num_classes]
+                  if isinstance(module, _PRUNED_TYPES) and shape_of(module)[0] == num_classes]
     if not candidates:
         raise SpecError(f"no layer with {num_classes} outputs (the classifier) found; it must be kept unpruned")
     return candidates[-1]
@@ -240,78 +238,31 @@ def _innermost_module_tracked(model: nn.Module) -> Iterator[list[str]]:
 
 
 def pruned_shapes(pruned: nn.Module, original: nn.Module) -> Shapes:
-    """{module name: shape} of every layer whose channel counts changed.
+    """{module name: shape} of every layer whose channel counts changed from `original` to `pruned`.
 
     Conv2d: [out_channels, in_channels, groups]; Linear: [out_features, in_features];
     BatchNorm2d: [num_features]. Raises SpecError if pruning changed anything else.
     """
     before = dict(original.named_modules())
-    shapes = {name: _shape_of(module) for name, module in pruned.named_modules()
-              if isinstance(module, _RESIZERS) and _shape_of(module) != _shape_of(before[name])}
+    shapes = {name: shape_of(module) for name, module in pruned.named_modules()
+              if isinstance(module, RESIZABLE) and shape_of(module) != shape_of(before[name])}
     _check_rebuilds_the_same(pruned, original, shapes)
     return shapes
 
 
-def rebuild(arch: ArchSpec, shapes: Shapes) -> nn.Module:
-    """The pruned architecture, uninitialised: build `arch`, then resize the recorded layers."""
-    return _resized_copy(build_model(arch), shapes)
-
-
-def load_pruned(weights: Path, arch: ArchSpec, shapes: Shapes) -> nn.Module:
-    """A pruned model from its safetensors file and the pruned_shapes of its arch document."""
-    model = rebuild(arch, shapes)
-    model.load_state_dict(safetensors.torch.load_file(weights, device="cpu"))
-    return model.eval()
-
-
-def pruned_arch_document(arch: ArchSpec, shapes: Shapes) -> dict[str, Any]:
-    """The arch spec plus the pruned shapes: what rebuild() (or a user by hand) needs."""
-    document = arch_spec_document(arch)
-    document["pruned_shapes"] = shapes
-    document["pruned_shapes_format"] = ("Conv2d: [out_channels, in_channels, groups]; Linear: [out_features, "
-                                        "in_features]; BatchNorm2d: [num_features]")
-    document["how_to_load"] = (
-        "Build the architecture as below, then replace each module named in pruned_shapes by one of the same "
-        "type with those sizes (worker.engine.prune.rebuild does this), then load the weights. "
-        + document["how_to_load"]
-    )
-    return document
-
-
-def _shape_of(module: nn.Module) -> list[int]:
-    if isinstance(module, nn.Conv2d):
-        return [module.out_channels, module.in_channels, module.groups]
-    if isinstance(module, nn.Linear):
-        return [module.out_features, module.in_features]
-    return [module.num_features]
-
-
-def _resized(module: nn.Module, shape: list[int]) -> nn.Module:
-    if isinstance(module, nn.Conv2d):
-        out_channels, in_channels, groups = shape
-        return nn.Conv2d(in_channels, out_channels, module.kernel_size, module.stride, module.padding,
-                         module.dilation, groups, module.bias is not None, module.padding_mode)
-    if isinstance(module, nn.Linear):
-        out_features, in_features = shape
-        return nn.Linear(in_features, out_features, module.bias is not None)
-    assert isinstance(module, nn.BatchNorm2d)
-    return nn.BatchNorm2d(shape[0], module.eps, module.momentum, module.affine, module.track_running_stats)
-
-
-_RESIZERS = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
-
-
-def _resized_copy(model: nn.Module, shapes: Shapes) -> nn.Module:
-    for name, shape in shapes.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, _resized(model.get_submodule(name), shape))
-    return model
+def pruned_arch(arch: ArchSpec, shapes: Shapes) -> ArchSpec:
+    """The spec of `arch`'s model once pruning changed the layers in `shapes` (pruned_shapes()): a model pruned
+    before keeps its own record, updated, so that the spec still builds from the base architecture."""
+    try:
+        return arch.replace(pruned_shapes={**(arch.pruned_shapes or {}), **shapes})
+    except ValidationError as exc:  # a record past the spec's bounds (more layers than it allows)
+        raise SpecError(f"the pruned model cannot be described by a spec: {describe_validation_error(exc)}") from exc
 
 
 def _check_rebuilds_the_same(pruned: nn.Module, original: nn.Module, shapes: Shapes) -> None:
     """Pruning may touch tensors the shape record cannot describe (a bare nn.Parameter, a LayerNorm):
     refuse then, rather than publish weights that no spec can load."""
-    rebuilt = _resized_copy(copy.deepcopy(original), shapes).state_dict()
+    rebuilt = resize_(copy.deepcopy(original), shapes, type(original).__name__).state_dict()
     for name, tensor in pruned.state_dict().items():
         if name not in rebuilt or rebuilt[name].shape != tensor.shape:
             owner = name.rpartition(".")[0]

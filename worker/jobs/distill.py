@@ -47,7 +47,7 @@ def run_distill(ctx: JobContext[DistillJobSpec], guard: Guard, checkpoints: Chec
         *(OutputFile(f"student_{fmt}", path, path.name, "application/octet-stream", measure.runtime_of(fmt), fmt)
           for fmt, path in runnable.items()),
     ]
-    result_model = OutputModel(file_kinds=("student_safetensors",), arch=export.stored_arch(student_spec),
+    result_model = OutputModel(file_kinds=("student_safetensors",), arch=student_spec.stored_arch(),
                                input_spec=student_spec.input.model_dump(mode="json"),
                                num_classes=student_spec.num_classes, param_count=metrics["student"]["param_count"],
                                label="student")

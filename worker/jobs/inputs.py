@@ -60,8 +60,7 @@ def _dataset(path: Path | None, builtin_name: str) -> data.ArrayDataset:
 
 
 def _input_arch(ctx: JobContext[Any]) -> ArchSpec:
-    return ArchSpec(arch=ctx.teacher.arch["arch"], kwargs=ctx.teacher.arch["kwargs"],
-                    input=InputSpec(**ctx.teacher.input_spec))
+    return ArchSpec.from_stored(ctx.teacher.arch, ctx.teacher.input_spec)
 
 
 def _load_input_model(ctx: JobContext[Any]) -> tuple[ArchSpec, nn.Module]:

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from core.jobspec import PruneJobSpec
-from worker.engine import evaluate, export, prune
+from worker.engine import evaluate, export, models, prune
 from worker.engine.batchnorm import recalibrate_batchnorm_
 from worker.engine.config import ArchSpec, PruneConfig
 from worker.engine.distill import distill
@@ -52,14 +52,17 @@ def run_prune(ctx: JobContext[PruneJobSpec], guard: Guard, checkpoints: Checkpoi
         details["sparsity"] = prune.weight_sparsity(pruned, config.keep_layers, arch.num_classes)
 
     guard.stage("exporting", steps=len(measure.EXPORTERS))
-    files = _export(pruned, prune.pruned_arch_document(arch, details["pruned_shapes"]), val[0][:1], ctx.work_dir,
-                    guard.step)
+    # The input's own record (if it was pruned before) with this pruning's changes: the output's full spec.
+    output_arch = prune.pruned_arch(arch, details["pruned_shapes"])
+    details["pruned_shapes"] = output_arch.pruned_shapes or {}
+    files = _export(pruned, export.arch_spec_document(output_arch, with_pruned_shapes=True), val[0][:1],
+                    ctx.work_dir, guard.step)
 
     # The input model in each format, the pruned files, then their latencies.
     guard.stage("evaluating", steps=2 * len(measure.EXPORTERS) + 1)
-    metrics = _measure(ctx, model, arch, files, loaded.evaluation, guard.step)
+    metrics = _measure(ctx, model, files, loaded.evaluation, guard.step)
     notes = [*measure.batchnorm_notes(batchnorm_report), *([DENSE_NOTE] if config.method == "unstructured" else [])]
-    result_model = OutputModel(file_kinds=("pruned_safetensors",), arch=_stored_arch(files),
+    result_model = OutputModel(file_kinds=("pruned_safetensors",), arch=output_arch.stored_arch(),
                                input_spec=arch.input.model_dump(mode="json"), num_classes=arch.num_classes,
                                param_count=metrics["output"]["params"], label="pruned")
     return JobOutcome(files=files, metrics={**metrics, "pruning": details, "history": history, "notes": notes,
@@ -67,13 +70,6 @@ def run_prune(ctx: JobContext[PruneJobSpec], guard: Guard, checkpoints: Checkpoi
                                             "work": _work(ctx.spec, details, batchnorm_report,
                                                           loaded.evaluation_source)},
                       model=result_model)
-
-
-def _stored_arch(files: list[OutputFile]) -> dict[str, Any]:
-    """The pruned model as a model row stores it, read from the arch document users download (one record)."""
-    document = json.loads(next(output.path for output in files if output.kind == "pruned_arch_spec").read_text())
-    shapes = document.get("pruned_shapes") or {}
-    return {"arch": document["arch"], "kwargs": document["kwargs"], **({"pruned_shapes": shapes} if shapes else {})}
 
 
 def _pruned(model: nn.Module, config: PruneConfig, train: inputs.TensorPair, arch: ArchSpec, seed: int) -> (
@@ -118,15 +114,16 @@ def _export(pruned: nn.Module, arch_document: dict[str, Any], example: Any, fold
             for kind, (filename, media_type) in _FILES.items()]
 
 
-def _measure(ctx: JobContext[PruneJobSpec], model: nn.Module, arch: ArchSpec, files: list[OutputFile],
+def _measure(ctx: JobContext[PruneJobSpec], model: nn.Module, files: list[OutputFile],
              evaluation: inputs.TensorPair, on_step: Callable[[], None]) -> dict[str, Any]:
-    """The engine model is the one rebuilt from the downloaded weights and arch spec, so the measurement
-    also proves that those two files load; TorchScript, ONNX and the .pt2 are compared with it."""
+    """The engine model is the one rebuilt from the downloaded weights and arch spec (read as an upload reads
+    it), so the measurement also proves that those two files load; TorchScript, ONNX and the .pt2 are compared
+    with it."""
     paths = {output.kind: output.path for output in files}
     runtimes = {output.kind: output.runtime for output in files}
     held_out = measure.HeldOut.of(model, evaluation)
-    shapes = json.loads(paths["pruned_arch_spec"].read_text())["pruned_shapes"]
-    engine_model = prune.load_pruned(paths["pruned_safetensors"], arch, shapes)
+    output_arch = ArchSpec.from_document(json.loads(paths["pruned_arch_spec"].read_text()))
+    engine_model = models.load_model(paths["pruned_safetensors"], "safetensors", output_arch).eval()
     engine_predictions = evaluate.predict(engine_model, held_out.x)
     output_artifacts = {fmt: measure.measure_artifact(paths[f"pruned_{fmt}"], runtimes[f"pruned_{fmt}"], held_out,
                                                       engine_predictions, on_step)
