@@ -11,7 +11,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from core.db.models import Job, Pipeline
+from core import lifecycle
+from core.db.models import Job, Model, Pipeline
+from core.db.session import session_scope
 from tests.api.helpers import count_rows
 
 STUDENT = {"arch": "small_cnn", "kwargs": {"width": 2, "depth": 1}}
@@ -120,3 +122,91 @@ def test_idempotent_submission_creates_one_pipeline(client: TestClient, auth_hea
     first, second = (submit(client, headers, chain(model_id)) for _ in range(2))
     assert first.status_code == 201 and second.status_code == 201
     assert first.json()["id"] == second.json()["id"]
+
+
+def claim_stage(job_id: str) -> None:
+    with session_scope() as session:
+        assert lifecycle.claim(session, job_id, "worker-under-test", 60) is not None
+
+
+def end_stage(job_id: str, status: str, accuracy: float = 0.9, reference: float = 0.95) -> None:
+    """What the runner does when a stage's job ends: a succeeded job registers its model, then finishes."""
+    acceptance = {"reference_accuracy": reference,
+                  "formats": {"safetensors": {"accuracy": accuracy, "passed": True}}}
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if status == "succeeded":
+            session.add(Model(tenant=job.tenant, name="result", format="safetensors", sha256="1" * 64, bytes=1,
+                              arch=job.spec.get("student") or {"arch": "small_cnn", "kwargs": {"num_classes": 10}},
+                              input_spec={"image_size": 8, "channels": 1}, num_classes=10, param_count=1,
+                              source_job_id=job.id))
+        assert lifecycle.finish(session, job_id, "worker-under-test", status, status,
+                                metrics={"acceptance": acceptance})
+
+
+def stage_statuses(client: TestClient, headers: dict[str, str], pipeline_id: str) -> dict[str, str]:
+    pipeline = client.get(f"/v1/pipelines/{pipeline_id}", headers=headers).json()
+    return {"pipeline": pipeline["status"], **{stage["name"]: stage["status"] for stage in pipeline["stages"]}}
+
+
+def test_a_succeeded_stage_starts_every_stage_after_it(client: TestClient, auth_headers: dict[str, str],
+                                                       model_id: str) -> None:
+    pipeline = submit(client, auth_headers, chain(model_id)).json()
+    first = pipeline["stages"][0]["job_id"]
+    claim_stage(first)
+    assert stage_statuses(client, auth_headers, pipeline["id"])["pipeline"] == "running"
+    end_stage(first, "succeeded")
+    prune = client.get(f"/v1/pipelines/{pipeline['id']}", headers=auth_headers).json()["stages"][1]
+    assert prune["status"] == "queued"
+    claim_stage(prune["job_id"])
+    end_stage(prune["job_id"], "succeeded")
+    # Both quantizations take the pruned model, at once.
+    statuses = stage_statuses(client, auth_headers, pipeline["id"])
+    assert (statuses["quantize"], statuses["quantize-2"]) == ("queued", "queued")
+    ended = client.get(f"/v1/pipelines/{pipeline['id']}", headers=auth_headers).json()
+    for stage in ended["stages"][2:]:
+        claim_stage(stage["job_id"])
+        end_stage(stage["job_id"], "succeeded")
+    done = client.get(f"/v1/pipelines/{pipeline['id']}", headers=auth_headers).json()
+    assert done["status"] == "succeeded" and done["final_model"] == done["stages"][-1]["model_id"]
+    assert done["input_accuracy"] == 0.95
+
+
+def test_a_missed_gate_fails_the_pipeline_and_skips_the_rest(client: TestClient, auth_headers: dict[str, str],
+                                                             model_id: str) -> None:
+    stages = [{"kind": "prune", "channel_ratio": 0.5, "gate": {"max_accuracy_drop_pts": 1}},
+              {"kind": "quantize"}]
+    pipeline = submit(client, auth_headers, chain(model_id, *stages)).json()
+    first = pipeline["stages"][0]["job_id"]
+    claim_stage(first)
+    end_stage(first, "succeeded", accuracy=0.90, reference=0.95)
+    failed = client.get(f"/v1/pipelines/{pipeline['id']}", headers=auth_headers).json()
+    assert failed["status"] == "failed"
+    assert "stage 'prune' missed its gate: its safetensors file scores 90.00%, 5.00 points below the pipeline's " \
+           "input model (95.00%); the gate allows 1" in failed["error"]
+    assert [stage["status"] for stage in failed["stages"]] == ["succeeded", "skipped"]
+    assert failed["stages"][0]["model_id"] is not None
+
+
+def test_cancel_while_a_stage_runs_waits_for_it_to_stop(client: TestClient, auth_headers: dict[str, str],
+                                                        model_id: str) -> None:
+    pipeline = submit(client, auth_headers, chain(model_id)).json()
+    first = pipeline["stages"][0]["job_id"]
+    claim_stage(first)
+    canceling = client.post(f"/v1/pipelines/{pipeline['id']}/cancel", headers=auth_headers).json()
+    assert canceling["status"] == "canceling" and canceling["stages"][0]["status"] == "canceling"
+    end_stage(first, "canceled")
+    assert stage_statuses(client, auth_headers, pipeline["id"]) == {
+        "pipeline": "canceled", "distill": "canceled", "prune": "skipped", "quantize": "skipped",
+        "quantize-2": "skipped"}
+
+
+def test_a_failed_stage_fails_the_pipeline_with_its_reason(client: TestClient, auth_headers: dict[str, str],
+                                                           model_id: str) -> None:
+    pipeline = submit(client, auth_headers, chain(model_id)).json()
+    first = pipeline["stages"][0]["job_id"]
+    claim_stage(first)
+    with session_scope() as session:
+        lifecycle.finish(session, first, "worker-under-test", "failed", "failed: out of ideas", error="out of ideas")
+    failed = client.get(f"/v1/pipelines/{pipeline['id']}", headers=auth_headers).json()
+    assert failed["status"] == "failed" and failed["error"] == "stage 'distill' failed: out of ideas"
