@@ -68,3 +68,14 @@ def test_an_estimate_past_the_child_limits_is_a_refusal() -> None:
     arch = ArchSpec(arch="small_cnn", kwargs={"num_classes": 10, "width": 7}, input={"image_size": 8, "channels": 1})
     with pytest.raises(Invalid, match=r"estimating the model's size took longer than 0\.01 s"):
         budget.estimate([arch], timeout=0.01)
+
+
+def test_a_pruned_model_is_estimated_as_pruned() -> None:
+    """Its estimate is its own, not the one kept for its base architecture."""
+    base = ArchSpec(arch="small_cnn", kwargs={"num_classes": 10, "width": 4, "depth": 1},
+                    input={"image_size": 8, "channels": 1})
+    pruned = base.replace(pruned_shapes={"features.0": [2, 1, 1], "features.1": [2], "classifier": [10, 2]})
+    base_cost, pruned_cost = budget.estimate([base, pruned], timeout=60)
+    # Convolution 4x1x3x3, batch norm 2x4, classifier 10x4 + 10; pruned: half the channels.
+    assert (base_cost.parameters, pruned_cost.parameters) == (36 + 8 + 50, 18 + 4 + 30)
+    assert budget.estimate([pruned], timeout=60) == [pruned_cost]

@@ -184,8 +184,8 @@ class ArchSpec(Spec):
 DOCUMENT_ONLY_KEYS = ("framework", "how_to_load", "pruned_shapes_format")
 QUANTIZED_SPEC_REFUSAL = (
     "this is a quantize job's quantized.json (it has a 'quantization' key): int8 files cannot be uploaded as a "
-    "model; upload the float model's safetensors with its arch spec (the quantized job's input model, or a distill "
-    "or prune job's student.arch.json / pruned.arch.json)")
+    "model; upload the float model's safetensors with its arch spec (the spec of the quantize job's input model, or "
+    "a distill or prune job's student.arch.json / pruned.arch.json)")
 
 
 class ArchSpecDocument(ArchSpec):
