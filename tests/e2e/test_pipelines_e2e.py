@@ -140,22 +140,23 @@ def test_each_stage_model_is_usable_alone_and_int8_is_refused(service: Service, 
                                                               tmp_path: Path) -> None:
     stages = stages_by_name(chain)
     student, pruned, int8 = (stages[name]["model_id"] for name in ("distill", "prune", "quantize"))
-    # The pruned model's downloaded weights and spec, uploaded as they are, and pruned again without fine-tuning.
-    files = {artifact["kind"]: artifact for artifact in service.api_job(stages["prune"]["job_id"])["artifacts"]}
-    weights = tmp_path / "pruned.safetensors"
-    weights.write_bytes(download(service, files["pruned_safetensors"]))
-    spec = json.loads(download(service, files["pruned_arch_spec"]))
-    reuploaded = service.upload_teacher(weights, spec)
-    assert model(service, reuploaded)["pruned_shapes"] == model(service, pruned)["pruned_shapes"]
-    jobs = [service.submit({"kind": "quantize", "model": student, "dataset": "digits", "method": "dynamic",
+    # The student's downloaded weights and spec, uploaded as they are (a round trip), then quantized; the pruned
+    # model (a stage's model by id) pruned again, without fine-tuning.
+    files = {artifact["kind"]: artifact for artifact in service.api_job(stages["distill"]["job_id"])["artifacts"]}
+    weights = tmp_path / "student.safetensors"
+    weights.write_bytes(download(service, files["student_safetensors"]))
+    reuploaded = service.upload_teacher(weights, json.loads(download(service, files["student_arch_spec"])))
+    assert model(service, reuploaded)["sha256"] == model(service, student)["sha256"]
+    jobs = [service.submit({"kind": "quantize", "model": reuploaded, "dataset": "digits", "method": "dynamic",
                             **NO_JOB_GATE}),
-            service.submit({"kind": "prune", "model": pruned, "dataset": "digits", "channel_ratio": 0.75,
-                            "epochs": 0, **NO_JOB_GATE}),
-            service.submit({"kind": "prune", "model": reuploaded, "dataset": "digits", "channel_ratio": 0.75,
+            service.submit({"kind": "prune", "model": pruned, "dataset": "digits", "channel_ratio": 0.25,
                             "epochs": 0, **NO_JOB_GATE})]
     for job_id in jobs:
         job = service.wait_status(job_id, ENDED, timeout=300)
         assert job.status == "succeeded", job.error
+    twice = model(service, _output(service, jobs[1]))
+    assert set(twice["pruned_shapes"]) >= set(model(service, pruned)["pruned_shapes"]), \
+        "pruned again, the record still covers the first pruning's layers"
     for body, field in (({"kind": "quantize", "model": int8}, "model"), ({"kind": "prune", "model": int8,
                                                                            "channel_ratio": 0.5}, "model"),
                         ({"kind": "distill", "teacher": int8, "student": {"arch": "small_cnn"}}, "teacher")):
@@ -163,6 +164,17 @@ def test_each_stage_model_is_usable_alone_and_int8_is_refused(service: Service, 
         assert response.status_code == 422, response.text
         message = response.json()["detail"]
         assert f"{field} {int8} is an int8 model" in message and pruned in message
+
+
+def _output(service: Service, job_id: str) -> str:
+    """The model a job registered (the lineage of its job's result)."""
+    from core.db.session import session_scope
+    from core.lineage import output_model
+
+    with session_scope() as session:
+        result = output_model(session, job_id)
+        assert result is not None, f"{job_id} registered no model"
+        return result.id
 
 
 def test_report_lays_the_stages_side_by_side(service: Service, chain: dict[str, Any]) -> None:
@@ -185,7 +197,7 @@ def test_a_missed_gate_stops_the_pipeline_and_keeps_earlier_models(service: Serv
     # A quarter of the channels gone and no fine-tuning, yet not a point lost: a gate no pruning meets.
     pipeline = wait_pipeline(service, submit_pipeline(service, {
         "model": student, "dataset": "digits", "stages": [
-            {"kind": "prune", "channel_ratio": 0.25, "epochs": 1, **NO_JOB_GATE},
+            {"kind": "prune", "channel_ratio": 0.25, "epochs": 0, **NO_JOB_GATE},
             {"name": "strict", "kind": "prune", "channel_ratio": 0.25, "epochs": 0, **NO_JOB_GATE,
              "gate": {"max_accuracy_drop_pts": 0, "against": "previous"}},
             {"kind": "quantize", "method": "dynamic"}]})["id"], timeout=300)

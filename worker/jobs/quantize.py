@@ -41,7 +41,9 @@ def run_quantize(ctx: JobContext[QuantizeJobSpec], guard: Guard, checkpoints: Ch
     config = ctx.spec.quantize
     loaded = inputs.load(ctx)
     arch, model, train, val = loaded.arch, loaded.model, loaded.train, loaded.val
-    calibration = inputs.calibration_subset(train, config.calibration_samples or 0, ctx.spec.seed)[0]
+    # Dynamic quantization calibrates nothing, but the exports trace the model on an example: one training image
+    # (an empty batch made every dynamic job fail at export).
+    calibration = inputs.calibration_subset(train, config.calibration_samples or 1, ctx.spec.seed)[0]
 
     history: list[dict[str, float]] = []
     if config.qat is not None:
