@@ -28,6 +28,7 @@ from core.db.models import Model, Pipeline
 from core.db.session import after_commit
 from core.errors import Invalid
 from core.jobspec import SPEC_CLASSES, DistillJobSpec, JobSpecBase, stored_form
+from core.lineage import job_inputs
 from core.settings import Settings
 
 ROUTE = "POST /v1/pipelines"
@@ -74,6 +75,7 @@ def plan_pipeline(session: Session, tenant: str, body: PipelineCreate, settings:
     stored_stages: list[dict[str, Any]] = []
     uses: list[budget.ModelUse] = []
     dataset_id: str | None = None
+    first_spec: JobSpecBase | None = None
     for index, (name, after, stage) in enumerate(_named_stages(body.stages)):
         where = f"stages[{index}] ('{name}')"
         checked = _checked_stage(session, tenant, body, stage, predicted[after], where)
@@ -82,8 +84,11 @@ def plan_pipeline(session: Session, tenant: str, body: PipelineCreate, settings:
                               "job": stored_form(checked.spec)})
         uses += checked.uses
         dataset_id = checked.dataset_id
+        first_spec = first_spec or checked.spec
     spec = {"model": source.id, "dataset": body.dataset, "dataset_id": dataset_id, "eval_dataset": body.eval_dataset,
-            "val_fraction": body.val_fraction, "seed": body.seed, "stages": stored_stages}
+            "val_fraction": body.val_fraction, "seed": body.seed, "stages": stored_stages,
+            # What the pipeline reads, fixed now: a replay refuses inputs that changed since.
+            "inputs": job_inputs(session, first_spec, source)}
     name = body.name or " -> ".join(stage["name"] for stage in stored_stages)
     return Plan(build=lambda pipeline_id: Pipeline(id=pipeline_id, tenant=tenant, name=name, spec=spec,
                                                    status="queued"),

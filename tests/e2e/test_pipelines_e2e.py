@@ -141,7 +141,7 @@ def test_each_stage_model_is_usable_alone_and_int8_is_refused(service: Service, 
     stages = stages_by_name(chain)
     student, pruned, int8 = (stages[name]["model_id"] for name in ("distill", "prune", "quantize"))
     # The student's downloaded weights and spec, uploaded as they are (a round trip), then quantized; the pruned
-    # model (a stage's model by id) pruned again, without fine-tuning.
+    # model (a stage's model by id) pruned again.
     files = {artifact["kind"]: artifact for artifact in service.api_job(stages["distill"]["job_id"])["artifacts"]}
     weights = tmp_path / "student.safetensors"
     weights.write_bytes(download(service, files["student_safetensors"]))
@@ -149,8 +149,8 @@ def test_each_stage_model_is_usable_alone_and_int8_is_refused(service: Service, 
     assert model(service, reuploaded)["sha256"] == model(service, student)["sha256"]
     jobs = [service.submit({"kind": "quantize", "model": reuploaded, "dataset": "digits", "method": "dynamic",
                             **NO_JOB_GATE}),
-            service.submit({"kind": "prune", "model": pruned, "dataset": "digits", "channel_ratio": 0.25,
-                            "epochs": 0, **NO_JOB_GATE})]
+            service.submit({"kind": "prune", "model": pruned, "dataset": "digits", "channel_ratio": 0.1,
+                            "epochs": 1, **NO_JOB_GATE})]
     for job_id in jobs:
         job = service.wait_status(job_id, ENDED, timeout=300)
         assert job.status == "succeeded", job.error
@@ -194,10 +194,11 @@ def test_report_lays_the_stages_side_by_side(service: Service, chain: dict[str, 
 
 def test_a_missed_gate_stops_the_pipeline_and_keeps_earlier_models(service: Service, chain: dict[str, Any]) -> None:
     student = stages_by_name(chain)["distill"]["model_id"]
-    # A quarter of the channels gone and no fine-tuning, yet not a point lost: a gate no pruning meets.
+    # A quarter of the channels gone and no fine-tuning, yet not a point lost: a gate no pruning meets (here the
+    # pruned model keeps about half its accuracy, well above chance).
     pipeline = wait_pipeline(service, submit_pipeline(service, {
         "model": student, "dataset": "digits", "stages": [
-            {"kind": "prune", "channel_ratio": 0.25, "epochs": 0, **NO_JOB_GATE},
+            {"kind": "prune", "channel_ratio": 0.1, "epochs": 0, **NO_JOB_GATE},
             {"name": "strict", "kind": "prune", "channel_ratio": 0.25, "epochs": 0, **NO_JOB_GATE,
              "gate": {"max_accuracy_drop_pts": 0, "against": "previous"}},
             {"kind": "quantize", "method": "dynamic"}]})["id"], timeout=300)
@@ -215,8 +216,8 @@ def test_a_missed_gate_stops_the_pipeline_and_keeps_earlier_models(service: Serv
 def test_a_worker_killed_in_stage_two_resumes_stage_two(service: Service, chain: dict[str, Any]) -> None:
     student = stages_by_name(chain)["distill"]["model_id"]
     pipeline = submit_pipeline(service, {"model": student, "dataset": "digits", "stages": [
-        {"kind": "prune", "channel_ratio": 0.25, "epochs": 0, **NO_JOB_GATE},
-        {"name": "long", "kind": "prune", "channel_ratio": 0.25, "epochs": 30, "batch_size": 16, **NO_JOB_GATE}]})
+        {"kind": "prune", "channel_ratio": 0.1, "epochs": 0, **NO_JOB_GATE},
+        {"name": "long", "kind": "prune", "channel_ratio": 0.25, "epochs": 6, **NO_JOB_GATE}]})
     stage_two = wait_for(lambda: stages_by_name(get_pipeline(service, pipeline["id"]))["long"]["job_id"],
                          timeout=300, interval=0.5, what="stage 'long' to start")
     service.wait_epoch(stage_two, 2, timeout=120)
