@@ -118,6 +118,8 @@ def stage_fields(stage: dict[str, Any]) -> dict[str, Any]:
     fields["steps"] = f"{fields['completed']}/{total}" if total else ""
     if status == "waiting":
         fields["description"] = f"waiting for {stage['after']}"
+    if status not in ACTIVE:
+        fields["eta"] = ""  # the last estimate its job made, stale once the stage has ended
     if status == "succeeded":
         fields.update(completed=total or 1, total=total or 1)
         if stage.get("model_id"):
@@ -224,7 +226,7 @@ def show_pipeline(pipeline: dict[str, Any]) -> None:
     typer.echo("stages")
     print_table(["  name", "kind", "after", "status", "job", "model", "gate"],
                 [[f"  {stage['name']}", stage["kind"], stage["after"], stage_status(stage), stage.get("job_id"),
-                  stage.get("model_id"), " ".join(filter(None, (gate_text(stage), gate_verdict(stage))))]
+                  stage.get("model_id"), ": ".join(filter(None, (gate_text(stage), gate_verdict(stage))))]
                  for stage in pipeline["stages"]])
     for stage in pipeline["stages"]:
         for problem in (stage.get("gate_result"), stage.get("error")):

@@ -170,6 +170,6 @@ def test_the_pipeline_page_words_each_stage_gate_and_report_cell(tmp_path: Path)
     assert shown["origins"] == ["after the input model", "after distill", "waits for prune",
                                 "after distill; skipped: the pipeline ended first", "after distill"]
     assert shown["cells"] == ["prune", "prune", "mdl_01234567\N{HORIZONTAL ELLIPSIS}", "float32", "95.12%",
-                              "onnx 95.00%, torchscript 95.12%", "5,321", NOT_MEASURED, "21.5 KiB", "30.0 KiB",
+                              "onnx 95.00%\ntorchscript 95.12%", "5,321", NOT_MEASURED, "21.5 KiB", "30.0 KiB",
                               "0.123 ms", "<= 1.5 pts vs previous: passed"]
     assert shown["input"] == NOT_MEASURED and shown["done"] == "2 of 5 stages done"

@@ -194,9 +194,10 @@ def test_a_stage_bar_shows_its_jobs_progress_and_its_gate() -> None:
         "waiting for distill", 0, 1, "")
     assert stage_fields(_stage("quantize", "skipped"))["description"] == "skipped"
     gate = {"max_accuracy_drop_pts": 1, "against": "previous"}
-    passed = stage_fields(_stage("prune", "succeeded", {"stage": "exporting", "step": 60, "total_steps": 60},
-                                 gate=gate, model_id="mdl_p"))
+    passed = stage_fields(_stage("prune", "succeeded", {"stage": "exporting", "step": 60, "total_steps": 60,
+                                                        "eta_seconds": 0.4}, gate=gate, model_id="mdl_p"))
     assert passed["description"] == "succeeded, gate passed" and passed["metrics"] == "-> mdl_p"
+    assert passed["eta"] == ""
     assert (passed["completed"], passed["total"]) == (60, 60)
     # A stage without training steps (static quantization) still shows a full bar once done.
     done = stage_fields(_stage("quantize", "succeeded", {"stage": "exporting"}, model_id="mdl_q"))

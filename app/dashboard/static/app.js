@@ -579,7 +579,8 @@ class PipelinePage extends LivePage {
 }
 
 function reportClass(key) {
-  return ["stage", "kind", "model", "precision", "formats", "gate"].includes(key) ? "" : "num";
+  if (key === "formats") return "lines";
+  return ["stage", "kind", "model", "precision", "gate"].includes(key) ? "" : "num";
 }
 
 function stageCard(stage) {

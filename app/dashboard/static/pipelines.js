@@ -24,13 +24,13 @@ export const REPORT_COLUMNS = [
 const FIGURE_KEYS = new Set(["accuracy", "params", "macs", "file_bytes", "torchscript_bytes", "cpu_latency_ms_batch1"]);
 
 // One report cell as text: figures as the job page shows them, "–" for what was not measured, a model's id
-// shortened (the page puts the whole id in the cell's title).
+// shortened (the page puts the whole id in the cell's title), a line per published file.
 export function reportCell(key, value) {
   if (value == null || value === "" || (key === "formats" && !Object.keys(value).length)) return "–";
   if (FIGURE_KEYS.has(key)) return fmt.figure(key, value);
   if (key === "model") return fmt.shortId(value);
   if (key === "formats") {
-    return Object.entries(value).map(([format, accuracy]) => `${format} ${fmt.percent(accuracy)}`).join(", ");
+    return Object.entries(value).map(([format, accuracy]) => `${format} ${fmt.percent(accuracy)}`).join("\n");
   }
   return String(value);
 }
