@@ -8,6 +8,9 @@
         job = client.wait(job["id"], on_progress=lambda snap: print(snap["progress"]))
         for artifact in job["artifacts"]:
             client.download(artifact["id"], Path("."))
+        pipeline = client.submit_pipeline({"model": model["id"], "dataset": "digits", "stages": [...]})
+        pipeline = client.wait_pipeline(pipeline["id"], on_progress=lambda p: print(p["current_stages"]))
+        print(client.pipeline_report(pipeline["id"], markdown=True))
 
 Every failure is a ClientError: ApiError (the server answered 4xx/5xx; `detail` says why), Unreachable (no
 answer), IntegrityError (a download whose sha256 is not the server's).
@@ -72,6 +75,9 @@ class Downloaded:
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 BytesCallback = Callable[[int, int], None]
+# A pipeline has no event stream: it is polled, soon after a change, then less often while nothing moves.
+PIPELINE_POLL_SECONDS = 0.5
+PIPELINE_POLL_MAX_SECONDS = 5.0
 
 
 class Client:
@@ -141,6 +147,11 @@ class Client:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._json("POST", f"/v1/jobs/{job_id}/cancel")
 
+    def model_lineage(self, model_id: str) -> dict[str, Any]:
+        """{"model", "chain", "root"}: the model, the job that made it, that job's input model, ... back to the
+        upload (chain: newest first, each {"model", "made_by"})."""
+        return self._json("GET", f"/v1/models/{model_id}/lineage")
+
     def artifact(self, artifact_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/artifacts/{artifact_id}")
 
@@ -198,6 +209,63 @@ class Client:
             if deadline is not None and time.monotonic() > deadline:
                 raise ClientError(f"job {job_id} did not finish within {timeout:g} s")
         return self.get(job_id)
+
+    # ---- pipelines -----------------------------------------------------------------------------
+
+    def submit_pipeline(self, document: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        """Submit {"model", "dataset", "stages": [{"kind", "after"?, "gate"?, ...job settings}]}; every stage is
+        checked at once (a mistake anywhere is an ApiError 422 naming the stage)."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._json("POST", "/v1/pipelines", json=document, headers=headers)
+
+    def pipeline(self, pipeline_id: str) -> dict[str, Any]:
+        """Its status and each stage's: status, job_id, progress, model_id, summary, gate_result."""
+        return self._json("GET", f"/v1/pipelines/{pipeline_id}")
+
+    def pipelines(self, status: str | None = None, limit: int = 20, cursor: str | None = None) -> dict[str, Any]:
+        """One page of pipelines, newest first: {"items", "next_cursor"}; pass next_cursor back for the next."""
+        return self.page("pipelines", limit, cursor, **({"status": status} if status else {}))
+
+    def cancel_pipeline(self, pipeline_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/v1/pipelines/{pipeline_id}/cancel")
+
+    def pipeline_report(self, pipeline_id: str, markdown: bool = False) -> Any:
+        """{"pipeline", "rows", "table_markdown", "final_model_lineage"}; with markdown=True, the table alone as
+        Markdown text."""
+        if not markdown:
+            return self._json("GET", f"/v1/pipelines/{pipeline_id}/report")
+        response = self._send("GET", f"/v1/pipelines/{pipeline_id}/report", headers={"Accept": "text/markdown"})
+        _raise_for_status(response)
+        return response.text
+
+    def wait_pipeline(self, pipeline_id: str, on_progress: ProgressCallback | None = None,
+                      timeout: float | None = None) -> dict[str, Any]:
+        """Block until the pipeline ends and return it. on_progress gets the whole pipeline whenever its status or
+        a stage's status, progress or model changes. Polled: soon after a change, up to every
+        PIPELINE_POLL_MAX_SECONDS while nothing moves; a few dropped connections in a row are retried."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay, seen, failures = PIPELINE_POLL_SECONDS, None, 0
+        while True:
+            try:
+                pipeline = self.pipeline(pipeline_id)
+                failures = 0
+            except Unreachable:
+                failures += 1
+                if failures > MAX_RECONNECTS:
+                    raise
+            else:
+                state = _pipeline_state(pipeline)
+                if state != seen:
+                    seen, delay = state, PIPELINE_POLL_SECONDS
+                    if on_progress is not None:
+                        on_progress(pipeline)
+                else:
+                    delay = min(delay * 1.5, PIPELINE_POLL_MAX_SECONDS)
+                if pipeline["status"] in TERMINAL:
+                    return pipeline
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ClientError(f"pipeline {pipeline_id} did not finish within {timeout:g} s")
+            time.sleep(delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic())))
 
     # ---- downloads -----------------------------------------------------------------------------
 
@@ -265,6 +333,12 @@ def parse_sse(lines: Iterator[str]) -> Iterator[Event | None]:
             fields = {}
         else:
             fields = {}
+
+
+def _pipeline_state(pipeline: dict[str, Any]) -> Any:
+    """What a follower of a pipeline sees change: its status, and each stage's status, progress and model."""
+    return pipeline["status"], [(stage["status"], stage.get("progress"), stage.get("model_id"))
+                                for stage in pipeline["stages"]]
 
 
 def _raise_for_status(response: httpx.Response) -> None:

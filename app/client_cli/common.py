@@ -72,13 +72,15 @@ def stderr_console() -> Console:
 def print_table(columns: list[str], rows: list[list[Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(box=None, pad_edge=False)
     for column in columns:
         # Ids and hashes are copied from here: folded when the terminal is narrow, never cut short.
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*("" if cell is None else str(cell) for cell in row))
+        # Text, not str: names are the users' own, and "[bold]" in one is shown, not read as rich markup.
+        table.add_row(*(Text("" if cell is None else str(cell)) for cell in row))
     # Piped or captured: as wide as the rows need, so each row stays one line for grep and awk.
     Console(width=None if sys.stdout.isatty() else 1000).print(table)
 

@@ -1,4 +1,4 @@
-"""`condenser models` and `condenser datasets`: upload and list."""
+"""`condenser models` and `condenser datasets`: upload and list; where a model came from."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from app.client_cli.common import (
 )
 from app.client_cli.connection import connected
 
-models_app = typer.Typer(help="Upload and list models.", no_args_is_help=True)
+models_app = typer.Typer(help="Upload and list models, and trace where one came from.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Upload and list datasets.", no_args_is_help=True)
 
 
@@ -40,7 +40,8 @@ def models_upload(
         return print_json(model)
     typer.echo(model["id"])
     stderr_console().print(f"uploaded {model['name']}: {model['arch']}, {model['num_classes']} classes, "
-                           f"{_count(model['param_count'])} parameters, sha256 {model['sha256'][:12]}", highlight=False)
+                           f"{_count(model['param_count'])} parameters, sha256 {model['sha256'][:12]}",
+                           highlight=False, markup=False)
 
 
 def _count(value: int | None) -> str:
@@ -54,6 +55,30 @@ def models_list(ctx: typer.Context, limit: Annotated[int, typer.Option(min=1, ma
     _list_resource(ctx, "models", limit, as_json, ["id", "name", "arch", "classes", "params", "created"],
                    lambda m: [m["id"], m["name"], m["arch"], m["num_classes"], _count(m["param_count"]),
                               timestamp(m["created_at"])])
+
+
+@models_app.command("lineage")
+def models_lineage(ctx: typer.Context, model_id: str, as_json: JsonOption = False) -> None:
+    """Where a model came from: the job that made it, that job's input model, ... back to the upload (the server's
+    JSON with --json also has each job's spec, inputs with their sha256, and engine versions)."""
+    with connected(ctx) as client:
+        lineage = client.model_lineage(model_id)
+    if as_json:
+        return print_json(lineage)
+    print_lineage(lineage["chain"])
+
+
+def print_lineage(chain: list[dict[str, Any]]) -> None:
+    """The chain newest first, a line per model and per job between two models:
+    mdl_c  name  int8 / <- quantize job_c (pipeline pip_1, stage quantize) / mdl_b ... / mdl_a  name  float32  upload"""
+    for step in chain:
+        model, job = step["model"], step["made_by"]
+        deleted = "  (deleted)" if model.get("deleted") else ""
+        typer.echo(f"{model['id']}  {model['name']}  {model['precision']}"
+                   f"{'  upload' if job is None else ''}{deleted}")
+        if job is not None:
+            where = f" (pipeline {job['pipeline_id']}, stage {job['stage']})" if job.get("pipeline_id") else ""
+            typer.echo(f"  <- {job['kind']} {job['id']}{where}")
 
 
 @datasets_app.command("upload")
@@ -70,7 +95,8 @@ def datasets_upload(
         return print_json(dataset)
     typer.echo(dataset["id"])
     stderr_console().print(f"uploaded {dataset['name']}: {dataset['num_samples']:,} images, "
-                           f"{dataset['num_classes']} classes, shape {dataset['image_shape']}", highlight=False)
+                           f"{dataset['num_classes']} classes, shape {dataset['image_shape']}",
+                           highlight=False, markup=False)
 
 
 @datasets_app.command("list")

@@ -71,23 +71,31 @@ def test_a_succeeded_job_carries_its_before_after_summary(client: TestClient, au
     assert listed[job_id]["summary"] == summary and listed[running_id]["summary"] is None
 
 
-def run_tradeoff_pairs(jobs: list[dict[str, Any]], key: str, sha256_by_model: dict[str, str],
-                       folder: Path) -> list[dict[str, Any]]:
-    """tradeoffs.js's tradeoffPairs run by node (skipped without it, failed in CI). The module is copied as .mjs:
-    node reads a plain .js outside a package.json of type "module" as CommonJS."""
+def run_in_node(folder: Path, driver: str, *arguments: Any) -> Any:
+    """`driver`, an ES module that imports the dashboard's scripts (`./name.js`) and reads its JSON arguments from
+    process.argv[2], run by node (skipped without it, failed in CI); returns what it printed, as JSON."""
     node = shutil.which("node")
     if node is None:
         if os.environ.get("CI") == "true":
             pytest.fail("the dashboard's JavaScript tests need node (apt-get install -y nodejs)")
         pytest.skip("the dashboard's JavaScript tests need node")
-    shutil.copy(STATIC_DIR / "tradeoffs.js", folder / "tradeoffs.mjs")
-    driver = folder / "driver.mjs"
-    driver.write_text('import { tradeoffPairs } from "./tradeoffs.mjs";\n'
-                      "const [jobs, key, shas] = JSON.parse(process.argv[2]);\n"
-                      "console.log(JSON.stringify(tradeoffPairs(jobs, key, new Map(Object.entries(shas)))));\n")
-    result = subprocess.run([node, str(driver), json.dumps([jobs, key, sha256_by_model])], capture_output=True,
-                            text=True, timeout=60, check=True)
+    for script in STATIC_DIR.glob("*.js"):
+        shutil.copy(script, folder / script.name)
+    # Under a package.json of type "module", node reads .js files as ES modules, as the browser does.
+    (folder / "package.json").write_text('{"type": "module"}\n')
+    (folder / "driver.js").write_text(driver)
+    result = subprocess.run([node, str(folder / "driver.js"), json.dumps(arguments)], capture_output=True, text=True,
+                            timeout=60, check=True)
     return json.loads(result.stdout)
+
+
+def run_tradeoff_pairs(jobs: list[dict[str, Any]], key: str, sha256_by_model: dict[str, str],
+                       folder: Path) -> list[dict[str, Any]]:
+    """tradeoffs.js's tradeoffPairs."""
+    driver = ('import { tradeoffPairs } from "./tradeoffs.js";\n'
+              "const [jobs, key, shas] = JSON.parse(process.argv[2]);\n"
+              "console.log(JSON.stringify(tradeoffPairs(jobs, key, new Map(Object.entries(shas)))));\n")
+    return run_in_node(folder, driver, jobs, key, sha256_by_model)
 
 
 def _succeeded(job_id: str, model: str, latency_ms: float, accuracy: float) -> dict[str, Any]:
@@ -125,3 +133,43 @@ def test_an_input_point_takes_its_median_from_the_jobs_that_measured_the_figure(
     inputs = {pair["before"]["key"]: pair["before"] for pair in pairs}
     assert (inputs["mdl_a"]["x"], inputs["mdl_a"]["y"], inputs["mdl_a"]["count"]) == (8.0, 0.9, 1)
     assert inputs["mdl_b"]["x"] is None and inputs["mdl_b"]["count"] == 0
+
+
+NOT_MEASURED = "\N{EN DASH}"  # as format.js writes it
+
+
+def _stage(name: str, status: str, **fields: Any) -> dict[str, Any]:
+    return {"name": name, "kind": "prune", "after": "distill", "gate": None, "status": status, "gate_result": None,
+            **fields}
+
+
+def test_the_pipeline_page_words_each_stage_gate_and_report_cell(tmp_path: Path) -> None:
+    """pipelines.js: a gate is judged only once its stage succeeded; a stage says what it comes after (or waits
+    for); report cells read as the job page's figures, and what was not measured as a dash."""
+    gate = {"max_accuracy_drop_pts": 1.5, "against": "previous"}
+    stages = [_stage("distill", "succeeded", after="input", gate={"max_accuracy_drop_pts": 3, "against": "input"}),
+              _stage("prune", "succeeded", gate=gate, gate_result="its onnx file scores 80.00%, ..."),
+              _stage("quantize", "waiting", after="prune", gate=gate), _stage("qat", "skipped", gate=gate),
+              _stage("other", "running")]
+    row = {"stage": "prune", "kind": "prune", "model": "mdl_0123456789abcdef01234567", "precision": "float32",
+           "accuracy": 0.9512, "formats": {"onnx": 0.95, "torchscript": 0.9512}, "params": 5321, "macs": None,
+           "file_bytes": 22000, "torchscript_bytes": 30720, "cpu_latency_ms_batch1": 0.12345,
+           "gate": "<= 1.5 pts vs previous: passed"}
+    driver = ('import * as p from "./pipelines.js";\n'
+              "const [stages, row] = JSON.parse(process.argv[2]);\n"
+              "console.log(JSON.stringify({ gates: stages.map(p.gateOf), origins: stages.map(p.stageOrigin),\n"
+              "  cells: p.REPORT_COLUMNS.map(([key]) => p.reportCell(key, row[key])),\n"
+              "  input: p.reportCell(\"formats\", {}), done: p.stagesDone({ stages }) }));\n")
+    shown = run_in_node(tmp_path, driver, stages, row)
+    assert shown["gates"] == [
+        {"text": "≤ 3 pts vs the input model", "verdict": "passed", "detail": None},
+        {"text": "≤ 1.5 pts vs the previous stage", "verdict": "missed", "detail": "its onnx file scores 80.00%, ..."},
+        {"text": "≤ 1.5 pts vs the previous stage", "verdict": "pending", "detail": None},
+        {"text": "≤ 1.5 pts vs the previous stage", "verdict": "not reached", "detail": None},
+        None]
+    assert shown["origins"] == ["after the input model", "after distill", "waits for prune",
+                                "after distill; skipped: the pipeline ended first", "after distill"]
+    assert shown["cells"] == ["prune", "prune", "mdl_01234567\N{HORIZONTAL ELLIPSIS}", "float32", "95.12%",
+                              "onnx 95.00%\ntorchscript 95.12%", "5,321", NOT_MEASURED, "21.5 KiB", "30.0 KiB",
+                              "0.123 ms", "<= 1.5 pts vs previous: passed"]
+    assert shown["input"] == NOT_MEASURED and shown["done"] == "2 of 5 stages done"

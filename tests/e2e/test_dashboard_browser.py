@@ -9,6 +9,7 @@ never downloaded: the system's Chromium is driven instead).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -237,3 +238,211 @@ def check_tradeoffs(page: Any) -> None:
         assert page.locator(f'[data-testid="{chart}"] [data-testid="tradeoff-before"]').count() == 1
     page.locator('[data-testid="chart-size"] [data-testid="tradeoff-after"]').first.hover()
     screenshot(page, "07-tradeoffs")
+
+
+# A pipeline name a client chose: markup to a page that would insert it as HTML.
+HOSTILE_NAME = '<img src=x data-injected="1"> digits & chain'
+# Views the dashboard has left stay in the page, hidden: the pipeline page's elements are looked for in it alone.
+PIPELINE_VIEW = "#pipeline-view"
+
+
+@pytest.fixture
+def api_only(service_factory: Any) -> tuple[Service, str]:
+    """The API over real HTTP on the embedded default, with no worker: a pipeline stays queued."""
+    service = service_factory("embedded")
+    return service, service.serve_http()
+
+
+def test_pipeline_pages_show_stage_cards_the_report_and_lineage(api_only: tuple[Service, str],
+                                                                small_cnn_files: Any) -> None:
+    """A queued pipeline through the real API (list, page, a stage's job, cancel); then the same page on canned
+    reports of the states a pipeline without a worker never reaches: a stage running, and all done."""
+    service, base_url = api_only
+    teacher_id = service.upload_teacher(small_cnn_files.safetensors, small_cnn_files.spec)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_context(viewport={"width": 1360, "height": 900}).new_page()
+        problems: list[str] = []
+        page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        try:
+            sign_in(page, base_url, service.api_key)
+            pipeline = _submit_pipeline(service, teacher_id)
+            check_pipeline_list_and_page(page, pipeline)
+            check_cancel_from_the_pipeline_page(page, pipeline)
+            report = service.client.get(f"/v1/pipelines/{pipeline['id']}/report", headers=service.headers).json()
+            check_running_pipeline(page, _canned(report, "running"))
+            check_finished_pipeline(page, _canned(report, "succeeded"))
+        finally:
+            browser.close()
+    assert [problem for problem in problems if "status of 401" not in problem] == [], problems
+
+
+def _submit_pipeline(service: Service, teacher_id: str) -> dict[str, Any]:
+    gate = {"max_accuracy_drop_pts": 3, "against": "input"}
+    response = service.client.post("/v1/pipelines", headers=service.headers, json={
+        "name": HOSTILE_NAME, "model": teacher_id, "dataset": "digits", "stages": [
+            {"kind": "distill", "student": {"arch": "small_cnn", "kwargs": {"width": 4, "depth": 1}}, "epochs": 1,
+             "gate": gate},
+            {"kind": "prune", "channel_ratio": 0.5, "epochs": 1, "gate": {**gate, "against": "previous"}},
+            {"kind": "quantize", "method": "static"},
+            {"name": "quantize-dynamic", "kind": "quantize", "after": "prune", "method": "dynamic"}]})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def _cards(page: Any) -> dict[str, dict[str, Any]]:
+    """Each stage card by stage name: its status, gate verdict, model and whether it shows a bar."""
+    page.locator(_card("distill")).wait_for()
+    script = """cards => Object.fromEntries(cards.map(card => [
+        card.dataset.stage, {status: card.dataset.status,
+          gate: card.querySelector('[data-testid="stage-gate"]')?.dataset.verdict ?? null,
+          model: card.querySelector('[data-testid="stage-model"]').textContent,
+          bar: card.querySelector('[role="progressbar"]')?.dataset.percent ?? null,
+          job: card.querySelector('[data-testid="stage-job-link"]')?.getAttribute("href") ?? null}]))"""
+    return page.eval_on_selector_all(f'{PIPELINE_VIEW} [data-testid="stage-card"]', script)
+
+
+def _in_view(page: Any, test_id: str) -> Any:
+    return page.locator(f'{PIPELINE_VIEW} [data-testid="{test_id}"]')
+
+
+def _card(stage: str) -> str:
+    return f'{PIPELINE_VIEW} [data-testid="stage-card"][data-stage="{stage}"]'
+
+
+def _report_rows(page: Any) -> dict[str, dict[str, str]]:
+    return page.eval_on_selector_all('[data-testid="pipeline-report-table"] tbody tr', """rows => Object.fromEntries(
+        rows.map(row => [row.dataset.stage, Object.fromEntries([...row.children].map(cell =>
+          [cell.dataset.column, cell.textContent]))]))""")
+
+
+def check_pipeline_list_and_page(page: Any, pipeline: dict[str, Any]) -> None:
+    page.get_by_test_id("nav-pipelines").click()
+    row = page.locator(f'tr[data-pipeline-id="{pipeline["id"]}"]')
+    row.wait_for()
+    # The name is text on the page, never markup.
+    assert row.get_by_test_id("pipeline-link").inner_text() == HOSTILE_NAME
+    assert page.locator("[data-injected]").count() == 0
+    assert "0 of 4 stages done" in row.inner_text()
+    screenshot(page, "08-pipelines")
+
+    row.get_by_test_id("pipeline-link").click()
+    assert page.get_by_test_id("pipeline-name").inner_text() == HOSTILE_NAME
+    cards = _cards(page)
+    first_job = pipeline["stages"][0]["job_id"]
+    assert list(cards) == ["distill", "prune", "quantize", "quantize-dynamic"]
+    assert cards["distill"] == {"status": "queued", "gate": "pending", "model": "\N{EN DASH}", "bar": "0",
+                                "job": f"#/jobs/{first_job}"}
+    assert cards["prune"] == {"status": "waiting", "gate": "pending", "model": "\N{EN DASH}", "bar": None,
+                              "job": None}
+    assert cards["quantize"]["gate"] is None and cards["quantize-dynamic"]["status"] == "waiting"
+    assert "waits for prune" in page.locator(_card("quantize-dynamic")).inner_text()
+    assert list(_report_rows(page)) == ["input"]
+    assert page.locator("[data-injected]").count() == 0
+    screenshot(page, "09-pipeline-queued")
+
+    # A stage's card leads to its job, whose page leads back.
+    page.locator(f'{_card("distill")} [data-testid="stage-job-link"]').click()
+    page.get_by_test_id("job-pipeline").click()
+    page.locator(_card("distill")).wait_for()
+    assert page.get_by_test_id("pipeline-id").inner_text() == pipeline["id"]
+
+
+def check_cancel_from_the_pipeline_page(page: Any, pipeline: dict[str, Any]) -> None:
+    _in_view(page, "cancel-button").click()
+    status = _in_view(page, "pipeline-status")
+    wait_for(lambda: status.inner_text() == "canceled", timeout=30, what="the page to show the pipeline canceled")
+    cards = _cards(page)
+    assert {name: (card["status"], card["gate"]) for name, card in cards.items()} == {
+        "distill": ("canceled", "not reached"), "prune": ("skipped", "not reached"),
+        "quantize": ("skipped", None), "quantize-dynamic": ("skipped", None)}
+    assert _in_view(page, "cancel-button").count() == 0
+
+
+# What a canned stage measured (its report row's figures).
+CANNED_FIGURES = {"accuracy": 0.95, "params": 5321, "macs": 100_000, "file_bytes": 22_000,
+                  "torchscript_bytes": 30_000, "cpu_latency_ms_batch1": 0.3, "formats": {"onnx": 0.95}}
+
+
+def _canned(report: dict[str, Any], state: str) -> dict[str, Any]:
+    """The real report of the pipeline, moved on to `state` as the API would show it: "running" (distill done,
+    prune training, the rest waiting) or "succeeded" (every stage done, the final model's lineage)."""
+    pipeline = copy.deepcopy(report["pipeline"])
+    pipeline.update(id=f"pip_{state}canned", status=state, current_stages=[], input_accuracy=0.97, error=None,
+                    finished_at=None)
+    for stage in pipeline["stages"]:
+        stage.update(status="waiting", job_id=None, model_id=None, progress=None, error=None)
+    stages = {stage["name"]: stage for stage in pipeline["stages"]}
+    rows = [{**report["rows"][0], **CANNED_FIGURES, "accuracy": 0.97, "formats": {}}]
+    done = ["distill"] if state == "running" else list(stages)
+    rows += [_succeeded_stage(stages[name], number) for number, name in enumerate(done, 1)]
+    lineage: list[dict[str, Any]] = []
+    if state == "running":
+        stages["prune"].update(status="running", job_id="job_prune", progress={
+            "stage": "prune", "epoch": 1, "epochs": 2, "step": 5, "total_steps": 10, "eta_seconds": 4})
+        pipeline["current_stages"] = ["prune"]
+    else:
+        pipeline["final_model"] = "mdl_quantize-dynamic"
+        lineage = [_lineage_step(stages[name]) for name in ("quantize-dynamic", "prune", "distill")]
+        lineage.append({"model": {"id": pipeline["model"], "name": "teacher", "precision": "float32"},
+                        "made_by": None})
+    return {"pipeline": pipeline, "rows": rows, "table_markdown": "", "final_model_lineage": lineage}
+
+
+def _succeeded_stage(stage: dict[str, Any], number: int) -> dict[str, Any]:
+    """Mark the stage succeeded; its report row."""
+    name = stage["name"]
+    stage.update(status="succeeded", job_id=f"job_{name}", model_id=f"mdl_{name}",
+                 progress={"stage": "exporting", "step": 10, "total_steps": 10})
+    gate = stage["gate"]
+    return {**CANNED_FIGURES, "stage": name, "kind": stage["kind"], "model": stage["model_id"],
+            "params": 5321 // number, "precision": "int8" if stage["kind"] == "quantize" else "float32",
+            "gate": f"<= {gate['max_accuracy_drop_pts']:g} pts vs {gate['against']}: passed" if gate else ""}
+
+
+def _lineage_step(stage: dict[str, Any]) -> dict[str, Any]:
+    precision = "int8" if stage["kind"] == "quantize" else "float32"
+    return {"model": {"id": stage["model_id"], "name": f"{stage['name']} of {HOSTILE_NAME}", "precision": precision},
+            "made_by": {"id": stage["job_id"], "kind": stage["kind"]}}
+
+
+def _show_canned(page: Any, report: dict[str, Any]) -> None:
+    pipeline_id = report["pipeline"]["id"]
+    page.route(f"**/v1/pipelines/{pipeline_id}/report",
+               lambda route: route.fulfill(status=200, content_type="application/json", body=json.dumps(report)))
+    page.evaluate(f"window.location.hash = '#/pipelines/{pipeline_id}'")
+    wait_for(lambda: page.get_by_test_id("pipeline-id").inner_text() == pipeline_id, timeout=30,
+             what=f"the page of {pipeline_id}")
+
+
+def check_running_pipeline(page: Any, report: dict[str, Any]) -> None:
+    _show_canned(page, report)
+    cards = _cards(page)
+    assert cards["distill"] == {"status": "succeeded", "gate": "passed", "model": "mdl_distill", "bar": None,
+                                "job": "#/jobs/job_distill"}
+    assert cards["prune"]["status"] == "running" and cards["prune"]["gate"] == "pending"
+    assert 0 < int(cards["prune"]["bar"]) < 100
+    assert "epoch 1/2" in page.locator(f'{_card("prune")} [data-testid="progress-label"]').inner_text()
+    assert list(_report_rows(page)) == ["input", "distill"]
+    screenshot(page, "10-pipeline-running")
+
+
+def check_finished_pipeline(page: Any, report: dict[str, Any]) -> None:
+    _show_canned(page, report)
+    status = _in_view(page, "pipeline-status")
+    wait_for(lambda: status.inner_text() == "succeeded", timeout=30,
+             what="the succeeded pipeline")
+    assert {card["status"] for card in _cards(page).values()} == {"succeeded"}
+    rows = _report_rows(page)
+    assert list(rows) == ["input", "distill", "prune", "quantize", "quantize-dynamic"]
+    assert rows["input"]["accuracy"] == "97.00%" and rows["input"]["formats"] == "\N{EN DASH}"
+    assert rows["prune"]["params"] == "2,660" and rows["quantize"]["precision"] == "int8"
+    assert rows["prune"]["gate"] == "<= 3 pts vs previous: passed" and rows["quantize"]["gate"] == "\N{EN DASH}"
+    assert rows["distill"]["formats"] == "onnx 95.00%" and rows["distill"]["torchscript_bytes"] == "29.3 KiB"
+    steps = page.locator('[data-testid="lineage"] li')
+    assert steps.count() == 4
+    assert HOSTILE_NAME in steps.nth(0).inner_text() and page.locator("[data-injected]").count() == 0
+    assert steps.nth(1).locator("a").get_attribute("href") == "#/jobs/job_prune"
+    assert "uploaded" in steps.nth(3).inner_text()
+    screenshot(page, "11-pipeline-succeeded")

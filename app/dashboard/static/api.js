@@ -87,6 +87,20 @@ export function cancelJob(jobId) {
   return postJson(`/v1/jobs/${encodeURIComponent(jobId)}/cancel`);
 }
 
+export function listPipelines(params = {}) {
+  const query = new URLSearchParams(params).toString();
+  return getJson(`/v1/pipelines${query ? `?${query}` : ""}`);
+}
+
+// The report carries the pipeline itself: one request refreshes the whole pipeline page.
+export function getPipelineReport(pipelineId) {
+  return getJson(`/v1/pipelines/${encodeURIComponent(pipelineId)}/report`);
+}
+
+export function cancelPipeline(pipelineId) {
+  return postJson(`/v1/pipelines/${encodeURIComponent(pipelineId)}/cancel`);
+}
+
 // A plain <a href> cannot send the Authorization header, so the file is fetched, checked against the
 // server's sha256 in the browser, and handed to the browser's download manager from an object URL.
 export async function downloadArtifact(artifact) {

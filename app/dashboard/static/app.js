@@ -1,9 +1,11 @@
-// The dashboard: sign in with a key, follow jobs live, read a job's results, compare every finished job.
+// The dashboard: sign in with a key, follow jobs and pipelines live, read a job's results and a pipeline's stages
+// side by side, compare every finished job.
 // Data only ever enters the page as text (textContent, setAttribute), never as markup.
 
 import * as api from "./api.js";
 import { createTooltip, KIND_COLORS, lineChart, tradeoffChart } from "./charts.js";
 import * as fmt from "./format.js";
+import { ACTIVE_STAGES, gateOf, REPORT_COLUMNS, reportCell, stageOrigin, stagesDone } from "./pipelines.js";
 import { modelKey, tradeoffPairs } from "./tradeoffs.js";
 
 const POLL_MS = 1500;
@@ -13,7 +15,7 @@ const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
 const FINISHING_STAGES = new Set(["exporting", "evaluating", "converting"]);
 const EVENTS_SHOWN = 15;
 
-const views = ["login-view", "jobs-view", "job-view", "tradeoffs-view"];
+const views = ["login-view", "jobs-view", "job-view", "pipelines-view", "pipeline-view", "tradeoffs-view"];
 const tooltip = createTooltip();
 let activePoller = null;
 
@@ -73,6 +75,7 @@ function show(viewId) {
   byId("nav").hidden = !signedIn;
   byId("session").hidden = !signedIn;
   byId("nav-jobs").classList.toggle("active", viewId === "jobs-view" || viewId === "job-view");
+  byId("nav-pipelines").classList.toggle("active", viewId === "pipelines-view" || viewId === "pipeline-view");
   byId("nav-tradeoffs").classList.toggle("active", viewId === "tradeoffs-view");
 }
 
@@ -86,7 +89,10 @@ function route() {
   }
   const hash = window.location.hash.replace(/^#/, "") || "/";
   const jobMatch = hash.match(/^\/jobs\/([A-Za-z0-9_-]+)$/);
+  const pipelineMatch = hash.match(/^\/pipelines\/([A-Za-z0-9_-]+)$/);
   if (jobMatch) activePoller = showJob(jobMatch[1]);
+  else if (pipelineMatch) activePoller = showPipeline(pipelineMatch[1]);
+  else if (hash === "/pipelines") activePoller = showPipelines();
   else if (hash === "/tradeoffs") activePoller = showTradeoffs();
   else activePoller = showJobs();
 }
@@ -163,8 +169,8 @@ function progressBar(job) {
       percent != null && job.status !== "succeeded" ? `${percent}% · ${label}` : label));
 }
 
-function statusPill(status) {
-  return h("span", { class: `pill ${status}`, "data-testid": "job-status" }, status);
+function statusPill(status, testId = "job-status") {
+  return h("span", { class: `pill ${status}`, "data-testid": testId }, status);
 }
 
 function kindBadge(kind) {
@@ -220,13 +226,48 @@ function showJob(jobId) {
   });
 }
 
-// The job page is built once and its sections refreshed when their data changes, so that a poll never
-// resets what the user is doing (a download in flight, a scrolled event list).
-class JobPage {
-  constructor(view) {
+// A page built once whose sections are refreshed only when their data changes, so that a poll never resets
+// what the user is doing (a download in flight, a scrolled list).
+class LivePage {
+  constructor(view, prefix) {
     this.view = view;
+    this.prefix = prefix;
     this.rendered = {};
     this.sections = null;
+  }
+
+  refresh(name, data, render) {
+    const signature = JSON.stringify(data);
+    if (this.rendered[name] === signature) return;
+    this.rendered[name] = signature;
+    this.sections[name].replaceChildren(...[render()].flat().filter((child) => child != null));
+  }
+
+  // A card holding the section `name` (id and data-testid `${prefix}-${name}`), under `title` if given.
+  section(name, title, attributes = {}) {
+    this.sections[name] = h("div", { id: `${this.prefix}-${name}`, "data-testid": `${this.prefix}-${name}` });
+    return h("div", { class: "card", ...attributes }, title ? h("h2", {}, title) : null, this.sections[name]);
+  }
+
+  // A cancel button for the header of something that has not ended.
+  cancelButton(label, cancel, requested = false) {
+    const button = h("button", { type: "button", class: "button danger", "data-testid": "cancel-button",
+      disabled: requested }, requested ? "Canceling…" : label);
+    button.addEventListener("click", async () => {
+      button.disabled = true;
+      try {
+        await cancel();
+      } catch (error) {
+        showError(error.message);
+      }
+    });
+    return button;
+  }
+}
+
+class JobPage extends LivePage {
+  constructor(view) {
+    super(view, "job");
   }
 
   update(job) {
@@ -240,18 +281,7 @@ class JobPage {
     this.refresh("events", job.events.map((e) => e.id ?? e.at), () => this.events(job));
   }
 
-  refresh(name, data, render) {
-    const signature = JSON.stringify(data);
-    if (this.rendered[name] === signature) return;
-    this.rendered[name] = signature;
-    this.sections[name].replaceChildren(...[render()].flat().filter((child) => child != null));
-  }
-
   build(job) {
-    const section = (name, title, attributes = {}) => {
-      this.sections[name] = h("div", { id: `job-${name}`, "data-testid": `job-${name}` });
-      return h("div", { class: "card", ...attributes }, title ? h("h2", {}, title) : null, this.sections[name]);
-    };
     this.sections = {};
     const spec = h("pre", { id: "job-spec", class: "code", "data-testid": "job-spec" },
       JSON.stringify(job.spec, null, 2));
@@ -259,14 +289,14 @@ class JobPage {
     this.view.replaceChildren(
       h("a", { href: "#/", class: "back" }, "← All jobs"),
       this.sections.header,
-      section("progress", null),
+      this.section("progress", null),
       h("div", { class: "grid two" },
-        section("summary", "Before and after"),
-        section("curves", "Training curves")),
-      section("artifacts", "Artifacts"),
+        this.section("summary", "Before and after"),
+        this.section("curves", "Training curves")),
+      this.section("artifacts", "Artifacts"),
       h("div", { class: "grid two" },
         h("div", { class: "card" }, h("h2", {}, "Spec"), spec),
-        section("events", "Latest events")));
+        this.section("events", "Latest events")));
   }
 
   header(job) {
@@ -274,24 +304,17 @@ class JobPage {
       statusPill(job.status));
     const actions = h("div", { class: "actions" });
     if (!TERMINAL.has(job.status)) {
-      const cancel = h("button", { type: "button", class: "button danger", "data-testid": "cancel-button",
-        disabled: job.cancel_requested }, job.cancel_requested ? "Canceling…" : "Cancel job");
-      cancel.addEventListener("click", async () => {
-        cancel.disabled = true;
-        try {
-          await api.cancelJob(job.id);
-        } catch (error) {
-          showError(error.message);
-        }
-      });
-      actions.append(cancel);
+      actions.append(this.cancelButton("Cancel job", () => api.cancelJob(job.id), job.cancel_requested));
     }
     return [title, actions];
   }
 
   progress(job) {
+    const pipeline = job.pipeline_id ? h("a", { href: `#/pipelines/${job.pipeline_id}`, "data-testid": "job-pipeline" },
+      `${job.pipeline_id}, stage ${job.stage}`) : null;
     const facts = h("dl", { class: "facts" },
       fact("Input model", job.model, true), fact("Dataset", job.dataset, true),
+      pipeline ? fact("Pipeline", pipeline, true) : null,
       fact("Attempt", `${job.attempt} of ${job.max_attempts}`),
       fact("Created", fmt.dateTime(job.created_at)), fact("Started", fmt.dateTime(job.started_at)),
       fact("Finished", fmt.dateTime(job.finished_at)));
@@ -428,6 +451,157 @@ async function download(artifact, button, status) {
   } finally {
     button.disabled = false;
   }
+}
+
+// --- pipelines ---------------------------------------------------------------------------------------------
+
+function showPipelines() {
+  show("pipelines-view");
+  return poll(async () => {
+    const page = await api.listPipelines({ limit: 50 });
+    renderPipelineRows(page.items);
+    byId("pipelines-updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  });
+}
+
+function renderPipelineRows(pipelines) {
+  byId("pipelines-empty").hidden = pipelines.length > 0;
+  byId("pipelines-body").replaceChildren(...pipelines.map((pipeline) => {
+    const link = h("a", { href: `#/pipelines/${pipeline.id}`, "data-testid": "pipeline-link" }, pipeline.name);
+    const chips = pipeline.stages.map((stage) => h("span", { class: `pill small ${stage.status}`,
+      title: `${stage.kind}: ${stage.status}`, "data-stage": stage.name }, stage.name));
+    const row = h("tr", { "data-testid": "pipeline-row", "data-pipeline-id": pipeline.id,
+      "data-status": pipeline.status, class: "clickable" },
+      h("td", {}, link, h("div", { class: "mono muted small" }, fmt.shortId(pipeline.id))),
+      h("td", {}, statusPill(pipeline.status, "pipeline-status")),
+      h("td", {}, h("div", { class: "chips" }, chips), h("div", { class: "muted small" }, stagesDone(pipeline))),
+      h("td", { class: "mono" }, pipeline.final_model ? fmt.shortId(pipeline.final_model) : "–"),
+      h("td", { class: "muted", title: fmt.dateTime(pipeline.created_at) }, fmt.ago(pipeline.created_at)));
+    row.addEventListener("click", (event) => {
+      if (event.target.closest("a")) return;
+      window.location.hash = `#/pipelines/${pipeline.id}`;
+    });
+    return row;
+  }));
+}
+
+function showPipeline(pipelineId) {
+  show("pipeline-view");
+  const view = byId("pipeline-view");
+  view.replaceChildren(h("p", { class: "muted" }, "Loading…"));
+  const page = new PipelinePage(view);
+  return poll(async () => {
+    const report = await api.getPipelineReport(pipelineId);
+    page.update(report);
+    return !TERMINAL.has(report.pipeline.status);
+  });
+}
+
+// A pipeline: its stages as a row of cards, one before/after table of every stage, the final model's lineage.
+class PipelinePage extends LivePage {
+  constructor(view) {
+    super(view, "pipeline");
+  }
+
+  update(report) {
+    const pipeline = report.pipeline;
+    if (!this.sections) this.build();
+    this.refresh("header", [pipeline.name, pipeline.status], () => this.header(pipeline));
+    this.refresh("facts", [pipeline.status, pipeline.error, pipeline.input_accuracy, pipeline.final_model,
+      pipeline.started_at, pipeline.finished_at], () => this.facts(pipeline));
+    this.refresh("stages", [pipeline.status, pipeline.stages], () => this.stages(pipeline));
+    this.refresh("report", report.rows, () => this.report(report.rows));
+    this.refresh("lineage", report.final_model_lineage, () => this.lineage(report.final_model_lineage));
+  }
+
+  build() {
+    this.sections = { header: h("div", { class: "view-header job-title" }) };
+    this.view.replaceChildren(
+      h("a", { href: "#/pipelines", class: "back" }, "← All pipelines"),
+      this.sections.header,
+      this.section("facts", null),
+      this.section("stages", "Stages"),
+      this.section("report", "Before and after, stage by stage"),
+      this.section("lineage", "Where the final model came from"));
+  }
+
+  header(pipeline) {
+    const title = h("h1", {}, h("span", { "data-testid": "pipeline-name" }, pipeline.name),
+      h("span", { class: "mono muted", "data-testid": "pipeline-id" }, pipeline.id),
+      statusPill(pipeline.status, "pipeline-status"));
+    const actions = h("div", { class: "actions" });
+    if (!TERMINAL.has(pipeline.status)) {
+      actions.append(this.cancelButton("Cancel pipeline", () => api.cancelPipeline(pipeline.id),
+        pipeline.status === "canceling"));
+    }
+    return [title, actions];
+  }
+
+  facts(pipeline) {
+    const facts = h("dl", { class: "facts" },
+      fact("Input model", pipeline.model, true), fact("Dataset", pipeline.dataset, true),
+      fact("Evaluation images", pipeline.eval_dataset ?? "a held-out split of the dataset"),
+      fact("Input model's accuracy", fmt.percent(pipeline.input_accuracy)),
+      fact("Final model", pipeline.final_model, true), fact("Created", fmt.dateTime(pipeline.created_at)),
+      fact("Started", fmt.dateTime(pipeline.started_at)), fact("Finished", fmt.dateTime(pipeline.finished_at)));
+    const error = pipeline.error ? h("p", { class: "error-box", "data-testid": "pipeline-error" }, pipeline.error)
+      : null;
+    return [facts, error];
+  }
+
+  stages(pipeline) {
+    return h("div", { class: "stages" }, pipeline.stages.map((stage) => stageCard(stage)));
+  }
+
+  report(rows) {
+    const head = h("tr", {}, REPORT_COLUMNS.map(([key, title]) => h("th", { class: reportClass(key) }, title)));
+    const body = rows.map((row) => h("tr", { "data-stage": row.stage }, REPORT_COLUMNS.map(([key]) =>
+      h(key === "stage" ? "th" : "td", { class: reportClass(key), "data-column": key,
+        title: key === "model" ? row.model : false }, reportCell(key, row[key])))));
+    const note = rows.length > 1 ? "Each stage's figures are measured on the files it published, on the same "
+      + "evaluation images; CPU latency of its TorchScript file on the worker's CPU."
+      : "A stage's figures appear here when it succeeds; the input model's, when the first stage has measured it.";
+    return [h("div", { class: "table-scroll" }, h("table", { class: "table compact",
+      "data-testid": "pipeline-report-table" }, h("thead", {}, head), h("tbody", {}, body))),
+    h("p", { class: "muted small" }, note)];
+  }
+
+  lineage(chain) {
+    if (!chain.length) return h("p", { class: "muted" }, "Shown when the pipeline has succeeded.");
+    return h("ol", { class: "lineage", "data-testid": "lineage" }, chain.map(({ model, made_by: job }) => h("li",
+      { "data-model-id": model.id },
+      h("span", { class: "mono" }, model.id), h("span", {}, model.name),
+      h("span", { class: "pill" }, model.precision),
+      job ? h("span", { class: "muted" }, "made by ", kindBadge(job.kind), " ",
+        h("a", { href: `#/jobs/${job.id}`, class: "mono" }, fmt.shortId(job.id)))
+        : h("span", { class: "muted" }, "uploaded"))));
+  }
+}
+
+function reportClass(key) {
+  if (key === "formats") return "lines";
+  return ["stage", "kind", "model", "precision", "gate"].includes(key) ? "" : "num";
+}
+
+function stageCard(stage) {
+  const gate = gateOf(stage);
+  const gateLine = gate ? h("p", { class: `gate ${gate.verdict.replace(" ", "-")}`, "data-testid": "stage-gate",
+    "data-verdict": gate.verdict, title: gate.detail ?? "" }, `Gate ${gate.text}: ${gate.verdict}`) : null;
+  const bar = ACTIVE_STAGES.has(stage.status) ? progressBar({ status: stage.status, progress: stage.progress,
+    attempt: 0 }) : null;
+  const problem = stage.gate_result ?? stage.error;
+  return h("div", { class: `stage-card ${stage.status}`, "data-testid": "stage-card", "data-stage": stage.name,
+    "data-status": stage.status },
+  h("div", { class: "stage-head" }, h("strong", { class: "mono" }, stage.name), kindBadge(stage.kind),
+    statusPill(stage.status, "stage-status")),
+  h("p", { class: "muted small" }, stageOrigin(stage)),
+  bar,
+  h("p", { class: "small" }, "Model: ", h("span", { class: "mono", "data-testid": "stage-model" },
+    stage.model_id ?? "–")),
+  gateLine,
+  problem ? h("p", { class: "error-box small" }, problem) : null,
+  stage.job_id ? h("a", { href: `#/jobs/${stage.job_id}`, class: "small", "data-testid": "stage-job-link" },
+    `Job ${fmt.shortId(stage.job_id)} →`) : null);
 }
 
 // --- trade-offs across the tenant --------------------------------------------------------------------------
