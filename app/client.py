@@ -152,6 +152,20 @@ class Client:
         upload (chain: newest first, each {"model", "made_by"})."""
         return self._json("GET", f"/v1/models/{model_id}/lineage")
 
+    def replay_job(self, job_id: str, idempotency_key: str | None = None) -> dict[str, Any]:
+        """A new job running the ended job's stored spec on the same inputs (its `replay_of` names the original);
+        the server refuses (409) if an input was deleted or changed since."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._json("POST", f"/v1/jobs/{job_id}/replay", headers=headers)
+
+    def delete_model(self, model_id: str) -> None:
+        """Delete a model (409 while a queued or running job uses it; deleting it again is no error)."""
+        _raise_for_status(self._send("DELETE", f"/v1/models/{model_id}"))
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Delete an uploaded dataset (409 while a queued or running job uses it)."""
+        _raise_for_status(self._send("DELETE", f"/v1/datasets/{dataset_id}"))
+
     def artifact(self, artifact_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/artifacts/{artifact_id}")
 

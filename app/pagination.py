@@ -34,6 +34,8 @@ CursorQuery = Annotated[
     Query(max_length=200, pattern=CURSOR_PATTERN, description=CURSOR_DESCRIPTION),
 ]
 
+IncludeDeletedQuery = Annotated[bool, Query(description="Also list what was deleted (with its deleted_at set).")]
+
 
 class Listable(Protocol):
     id: Any

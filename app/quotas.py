@@ -10,7 +10,7 @@ under concurrency: two requests checked at the same moment may both pass.
 
 from __future__ import annotations
 
-from sqlalchemy import func, select, true
+from sqlalchemy import and_, func, select, true
 from sqlalchemy.orm import Session
 
 from core.db.models import Artifact, Dataset, Job, Model
@@ -19,9 +19,10 @@ from core.lifecycle import FINISHED
 from core.settings import Settings
 
 # The size of the blob each row holds, and which rows hold one of their own. Datasets recorded before
-# canonical_bytes existed count their upload; a job's result model shares its artifact's file, counted there.
-_STORED_BYTES = ((Model, Model.bytes, Model.source_job_id.is_(None)),
-                 (Dataset, func.coalesce(Dataset.canonical_bytes, Dataset.bytes), true()),
+# canonical_bytes existed count their upload; a job's result model shares its artifact's file, counted there; a
+# deleted model or dataset holds none (the blob collector removes its file when no live row names it).
+_STORED_BYTES = ((Model, Model.bytes, and_(Model.source_job_id.is_(None), Model.deleted_at.is_(None))),
+                 (Dataset, func.coalesce(Dataset.canonical_bytes, Dataset.bytes), Dataset.deleted_at.is_(None)),
                  (Artifact, Artifact.bytes, true()))
 
 

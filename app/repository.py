@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
 
 from sqlalchemy import ColumnElement, Select, select
 from sqlalchemy.orm import Session
 
 from app.pagination import Listable, PageRequest, fetch_page
-from core.db.models import new_id
-from core.errors import NotFound
+from core.db.models import new_id, utcnow
+from core.errors import Conflict, NotFound
+from core.views import as_utc
 
 
 class TenantOwned(Listable, Protocol):
@@ -56,3 +58,38 @@ class TenantRepository(Generic[RowT]):
 
     def _of(self, tenant: str) -> Select[tuple[RowT]]:
         return select(self.entity).where(self.entity.tenant == tenant)
+
+
+class Deletable(TenantOwned, Protocol):
+    deleted_at: Any
+
+
+DeletableT = TypeVar("DeletableT", bound=Deletable)
+
+
+class DeletableRepository(TenantRepository[DeletableT]):
+    """Rows a tenant deletes softly (models, datasets): the row stays, for the jobs and lineage that name it, and
+    GET still shows it; listings leave it out, and nothing new may use it."""
+
+    def require_live(self, session: Session, tenant: str, row_id: str) -> DeletableT:
+        """The row, a 404 as `require`, or a 409 if it was deleted: a new job must not name it."""
+        row = self.require(session, tenant, row_id)
+        if row.deleted_at is not None:
+            raise self.deleted(row_id, row.deleted_at)
+        return row
+
+    def deleted(self, row_id: str, deleted_at: datetime) -> Conflict:
+        return Conflict(f"{self.noun} {row_id} was deleted on {as_utc(deleted_at):%Y-%m-%d %H:%M} UTC; "
+                        f"upload it again (the upload gets a new id)")
+
+    def page_live(self, session: Session, tenant: str, request: PageRequest,
+                  include_deleted: bool) -> tuple[list[DeletableT], str | None]:
+        if include_deleted:
+            return self.page(session, tenant, request)
+        return self.page(session, tenant, request, self.entity.deleted_at.is_(None))
+
+    def soft_delete(self, row: DeletableT) -> None:
+        """Mark the row deleted (once: deleting it again leaves the first date). Its file is not removed here:
+        the blob collector (core.orphans) removes it once no live row names it (core.db.repository.named_blobs)."""
+        if row.deleted_at is None:
+            row.deleted_at = utcnow()

@@ -12,6 +12,10 @@ from core.errors import Invalid
 T = TypeVar("T")
 
 
+DELETED_AT_DESCRIPTION = ("When the tenant deleted it (null: not deleted). A deleted model or dataset is kept for the "
+                          "jobs and lineage that name it; no new job may use it.")
+
+
 class FieldProblem(BaseModel):
     field: str = Field(description="Dotted path of the offending field; its location first when not the body.",
                        examples=["epochs"])

@@ -63,12 +63,19 @@ def job_entry(job: Job) -> dict[str, Any]:
     metrics = job.metrics or {}
     return {"id": job.id, "kind": job.kind, "status": job.status, "pipeline_id": job.pipeline_id,
             "stage": job.stage, "replay_of": job.replay_of, "spec": job.spec,
-            "inputs": job.inputs or _inputs_from_columns(job), "engine": metrics.get("environment"),
+            "inputs": recorded_inputs(job), "engine": metrics.get("environment"),
             "measured_on": metrics.get("measured_on"),
             "finished_at": job.finished_at.isoformat() if job.finished_at else None}
 
 
-def _inputs_from_columns(job: Job) -> dict[str, Any]:
-    """Jobs from before inputs were recorded: their ids, without hashes."""
+def recorded_inputs(job: Job) -> dict[str, Any]:
+    """What the job read, as job_inputs recorded it; for jobs from before inputs were recorded, their ids alone
+    (no hashes)."""
+    if job.inputs is not None:
+        return job.inputs
     dataset = {"id": job.dataset_id} if job.dataset_id else {"builtin": job.spec.get("dataset")}
-    return {"model": {"id": job.teacher_id}, "dataset": dataset}
+    inputs: dict[str, Any] = {"model": {"id": job.teacher_id}, "dataset": dataset}
+    eval_dataset = job.spec.get("eval_dataset")
+    if eval_dataset is not None:
+        inputs["eval_dataset"] = {"builtin": eval_dataset} if eval_dataset in BUILTIN_DATASETS else {"id": eval_dataset}
+    return inputs

@@ -113,3 +113,26 @@ def describe_change(name: str, before: float | None, after: float | None) -> str
     if after <= before:
         return f"{before / after:.2f}x {better}"
     return f"{after / before:.2f}x {worse}"
+
+
+def compare_runs(original: dict[str, Any], replay: dict[str, Any]) -> list[dict[str, Any]]:
+    """A replay's figures beside its original's (both summaries as summarize makes them): one row per figure of
+    the result, the input model's accuracy (measured again by the replay), and each model file's accuracy.
+    Each row: {"name" (the figure, for format_figure), "title", "original", "replay", "change" (of the replay
+    against the original, in words)}."""
+    result, source = original["after"]["label"], original["before"]["label"]
+    rows = [_row(name, f"{title} ({result})", original["after"].get(name), replay["after"].get(name))
+            for name, title in FIGURE_NAMES.items()]
+    rows.append(_row("accuracy", f"{FIGURE_NAMES['accuracy']} ({source})", original["before"].get("accuracy"),
+                     replay["before"].get("accuracy")))
+    accuracies = [{entry["format"]: entry["accuracy"] for entry in summary.get("formats") or []}
+                  for summary in (original, replay)]
+    for fmt in dict.fromkeys([*accuracies[0], *accuracies[1]]):  # both runs' formats, in order, once each
+        rows.append(_row("accuracy", f"{FIGURE_NAMES['accuracy']} ({fmt} file)", accuracies[0].get(fmt),
+                         accuracies[1].get(fmt)))
+    return rows
+
+
+def _row(name: str, title: str, original: float | None, replay: float | None) -> dict[str, Any]:
+    return {"name": name, "title": title, "original": original, "replay": replay,
+            "change": describe_change(name, original, replay)}

@@ -149,6 +149,8 @@ class JobOut(OutModel):
     error: str | None = Field(description="Why the job failed, when it did.")
     webhook_url: str | None = Field(default=None, description="Where its end is announced, if not at the tenant's "
                                     "default webhook.")
+    replay_of: str | None = Field(default=None, description="The job this one replays (POST /v1/jobs/{id}/replay): "
+                                  "same spec, same inputs.", examples=[None])
     pipeline_id: str | None = Field(default=None, description="The pipeline this job is a stage of, if any.")
     stage: str | None = Field(default=None, description="Its stage's name in that pipeline.")
     created_at: UtcDatetime
@@ -169,8 +171,8 @@ def job_fields(job: Job) -> dict[str, Any]:
         "dataset": job.dataset_id or job.spec.get("dataset"), "spec": job.spec,
         "progress": JobProgress.model_validate(job.progress or {}), "metrics": job.metrics or {},
         "summary": summarize(job.kind, job.metrics or {}),
-        "error": job.error, "webhook_url": job.webhook_url, "pipeline_id": job.pipeline_id, "stage": job.stage,
-        "created_at": job.created_at, "started_at": job.started_at,
+        "error": job.error, "webhook_url": job.webhook_url, "replay_of": job.replay_of,
+        "pipeline_id": job.pipeline_id, "stage": job.stage, "created_at": job.created_at, "started_at": job.started_at,
         "finished_at": job.finished_at, "updated_at": job.updated_at,
     }
 

@@ -5,7 +5,8 @@ database; tests stay independent by each using fresh tenants, which see nothing 
 
 Reusable by other suites (e2e): database_url, broker_url, app_env (AppEnv: settings, env vars for
 subprocesses, store), client, make_api_key, tenant, auth_headers, other_auth_headers, insert_model (and
-insert_model_row, for a database set up otherwise), insert_artifact, small_cnn_files, digits_teacher.
+insert_model_row, for a database set up otherwise), insert_dataset (insert_dataset_row), insert_artifact,
+small_cnn_files, digits_teacher.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from sqlalchemy import create_engine, make_url, text
 from app.auth.service import create_key
 from app.main import create_app
 from core.db.migrate import upgrade_to_head
-from core.db.models import Artifact, Model
+from core.db.models import Artifact, Dataset, Model
 from core.db.session import get_engine, get_sessionmaker, session_scope
 from core.settings import Settings, get_settings
 from core.storage import BlobStore
@@ -197,6 +198,29 @@ def insert_model_row(tenant: str, **fields: Any) -> str:
 def insert_model(app_env: AppEnv) -> Callable[..., str]:
     """insert_model(tenant, **fields) -> id of a Model row (insert_model_row) in this module's database."""
     return insert_model_row
+
+
+def insert_dataset_row(tenant: str, **fields: Any) -> str:
+    """The id of a Dataset row of 10 classes of 8x8 grayscale images, written without the upload path (no
+    ingestion; no blob unless `canonical_sha256` names one stored, and by default a content address of its own, so
+    that two such rows are never the same images): enough for job submission, which only reads the row."""
+    values: dict[str, Any] = {
+        "tenant": tenant, "name": "inserted", "format": "npz", "sha256": "0" * 64, "bytes": 0,
+        "canonical_sha256": secrets.token_hex(32), "canonical_bytes": 0, "num_classes": 10,
+        "class_names": [str(label) for label in range(10)], "num_samples": 40, "class_counts": [4] * 10,
+        "image_shape": [8, 8, 1], **fields,
+    }
+    with session_scope() as session:
+        dataset = Dataset(**values)
+        session.add(dataset)
+        session.flush()
+        return dataset.id
+
+
+@pytest.fixture(scope="module")
+def insert_dataset(app_env: AppEnv) -> Callable[..., str]:
+    """insert_dataset(tenant, **fields) -> id of a Dataset row (insert_dataset_row) in this module's database."""
+    return insert_dataset_row
 
 
 @pytest.fixture(scope="module")

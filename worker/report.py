@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from core.summary import FIGURE_NAMES, describe_change, format_bytes, format_figure, summarize
+from core.summary import FIGURE_NAMES, compare_runs, describe_change, format_bytes, format_figure, summarize
 from worker import plots
 from worker.engine import cpu
 from worker.engine.fileio import atomic_write
@@ -45,12 +45,38 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def build_document(job: dict[str, Any], inputs: dict[str, Any], metrics: dict[str, Any],
-                   artifacts: list[dict[str, Any]], env: dict[str, Any]) -> dict[str, Any]:
+                   artifacts: list[dict[str, Any]], env: dict[str, Any],
+                   original: dict[str, Any] | None = None) -> dict[str, Any]:
     """report.json: the job (id, kind, spec), what went in (with sha256), the before/after summary, every
-    metric, the artifacts (with sha256) and the environment."""
-    return {"report_version": 1, "generated_at": datetime.now(UTC).isoformat(timespec="seconds"), "job": job,
-            "inputs": inputs, "summary": summarize(job["kind"], metrics), "metrics": metrics,
-            "artifacts": artifacts, "environment": env}
+    metric, the artifacts (with sha256) and the environment; for a replay, the original job's figures beside
+    this run's ("replay_of"). `original`: {"id", "kind", "status", "metrics", "finished_at", "environment"} of the
+    job replayed."""
+    summary = summarize(job["kind"], metrics)
+    document = {"report_version": 1, "generated_at": datetime.now(UTC).isoformat(timespec="seconds"), "job": job,
+                "inputs": inputs, "summary": summary, "metrics": metrics, "artifacts": artifacts,
+                "environment": env}
+    if original is not None:
+        document["replay_of"] = _replay_of(original, summary, env)
+    return document
+
+
+def _replay_of(original: dict[str, Any], summary: dict[str, Any] | None, env: dict[str, Any]) -> dict[str, Any]:
+    original_summary = summarize(original["kind"], original["metrics"] or {})
+    comparison = compare_runs(original_summary, summary) if original_summary and summary else []
+    return {"job": original["id"], "status": original["status"], "finished_at": original["finished_at"],
+            "summary": original_summary, "comparison": comparison,
+            "changed": _environment_changes(original.get("environment"), env)}
+
+
+def _environment_changes(before: dict[str, Any] | None, now: dict[str, Any]) -> dict[str, list[str]] | None:
+    """What differs between the original's environment and this run's: {"torch": [old, new], "device": [...]};
+    None when the original's was not recorded (jobs from before lineage)."""
+    if not before:
+        return None
+    pairs = {"python": (before.get("python"), now["python"]), "device": (before.get("device"), now["device"]),
+             **{name: ((before.get("libraries") or {}).get(name), version)
+                for name, version in now["libraries"].items()}}
+    return {name: [str(old), str(new)] for name, (old, new) in pairs.items() if old != new}
 
 
 def write_report(folder: Path, document: dict[str, Any]) -> list[ReportFile]:
@@ -84,6 +110,7 @@ def model_card(document: dict[str, Any], plot_names: list[str]) -> str:
         ["## Spec", "", "```json", json.dumps(job["spec"], indent=2, sort_keys=True), "```"],
         _work_section(document["metrics"].get("work") or {}),
         _comparison_section(document["summary"]),
+        _replay_section(document.get("replay_of")),
         _training_section(document["metrics"].get("history") or []),
         _notes_section(document["metrics"].get("notes") or []),
         _artifacts_section(document["artifacts"]),
@@ -127,6 +154,32 @@ def _comparison_section(summary: dict[str, Any] | None) -> list[str]:
         lines.append(f"| {title} | {format_figure(name, before.get(name))} | {format_figure(name, after.get(name))} "
                      f"| {describe_change(name, before.get(name), after.get(name))} |")
     return lines + _formats_lines(summary)
+
+
+def _replay_section(replay: dict[str, Any] | None) -> list[str]:
+    """A replay's figures beside its original's: what changed between two runs of one spec on the same inputs."""
+    if not replay:
+        return []
+    lines = [f"## Replay of {_code(replay['job'])}: original vs this run", ""]
+    if replay["comparison"]:
+        lines += [f"The same spec on the same inputs (sha256 checked); the original ended at {replay['finished_at']} "
+                  f"({replay['status']}). Change: this run against the original.", "",
+                  "| | original | this run | change |", "|---|---:|---:|---:|"]
+        lines += [f"| {row['title']} | {format_figure(row['name'], row['original'])} | "
+                  f"{format_figure(row['name'], row['replay'])} | {row['change']} |" for row in replay["comparison"]]
+    else:
+        lines.append(f"The original ended {replay['status']} without the figures of a finished result: nothing "
+                     "to compare.")
+    return [*lines, "", _changes_sentence(replay["changed"])]
+
+
+def _changes_sentence(changed: dict[str, list[str]] | None) -> str:
+    if changed is None:
+        return "The original's environment was not recorded (it ran before condenser kept it)."
+    if not changed:
+        return "Same Python, device and library versions as the original."
+    return "Changed since the original: " + ", ".join(f"{name} {_cell(old)} → {_cell(new)}"
+                                                      for name, (old, new) in changed.items()) + "."
 
 
 def _evaluation_sentence(summary: dict[str, Any]) -> str:

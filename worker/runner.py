@@ -103,7 +103,7 @@ def _context(session: Any, job: Job, spec: JobSpecBase, owner: str, settings: Se
     store = get_store()
     teacher = session.get(Model, job.teacher_id)
     dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
-    # The API checked that the evaluation set is the tenant's and fits; datasets are never deleted.
+    # The API checked that the evaluation set is the tenant's and fits; rows are never removed (deleting marks them).
     eval_dataset = session.get(Dataset, spec.eval_dataset) if spec.eval_dataset not in (None, *BUILTIN_DATASETS) \
         else None
     return JobContext(
@@ -116,7 +116,18 @@ def _context(session: Any, job: Job, spec: JobSpecBase, owner: str, settings: Se
         provenance=_provenance(spec, teacher, dataset, eval_dataset),
         deadline=_deadline(job, spec),
         eval_dataset_path=store.path_for(eval_dataset.canonical_sha256) if eval_dataset else None,
+        original=_original(session.get(Job, job.replay_of)) if job.replay_of else None,
     )
+
+
+def _original(job: Job | None) -> dict[str, Any] | None:
+    """What a replay's report shows of the job it replays (its figures, and where they were measured)."""
+    if job is None:
+        return None
+    metrics = job.metrics or {}
+    return {"id": job.id, "kind": job.kind, "status": job.status, "metrics": metrics,
+            "finished_at": as_utc(job.finished_at).isoformat() if job.finished_at else None,
+            "environment": metrics.get("environment")}
 
 
 def _deadline(job: Job, spec: JobSpecBase) -> datetime | None:
@@ -284,7 +295,8 @@ def _report(ctx: JobContext, outcome: JobOutcome, blobs: list[tuple[OutputFile, 
     artifacts = [{"kind": output.kind, "filename": output.filename, "runtime": output.runtime,
                   "sha256": blob.sha256, "bytes": blob.bytes} for output, blob in blobs]
     job = {"id": ctx.job_id, "kind": ctx.kind, "attempt": ctx.attempt, "spec": stored_form(ctx.spec)}
-    document = report.build_document(job, ctx.provenance, outcome.metrics, artifacts, outcome.metrics["environment"])
+    document = report.build_document(job, ctx.provenance, outcome.metrics, artifacts, outcome.metrics["environment"],
+                                     ctx.original)
     return [OutputFile(item.kind, item.path, item.path.name, item.media_type, "report")
             for item in report.write_report(ctx.work_dir / "report", document)]
 

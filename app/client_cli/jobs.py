@@ -1,8 +1,9 @@
-"""`condenser jobs`: submit, follow with a progress bar, list, show, print the history, cancel."""
+"""`condenser jobs`: submit, follow with a progress bar, list, show, print the history, cancel, replay."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -24,6 +25,10 @@ from app.client_cli.connection import connected
 if TYPE_CHECKING:
     from app.client import Client
 
+WaitOption = Annotated[bool, typer.Option("--wait", help="Follow it with a progress bar until it ends; the exit "
+                                          "code is 1 unless it succeeded.")]
+TimeoutOption = Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")]
+
 jobs_app = typer.Typer(help="Submit, follow, inspect and cancel jobs.", no_args_is_help=True)
 
 
@@ -33,15 +38,33 @@ def jobs_submit(
     spec: Annotated[str, typer.Argument(help="The job as a .yaml or .json file (`-`: standard input), e.g. "
                                         "kind: distill, teacher: mdl_..., dataset: digits, "
                                         "student: {arch: small_cnn}, epochs: 10.")],
-    wait: Annotated[bool, typer.Option("--wait", help="Follow it with a progress bar until it ends; the exit "
-                                       "code is 1 unless it succeeded.")] = False,
-    timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    wait: WaitOption = False,
+    timeout: TimeoutOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Submit a job; prints its id (job_...)."""
     document = load_document(spec)
+    _create_and_follow(ctx, lambda client: client.submit(document), wait, timeout, as_json)
+
+
+@jobs_app.command("replay")
+def jobs_replay(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(help="An ended job (succeeded, failed or canceled).")],
+    wait: WaitOption = False,
+    timeout: TimeoutOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Run an ended job again: its stored spec on the same model and datasets (refused if one was deleted or
+    changed since); prints the new job's id. Its report shows the original's figures beside its own."""
+    _create_and_follow(ctx, lambda client: client.replay_job(job_id), wait, timeout, as_json)
+
+
+def _create_and_follow(ctx: typer.Context, create: Callable[[Client], dict[str, Any]], wait: bool,
+                       timeout: float | None, as_json: bool) -> None:
+    """Create a job, print its id, and with --wait follow it to its end."""
     with connected(ctx) as client:
-        job = client.submit(document)
+        job = create(client)
         if not as_json:
             typer.echo(job["id"])
         if wait:
@@ -134,7 +157,8 @@ def show_job(job: dict[str, Any]) -> None:
     progress = job.get("progress") or {}
     lines = [("id", job["id"]), ("kind", job["kind"]), ("status", job["status"]),
              ("attempt", f"{job['attempt']} of {job['max_attempts']}"), ("model", job["model"]),
-             ("dataset", job["dataset"]), ("created", job["created_at"]), ("finished", job.get("finished_at")),
+             ("dataset", job["dataset"]), ("replay of", job.get("replay_of")), ("pipeline", job.get("pipeline_id")),
+             ("stage", job.get("stage")), ("created", job["created_at"]), ("finished", job.get("finished_at")),
              ("error", job.get("error"))]
     if job["status"] in ("running", "canceling") and progress.get("epoch") is not None:
         lines.append(("progress", progress_fields({"status": job["status"], "progress": progress})["description"]))

@@ -1,4 +1,4 @@
-"""`condenser models` and `condenser datasets`: upload and list; where a model came from."""
+"""`condenser models` and `condenser datasets`: upload, list and delete; where a model came from."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from app.client_cli.common import (
 )
 from app.client_cli.connection import connected
 
-models_app = typer.Typer(help="Upload and list models, and trace where one came from.", no_args_is_help=True)
-datasets_app = typer.Typer(help="Upload and list datasets.", no_args_is_help=True)
+models_app = typer.Typer(help="Upload, list and delete models, and trace where one came from.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Upload, list and delete datasets.", no_args_is_help=True)
+LimitOption = Annotated[int, typer.Option(min=1, max=100)]
+IncludeDeletedOption = Annotated[bool, typer.Option("--include-deleted", help="List deleted ones too.")]
 
 
 @models_app.command("upload")
@@ -49,12 +51,22 @@ def _count(value: int | None) -> str:
 
 
 @models_app.command("list")
-def models_list(ctx: typer.Context, limit: Annotated[int, typer.Option(min=1, max=100)] = 20,
+def models_list(ctx: typer.Context, limit: LimitOption = 20, include_deleted: IncludeDeletedOption = False,
                 as_json: JsonOption = False) -> None:
     """Your models, newest first."""
-    _list_resource(ctx, "models", limit, as_json, ["id", "name", "arch", "classes", "params", "created"],
+    _list_resource(ctx, "models", limit, include_deleted, as_json,
+                   ["id", "name", "arch", "classes", "params", "created"],
                    lambda m: [m["id"], m["name"], m["arch"], m["num_classes"], _count(m["param_count"]),
                               timestamp(m["created_at"])])
+
+
+@models_app.command("delete")
+def models_delete(ctx: typer.Context, model_id: str) -> None:
+    """Delete a model: no new job may use it, and its file goes once nothing else holds it (refused while a
+    queued or running job uses it)."""
+    with connected(ctx) as client:
+        client.delete_model(model_id)
+    typer.echo(f"deleted {model_id}")
 
 
 @models_app.command("lineage")
@@ -100,18 +112,31 @@ def datasets_upload(
 
 
 @datasets_app.command("list")
-def datasets_list(ctx: typer.Context, limit: Annotated[int, typer.Option(min=1, max=100)] = 20,
+def datasets_list(ctx: typer.Context, limit: LimitOption = 20, include_deleted: IncludeDeletedOption = False,
                   as_json: JsonOption = False) -> None:
     """Your datasets, newest first (the built-ins, `digits` and `photo-patches`, need no upload)."""
-    _list_resource(ctx, "datasets", limit, as_json, ["id", "name", "images", "classes", "shape", "created"],
+    _list_resource(ctx, "datasets", limit, include_deleted, as_json,
+                   ["id", "name", "images", "classes", "shape", "created"],
                    lambda d: [d["id"], d["name"], d["num_samples"], d["num_classes"], d["image_shape"],
                               timestamp(d["created_at"])])
 
 
-def _list_resource(ctx: typer.Context, resource: str, limit: int, as_json: bool, columns: list[str],
-                   row: Any) -> None:
+@datasets_app.command("delete")
+def datasets_delete(ctx: typer.Context, dataset_id: str) -> None:
+    """Delete an uploaded dataset: no new job may use it (refused while a queued or running job uses it)."""
     with connected(ctx) as client:
-        page = client.page(resource, limit=limit)
+        client.delete_dataset(dataset_id)
+    typer.echo(f"deleted {dataset_id}")
+
+
+def _list_resource(ctx: typer.Context, resource: str, limit: int, include_deleted: bool, as_json: bool,
+                   columns: list[str], row: Any) -> None:
+    with connected(ctx) as client:
+        page = client.page(resource, limit=limit, **({"include_deleted": "true"} if include_deleted else {}))
     if as_json:
         return print_json(page)
-    print_table(columns, [row(item) for item in page["items"]])
+    rows = [row(item) for item in page["items"]]
+    if include_deleted:
+        columns = [*columns, "deleted"]
+        rows = [[*cells, timestamp(item.get("deleted_at"))] for cells, item in zip(rows, page["items"], strict=True)]
+    print_table(columns, rows)

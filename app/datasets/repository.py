@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.repository import TenantRepository
+from app.repository import DeletableRepository
 from core.db.models import Dataset
 
-datasets = TenantRepository(Dataset, noun="dataset", id_prefix="dst")
+datasets = DeletableRepository(Dataset, noun="dataset", id_prefix="dst")

@@ -19,7 +19,14 @@ from app.deps import (
 )
 from app.idempotency import CREATED_RESPONSE
 from app.ids import DatasetId
-from app.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, PageRequest, next_link
+from app.pagination import (
+    DEFAULT_LIMIT,
+    CursorQuery,
+    IncludeDeletedQuery,
+    LimitQuery,
+    PageRequest,
+    next_link,
+)
 from app.routing import BoundedBodyRoute
 from app.schemas import error_responses
 from app.uploads import receive_upload
@@ -59,9 +66,12 @@ async def upload_dataset(request: Request, response: Response, principal: Curren
 
 @router.get("", response_model=DatasetPage, summary="List datasets", responses=error_responses())
 def list_datasets(request: Request, principal: CurrentPrincipal, session: DbSession,
-                  limit: LimitQuery = DEFAULT_LIMIT, cursor: CursorQuery = None) -> DatasetPage:
-    """The tenant's uploaded datasets, newest first. `builtin` names the datasets every tenant can use."""
-    rows, next_cursor = service.list_datasets(session, principal.tenant, PageRequest(limit, cursor))
+                  limit: LimitQuery = DEFAULT_LIMIT, cursor: CursorQuery = None,
+                  include_deleted: IncludeDeletedQuery = False) -> DatasetPage:
+    """The tenant's uploaded datasets, newest first (deleted ones only with `include_deleted=true`). `builtin`
+    names the datasets every tenant can use."""
+    rows, next_cursor = service.list_datasets(session, principal.tenant, PageRequest(limit, cursor),
+                                              include_deleted)
     return DatasetPage(items=[DatasetOut.from_row(row) for row in rows], next_cursor=next_cursor,
                        next=next_link(request, next_cursor))
 
@@ -79,5 +89,19 @@ def list_builtin_datasets(_: CurrentPrincipal) -> list[BuiltinDatasetOut]:
 
 @router.get("/{dataset_id}", response_model=DatasetOut, summary="Get a dataset", responses=error_responses(404))
 def get_dataset(dataset_id: DatasetId, principal: CurrentPrincipal, session: DbSession) -> DatasetOut:
-    """One uploaded dataset by id (404 if it does not exist or belongs to another tenant)."""
+    """One uploaded dataset by id (404 if it does not exist or belongs to another tenant); a deleted one has
+    `deleted_at`."""
     return DatasetOut.from_row(service.get_dataset(session, principal.tenant, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a dataset",
+               responses=error_responses(404, 409))
+def delete_dataset(dataset_id: DatasetId, principal: CurrentPrincipal, session: DbSession) -> Response:
+    """Delete an uploaded dataset: no new job may use it, listings and the storage quota leave it out, and its
+    file is removed once no other dataset holds the same images. The record stays, with `deleted_at` set, for the
+    jobs and lineage that name it.
+
+    409 while a queued or running job (or an unfinished pipeline) uses it. Deleting it again is a 204 as well.
+    """
+    service.delete_dataset(session, principal.tenant, dataset_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from app.schemas import Page
+from app.schemas import DELETED_AT_DESCRIPTION, Page
 from app.uploads import multipart_openapi
 from core.db.models import Dataset
 from core.views import OutModel, UtcDatetime
@@ -34,6 +34,7 @@ class DatasetOut(DatasetShape, OutModel):
     canonical_bytes: int | None = Field(description="Size of the canonical .npz: what counts against the storage "
                                         "quota (null for datasets stored before it was recorded).")
     created_at: UtcDatetime
+    deleted_at: UtcDatetime | None = Field(default=None, description=DELETED_AT_DESCRIPTION)
 
     @classmethod
     def from_row(cls, row: Dataset) -> DatasetOut:

@@ -23,6 +23,7 @@ from app.datasets.repository import datasets
 from app.datasets.schemas import DatasetShape
 from app.deps import release_connection
 from app.idempotency import Outcome, create_once, idempotent_request
+from app.inputs import delete_input
 from app.pagination import PageRequest
 from app.sandbox import ChildLimits, run_child
 from app.uploads import Upload
@@ -102,8 +103,13 @@ def get_dataset(session: Session, tenant: str, dataset_id: str) -> Dataset:
     return datasets.require(session, tenant, dataset_id)
 
 
-def list_datasets(session: Session, tenant: str, page: PageRequest) -> tuple[list[Dataset], str | None]:
-    return datasets.page(session, tenant, page)
+def list_datasets(session: Session, tenant: str, page: PageRequest,
+                  include_deleted: bool = False) -> tuple[list[Dataset], str | None]:
+    return datasets.page_live(session, tenant, page, include_deleted)
+
+
+def delete_dataset(session: Session, tenant: str, dataset_id: str) -> Dataset:
+    return delete_input(session, datasets, tenant, dataset_id)
 
 
 @lru_cache

@@ -9,7 +9,8 @@ from sqlalchemy.orm import Session
 
 from app.pagination import PageRequest
 from app.repository import TenantRepository
-from core.db.models import Job, JobEvent
+from core import lifecycle, pipelines
+from core.db.models import Job, JobEvent, Pipeline
 
 jobs = TenantRepository(Job, noun="job", id_prefix="job")
 
@@ -19,6 +20,19 @@ def page(session: Session, tenant: str, status: str | None, request: PageRequest
     if status is None:
         return jobs.page(session, tenant, request)
     return jobs.page(session, tenant, request, Job.status == status)
+
+
+def unfinished(session: Session, tenant: str) -> list[Job]:
+    """The tenant's jobs that have not ended (at most max_active_jobs_per_tenant), oldest first."""
+    return list(session.scalars(select(Job).where(Job.tenant == tenant, Job.status.not_in(lifecycle.FINISHED))
+                                .order_by(Job.created_at)))
+
+
+def unfinished_pipelines(session: Session, tenant: str) -> list[Pipeline]:
+    """The tenant's pipelines that have not ended (each has a job that has not, or is about to start one)."""
+    return list(session.scalars(select(Pipeline).where(Pipeline.tenant == tenant,
+                                                       Pipeline.status.not_in(pipelines.FINISHED))
+                                .order_by(Pipeline.created_at)))
 
 
 # Every column, read as plain rows: no ORM object per event (half the cost of a status read's events).

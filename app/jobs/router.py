@@ -14,6 +14,7 @@ from app.deps import (
     DbSession,
     IdempotencyKey,
     SettingsDep,
+    StoreDep,
     in_one_hop,
     mark_replayed,
 )
@@ -87,6 +88,23 @@ def cancel_job(job_id: JobId, principal: CurrentPrincipal, session: DbSession) -
     409 if the job already finished."""
     job = service.cancel_job(session, principal, job_id)
     return _detail(service.describe_job(session, principal.tenant, job.id))
+
+
+@router.post("/{job_id}/replay", status_code=status.HTTP_201_CREATED, response_model=JobDetail,
+             summary="Replay a job", responses={**CREATED_RESPONSE, **error_responses(404, 409, 422, 429)})
+def replay_job(job_id: JobId, response: Response, principal: CurrentPrincipal, session: DbSession,
+               settings: SettingsDep, store: StoreDep, idempotency_key: IdempotencyKey = None) -> JobDetail:
+    """Run an ended job again: a new job (`replay_of` names the original) with the original's stored spec, every
+    default as it was filled in then, on the same model and datasets by id. For rerunning a result after an
+    upgrade and comparing: the replay's report shows the original's figures beside its own.
+
+    409 while the original is still queued or running (wait for it, or cancel it), or when one of its inputs was
+    deleted, no longer has the sha256 the original read, or lost its stored file. Otherwise checked like a new
+    submission (job slots, memory budget, webhook URL).
+    """
+    outcome = service.replay_job(session, principal, job_id, idempotency_key, settings, store)
+    mark_replayed(response, outcome.replayed)
+    return _detail(service.describe_job(session, principal.tenant, outcome.resource.id))
 
 
 @router.get("/{job_id}/artifacts", response_model=list[ArtifactOut], summary="List a job's artifacts",

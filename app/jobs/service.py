@@ -16,27 +16,30 @@ from app.auth.service import Principal
 from app.datasets.repository import datasets
 from app.datasets.service import builtin_summary
 from app.deps import release_connection
-from app.idempotency import Outcome, create_once, idempotent_request, replay
+from app.idempotency import IdempotentRequest, Outcome, create_once, idempotent_request, replay
+from app.inputs import check_recorded_inputs
 from app.jobs import repository
 from app.jobs.repository import jobs
 from app.jobs.schemas import AnyJobCreate
 from app.models import budget
 from app.models.repository import models
 from app.pagination import PageRequest
-from app.schemas import invalid_from
+from app.schemas import field_problems, invalid_from, summarize
 from app.webhooks import service as webhooks
 from core import lifecycle
 from core.db.models import Artifact, Job, JobEvent, Model
 from core.db.repository import job_artifacts
 from core.db.session import after_commit
-from core.errors import Invalid
-from core.jobspec import SPEC_CLASSES, DistillJobSpec, JobSpecBase, PruneJobSpec, stored_form
-from core.lineage import job_inputs
+from core.errors import Conflict, Invalid
+from core.jobspec import SPEC_CLASSES, DistillJobSpec, JobSpecBase, PruneJobSpec, load_stored, stored_form
+from core.lineage import job_inputs, recorded_inputs
 from core.settings import Settings
+from core.storage import BlobStore
 from worker.engine.config import BUILTIN_DATASETS, ArchSpec, InputSpec, StudentSpec, check_dataset_fits, student_arch
 from worker.engine.errors import SpecError
 
 ROUTE = "POST /v1/jobs"
+REPLAY_ROUTE = "POST /v1/jobs/{id}/replay"
 EVENTS_SHOWN = 100
 _ID_KINDS = {"mdl_": "model", "dst_": "dataset", "job_": "job", "art_": "artifact"}
 
@@ -49,6 +52,10 @@ class DatasetShape(Protocol):
     image_shape: list[int]
 
 
+# A checked job: how to build its row from its new id, and the models it runs (for the memory budget).
+Prepared = tuple[Callable[[str], Job], list[budget.ModelUse]]
+
+
 @dataclass(frozen=True)
 class JobView:
     job: Job
@@ -59,35 +66,69 @@ class JobView:
 def submit_job(session: Session, principal: Principal, body: AnyJobCreate, idempotency_key: str | None,
                settings: Settings) -> Outcome[Job]:
     request = idempotent_request(principal.tenant, ROUTE, idempotency_key, body.model_dump(mode="json"))
+    return _create(session, principal, request, settings, "submitted",
+                   lambda: _prepare(session, principal.tenant, body, body.webhook_url, settings))
+
+
+def replay_job(session: Session, principal: Principal, job_id: str, idempotency_key: str | None,
+               settings: Settings, store: BlobStore) -> Outcome[Job]:
+    """A new job that runs the original's stored spec (every default as it was filled in then) on the same
+    inputs, refused (409) if one of them was deleted or changed since, or while the original has not ended.
+    It goes through every check a submission does (job slots, budget, webhook)."""
+    request = idempotent_request(principal.tenant, REPLAY_ROUTE, idempotency_key, {"replay_of": job_id})
+
+    def prepare() -> Prepared:
+        original = get_job(session, principal.tenant, job_id)
+        if original.status not in lifecycle.FINISHED:
+            raise Conflict(f"job {job_id} is {original.status}: wait for it to end, or cancel it, then replay it")
+        check_recorded_inputs(session, principal.tenant, recorded_inputs(original), store, f"job {job_id}")
+        return _prepare(session, principal.tenant, _stored_spec(original), original.webhook_url, settings,
+                        replay_of=original.id)
+
+    return _create(session, principal, request, settings, f"submitted: replay of job {job_id}", prepare)
+
+
+def _stored_spec(job: Job) -> JobSpecBase:
+    try:
+        return load_stored(job.spec)
+    except ValidationError as exc:
+        # Only a spec stored by a version whose settings this one no longer takes gets here.
+        raise Conflict(f"job {job.id}'s stored spec is not valid for this version of condenser "
+                       f"({summarize(field_problems(exc.errors()))}); submit a new job instead") from exc
+
+
+def _create(session: Session, principal: Principal, request: IdempotentRequest | None, settings: Settings,
+            message: str, prepare: Callable[[], Prepared]) -> Outcome[Job]:
+    """Check (`prepare`), create and queue a job once per idempotent request."""
     earlier = replay(session, jobs, principal.tenant, request)
     if earlier is not None:
         return earlier
-    build, uses = _prepare(session, principal.tenant, body, settings)
+    build, uses = prepare()
     # Estimating a spec not seen before runs a child: no pooled connection is held meanwhile.
     release_connection(session)
     budget.check_models(uses, settings)
     outcome = create_once(session, jobs, principal.tenant, request, lambda: build)
     if not outcome.replayed:
         job = outcome.resource
-        lifecycle.record_event(session, job, "state", principal.actor, "submitted")
+        lifecycle.record_event(session, job, "state", principal.actor, message)
         # The message names a row that must exist when a worker reads it: send only after the commit.
         after_commit(session, lambda: lifecycle.dispatch([job.id]))
     return outcome
 
 
-def _prepare(session: Session, tenant: str, body: AnyJobCreate,
-             settings: Settings) -> tuple[Callable[[str], Job], list[budget.ModelUse]]:
+def _prepare(session: Session, tenant: str, body: JobSpecBase, webhook_url: str | None, settings: Settings,
+             replay_of: str | None = None) -> Prepared:
     """Check everything the job names; returns how to build its row from its id, and the models it runs."""
     quotas.check_job_slot(session, tenant, settings)
     source = input_model(session, tenant, body.input_model, body.input_field)
     checked = check_job(session, tenant, body, source)
-    if body.webhook_url is not None:
-        webhooks.check_job_webhook(session, tenant, body.webhook_url, settings)
+    if webhook_url is not None:
+        webhooks.check_job_webhook(session, tenant, webhook_url, settings)
     # The input model goes in teacher_id whatever the kind: the worker loads it from there.
     stored, inputs = stored_form(checked.spec), job_inputs(session, checked.spec, source)
     return lambda job_id: Job(id=job_id, tenant=tenant, kind=body.kind, spec=stored, teacher_id=source.id,
                               dataset_id=checked.dataset_id, status="queued", max_attempts=settings.max_attempts,
-                              webhook_url=body.webhook_url, inputs=inputs), checked.uses
+                              webhook_url=webhook_url, inputs=inputs, replay_of=replay_of), checked.uses
 
 
 @dataclass(frozen=True)
@@ -187,7 +228,7 @@ def _compression_uses(spec: JobSpecBase, model: ArchSpec) -> list[budget.ModelUs
 
 def input_model(session: Session, tenant: str, model_id: str, field: str) -> Model:
     _expect_kind(model_id, field, "model", "an uploaded model's id (mdl_...)")
-    return models.require(session, tenant, model_id)
+    return models.require_live(session, tenant, model_id)
 
 
 def _dataset(session: Session, tenant: str, name_or_id: str, field: str = "dataset") -> (
@@ -197,7 +238,7 @@ def _dataset(session: Session, tenant: str, name_or_id: str, field: str = "datas
         return None, builtin_summary(name_or_id)
     _expect_kind(name_or_id, field, "dataset",
                  f"an uploaded dataset's id (dst_...) or a built-in name ({', '.join(BUILTIN_DATASETS)})")
-    dataset = datasets.require(session, tenant, name_or_id)
+    dataset = datasets.require_live(session, tenant, name_or_id)
     return dataset.id, dataset
 
 

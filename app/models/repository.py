@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.repository import TenantRepository
+from app.repository import DeletableRepository
 from core.db.models import Model
 
-models = TenantRepository(Model, noun="model", id_prefix="mdl")
+models = DeletableRepository(Model, noun="model", id_prefix="mdl")

@@ -19,7 +19,14 @@ from app.idempotency import CREATED_RESPONSE
 from app.ids import ModelId
 from app.models import service
 from app.models.schemas import UPLOAD_OPENAPI, Lineage, ModelOut, ModelPage
-from app.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, PageRequest, next_link
+from app.pagination import (
+    DEFAULT_LIMIT,
+    CursorQuery,
+    IncludeDeletedQuery,
+    LimitQuery,
+    PageRequest,
+    next_link,
+)
 from app.routing import BoundedBodyRoute
 from app.schemas import error_responses
 from app.uploads import receive_upload
@@ -58,16 +65,18 @@ async def upload_model(request: Request, response: Response, principal: CurrentP
 
 @router.get("", response_model=ModelPage, summary="List models", responses=error_responses())
 def list_models(request: Request, principal: CurrentPrincipal, session: DbSession,
-                limit: LimitQuery = DEFAULT_LIMIT, cursor: CursorQuery = None) -> ModelPage:
-    """The tenant's models, newest first."""
-    rows, next_cursor = service.list_models(session, principal.tenant, PageRequest(limit, cursor))
+                limit: LimitQuery = DEFAULT_LIMIT, cursor: CursorQuery = None,
+                include_deleted: IncludeDeletedQuery = False) -> ModelPage:
+    """The tenant's models, newest first; deleted ones only with `include_deleted=true`."""
+    rows, next_cursor = service.list_models(session, principal.tenant, PageRequest(limit, cursor),
+                                            include_deleted)
     return ModelPage(items=[ModelOut.from_row(row) for row in rows], next_cursor=next_cursor,
                      next=next_link(request, next_cursor))
 
 
 @router.get("/{model_id}", response_model=ModelOut, summary="Get a model", responses=error_responses(404))
 def get_model(model_id: ModelId, principal: CurrentPrincipal, session: DbSession) -> ModelOut:
-    """One model by id (404 if it does not exist or belongs to another tenant)."""
+    """One model by id (404 if it does not exist or belongs to another tenant); a deleted one has `deleted_at`."""
     return ModelOut.from_row(service.get_model(session, principal.tenant, model_id))
 
 
@@ -77,3 +86,16 @@ def model_lineage(model_id: ModelId, principal: CurrentPrincipal, session: DbSes
     """The chain of jobs that made this model, back to the upload it started from: each job's kind, stored spec,
     inputs (model, dataset and eval_dataset ids with their sha256) and engine versions."""
     return service.model_lineage(session, principal.tenant, model_id)
+
+
+@router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete a model",
+               responses=error_responses(404, 409))
+def delete_model(model_id: ModelId, principal: CurrentPrincipal, session: DbSession) -> Response:
+    """Delete a model: no new job may use it, listings and the storage quota leave it out, and its file is
+    removed once nothing else holds the same content (a job's result model shares its file with the job's
+    artifact, which stays). The record stays, with `deleted_at` set, for the jobs and lineage that name it.
+
+    409 while a queued or running job (or an unfinished pipeline) uses it. Deleting it again is a 204 as well.
+    """
+    service.delete_model(session, principal.tenant, model_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

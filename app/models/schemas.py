@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from app.schemas import Page
+from app.schemas import DELETED_AT_DESCRIPTION, Page
 from app.uploads import multipart_openapi
 from core.db.models import Model
 from core.settings import Settings
@@ -47,6 +47,7 @@ class ModelOut(OutModel):
                                       "artifacts); null for an upload. GET /v1/models/{id}/lineage follows the chain.",
                                       examples=[None])
     created_at: UtcDatetime
+    deleted_at: UtcDatetime | None = Field(default=None, description=DELETED_AT_DESCRIPTION)
 
     @classmethod
     def from_row(cls, row: Model) -> ModelOut:
@@ -54,7 +55,8 @@ class ModelOut(OutModel):
                    arch=row.arch["arch"], kwargs=row.arch["kwargs"], input=row.input_spec,
                    pruned_shapes=row.arch.get("pruned_shapes"),
                    num_classes=row.num_classes, param_count=None if row.format in CODE_FORMATS else row.param_count,
-                   precision=row.precision, source_job_id=row.source_job_id, created_at=row.created_at)
+                   precision=row.precision, source_job_id=row.source_job_id, created_at=row.created_at,
+                   deleted_at=row.deleted_at)
 
 
 class LineageJob(BaseModel):

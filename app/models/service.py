@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from app import quotas
 from app.deps import release_connection
 from app.idempotency import Outcome, create_once, idempotent_request, replay
+from app.inputs import delete_input
 from app.models import budget
 from app.models.repository import models
 from app.models.schemas import Lineage, LineageStep
@@ -78,8 +79,13 @@ def model_lineage(session: Session, tenant: str, model_id: str) -> Lineage:
                    root=chain[-1]["model"]["id"])
 
 
-def list_models(session: Session, tenant: str, page: PageRequest) -> tuple[list[Model], str | None]:
-    return models.page(session, tenant, page)
+def list_models(session: Session, tenant: str, page: PageRequest,
+                include_deleted: bool = False) -> tuple[list[Model], str | None]:
+    return models.page_live(session, tenant, page, include_deleted)
+
+
+def delete_model(session: Session, tenant: str, model_id: str) -> Model:
+    return delete_input(session, models, tenant, model_id)
 
 
 def parse_arch_spec(raw: str | None) -> ArchSpec:

@@ -3,7 +3,7 @@ which looks at every tenant's rows)."""
 
 from __future__ import annotations
 
-from sqlalchemy import select, union
+from sqlalchemy import ColumnElement, select, true, union
 from sqlalchemy.orm import Session
 
 from core.db.models import Artifact, Dataset, Model
@@ -15,12 +15,23 @@ def job_artifacts(session: Session, tenant: str, job_id: str) -> list[Artifact]:
     return list(session.scalars(statement.order_by(Artifact.created_at, Artifact.kind)))
 
 
+# Every column that holds a blob's content address, and which of its rows still need the blob: a deleted model or
+# dataset keeps its row (for lineage and job history) but not its file. A job's result model names the file of one
+# of its job's artifacts, which keeps it while the artifact exists.
+_BLOB_REFERENCES: tuple[tuple[ColumnElement[str], ColumnElement[bool]], ...] = (
+    (Model.sha256, Model.deleted_at.is_(None)),
+    (Dataset.sha256, Dataset.deleted_at.is_(None)),
+    (Dataset.canonical_sha256, Dataset.deleted_at.is_(None)),
+    (Artifact.sha256, true()),
+)
+
+
 def named_blobs(session: Session, sha256s: list[str]) -> set[str]:
-    """Those of `sha256s` that some row names: every column that holds a blob's content address."""
+    """Those of `sha256s` that some live row names."""
     named: set[str] = set()
     for start in range(0, len(sha256s), 500):  # bounded IN lists
         chunk = sha256s[start:start + 500]
-        statement = union(*(select(column).where(column.in_(chunk)) for column in (
-            Model.sha256, Dataset.sha256, Dataset.canonical_sha256, Artifact.sha256)))
+        statement = union(*(select(column).where(column.in_(chunk), live)
+                            for column, live in _BLOB_REFERENCES))
         named.update(session.scalars(statement))
     return named

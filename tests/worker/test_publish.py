@@ -4,6 +4,7 @@ On the real databases (SQLite and PostgreSQL), with the real blob store."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,14 +12,15 @@ from typing import Any
 from sqlalchemy import select
 
 from core import lifecycle
-from core.db.models import Artifact, Job, JobEvent
+from core.db.models import Artifact, Job, JobEvent, utcnow
 from core.db.session import session_scope
 from core.jobspec import load_stored
+from core.settings import get_settings
 from core.storage import get_store
 from tests.conftest import AppEnv
 from worker.jobs import acceptance
 from worker.jobs.base import JobContext, JobOutcome, ModelSource, OutputFile
-from worker.runner import _publish
+from worker.runner import _prepare, _publish
 
 SPEC = {"kind": "quantize", "model": "mdl_1", "dataset": "digits"}
 
@@ -46,13 +48,19 @@ def claimed_job(model_id: str, tenant: str, owner: str) -> str:
     return job_id
 
 
-def publish(job_id: str, owner: str, folder: Path, metrics: dict[str, Any]) -> None:
-    folder.mkdir()
+def output_files(folder: Path) -> list[OutputFile]:
+    """What a quantize job leaves in its work folder (placeholder bytes: publishing does not read them)."""
+    folder.mkdir(parents=True)
     files = []
     for kind, name, fmt in (("quantized_torchscript", "quantized.torchscript.pt", "torchscript"),
                             ("quantized_onnx", "quantized.onnx", "onnx"), ("quantized_info", "quantized.json", None)):
         (folder / name).write_bytes(f"{kind} bytes".encode())
         files.append(OutputFile(kind, folder / name, name, "application/octet-stream", "runtime", fmt))
+    return files
+
+
+def publish(job_id: str, owner: str, folder: Path, metrics: dict[str, Any]) -> None:
+    files = output_files(folder)
     ctx = JobContext(job_id=job_id, kind="quantize", owner=owner, attempt=1, max_attempts=1, spec=load_stored(SPEC),
                      teacher=ModelSource(folder, "safetensors", {}, {}, 0), dataset_path=None, work_dir=folder,
                      provenance={"model": {"id": "mdl_1", "name": "m", "format": "safetensors", "sha256": "0" * 64,
@@ -96,3 +104,40 @@ def test_a_job_whose_every_file_fails_ends_failed_and_says_what_to_try(
                                 "better than chance") and "What to try: try method 'qat'" in job.error
     assert {"quantized_torchscript_rejected", "quantized_onnx_rejected", "report_json"} <= set(artifacts)
     assert job.metrics["acceptance"]["failed_formats"] == ["torchscript", "onnx"]
+
+
+def test_a_replays_report_holds_the_originals_figures(app_env: AppEnv, insert_model: Callable[..., str],
+                                                      tenant: str) -> None:
+    model_id = insert_model(tenant)
+    figures = {"accuracy": 0.97, "params": 4000, "macs": 40000,
+               "artifacts": {"torchscript": {"file_bytes": 9000, "cpu_latency_ms_batch1": 0.2}}}
+    original_metrics = {"input": figures, "output": {**figures, "accuracy": 0.96}, "acceptance": verdicts(0.96, 0.95),
+                        "environment": {"python": "3.11.0", "device": "cpu", "libraries": {"torch": "2.0.0"}}}
+    with session_scope() as session:
+        original = Job(tenant=tenant, kind="quantize", spec=SPEC, teacher_id=model_id, max_attempts=1,
+                       status="succeeded", metrics=original_metrics, finished_at=utcnow())
+        session.add(original)
+        session.flush()
+        replay = Job(tenant=tenant, kind="quantize", spec=SPEC, teacher_id=model_id, max_attempts=1,
+                     replay_of=original.id)
+        session.add(replay)
+        session.flush()
+        original_id, replay_id = original.id, replay.id
+    with session_scope() as session:
+        job = lifecycle.claim(session, replay_id, "worker-r", lease_seconds=60)
+        assert job is not None
+        ctx = _prepare(session, job, "worker-r", get_settings())
+    assert ctx is not None and ctx.original is not None
+    assert (ctx.original["id"], ctx.original["status"]) == (original_id, "succeeded")
+    assert ctx.original["metrics"] == original_metrics and ctx.original["environment"]["libraries"]["torch"] == "2.0.0"
+
+    metrics = {"input": figures, "output": {**figures, "accuracy": 0.97}, "acceptance": verdicts(0.97, 0.97)}
+    _publish(ctx, JobOutcome(files=output_files(ctx.work_dir), metrics=metrics), get_store())
+    _, artifacts, _ = outcome(replay_id)
+    document = json.loads(get_store().path_for(artifacts["report_json"].sha256).read_text())
+    assert document["replay_of"]["job"] == original_id
+    rows = {row["title"]: row for row in document["replay_of"]["comparison"]}
+    assert (rows["Top-1 accuracy (int8)"]["original"], rows["Top-1 accuracy (int8)"]["replay"]) == (0.96, 0.97)
+    assert document["replay_of"]["changed"]["torch"][0] == "2.0.0"
+    card = get_store().path_for(artifacts["report_model_card"].sha256).read_text()
+    assert f"## Replay of `{original_id}`: original vs this run" in card

@@ -190,3 +190,65 @@ def test_cpu_features_come_from_the_host() -> None:
         flags = set(Path("/proc/cpuinfo").read_text().split())
         assert ("avx2" in host["features"]) == ("avx2" in flags)
         assert host["int8_dot_product"] == bool(flags & set(cpu.INT8_DOT_PRODUCT))
+
+
+def original_run(metrics: dict[str, Any], environment: dict[str, Any] | None, kind: str = "prune",
+                 status: str = "succeeded") -> dict[str, Any]:
+    return {"id": "job_0", "kind": kind, "status": status, "metrics": metrics,
+            "finished_at": "2026-11-01T10:00:00+00:00", "environment": environment}
+
+
+def test_a_replays_report_sets_the_originals_figures_beside_its_own() -> None:
+    host = {"model": "Some CPU", "machine": "x86_64", "features": [], "int8_dot_product": False}
+    gate = acceptance.Gate(reference="input model", reference_accuracy=0.95, max_drop_pts=5.0,
+                           float_source="float input model", float_source_accuracy=0.95, num_classes=10,
+                           label_counts=[36] * 10)
+
+    def checked(torchscript: float, onnx: float) -> dict[str, Any]:
+        return acceptance.check(gate, {fmt: {"accuracy": accuracy, "agreement": 1.0,
+                                             "agreement_with": "float input model", "dominant_class_share": 0.1}
+                                       for fmt, accuracy in (("torchscript", torchscript), ("onnx", onnx))})
+
+    older = {**ENVIRONMENT, "libraries": {**ENVIRONMENT["libraries"], "torch": "2.0.0"}}
+    original = original_run({**PRUNE_METRICS, "measured_on": host, "acceptance": checked(0.93, 0.92),
+                             "output": side(0.93, 1000, 5000, 9000, 0.25)}, older)
+    replayed = {**PRUNE_METRICS, "measured_on": host, "acceptance": checked(0.94, 0.94),
+                "output": side(0.94, 1000, 4000, 9000, 0.2)}
+    job = {"id": "job_1", "kind": "prune", "attempt": 1, "spec": {"kind": "prune"}}
+    built = report.build_document(job, PROVENANCE, replayed, ARTIFACTS, ENVIRONMENT, original)
+
+    entry = built["replay_of"]
+    assert (entry["job"], entry["status"]) == ("job_0", "succeeded")
+    assert entry["summary"]["after"]["accuracy"] == 0.93
+    assert entry["changed"] == {"torch": ["2.0.0", ENVIRONMENT["libraries"]["torch"]]}
+    rows = {row["title"]: row for row in entry["comparison"]}
+    assert (rows["Top-1 accuracy (pruned)"]["original"], rows["Top-1 accuracy (pruned)"]["replay"]) == (0.93, 0.94)
+    assert rows["Top-1 accuracy (onnx file)"]["change"] == "+2.00 pts"
+
+    card = report.model_card(built, [])
+    assert "## Replay of `job_0`: original vs this run" in card
+    assert card.index("## Before and after") < card.index("## Replay of") < card.index("## Artifacts")
+    cells = {parts[1].strip(): [cell.strip() for cell in parts[2:-1]]
+             for parts in (line.split("|") for line in card.split("## Replay of")[1].splitlines())
+             if len(parts) > 2 and parts[1].strip()}
+    assert cells["Top-1 accuracy (pruned)"] == ["93.00%", "94.00%", "+1.00 pts"]
+    assert cells["Weights file size (pruned)"] == ["4.9 KiB", "3.9 KiB", "1.25x smaller"]
+    assert cells["CPU latency, batch 1 (pruned)"] == ["0.250 ms", "0.200 ms", "1.25x faster"]
+    assert cells["Parameters (pruned)"] == ["1,000", "1,000", "same"]
+    assert cells["Top-1 accuracy (input)"] == ["95.00%", "95.00%", "+0.00 pts"]
+    assert cells["Top-1 accuracy (torchscript file)"] == ["93.00%", "94.00%", "+1.00 pts"]
+    assert f"Changed since the original: torch 2.0.0 → {ENVIRONMENT['libraries']['torch']}." in card
+
+
+def test_a_replay_of_a_job_without_figures_says_so() -> None:
+    job = {"id": "job_1", "kind": "prune", "attempt": 1, "spec": {"kind": "prune"}}
+    failed = original_run({"error": "out of memory"}, None, status="failed")
+    built = report.build_document(job, PROVENANCE, PRUNE_METRICS, ARTIFACTS, ENVIRONMENT, failed)
+    assert built["replay_of"]["comparison"] == [] and built["replay_of"]["changed"] is None
+    card = report.model_card(built, [])
+    assert "The original ended failed without the figures of a finished result: nothing to compare." in card
+    assert "The original's environment was not recorded" in card
+    same = report.build_document(job, PROVENANCE, PRUNE_METRICS, ARTIFACTS, ENVIRONMENT,
+                                 original_run(PRUNE_METRICS, ENVIRONMENT))
+    assert "Same Python, device and library versions as the original." in report.model_card(same, [])
+    assert "replay_of" not in document("prune", PRUNE_METRICS)

@@ -50,6 +50,8 @@ class JobContext(Generic[SpecT]):
     provenance: dict[str, Any]  # what went in, with sha256s, for the report
     deadline: datetime | None = None  # from the spec's time_limit_seconds, counted from the first start
     eval_dataset_path: Path | None = None  # None: no spec.eval_dataset, or the built-in it names
+    # A replay's original job, for its report: {"id", "kind", "status", "metrics", "finished_at", "environment"}.
+    original: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
