@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -42,6 +43,7 @@ API_PREFIX = "/v1"
 # How long a client should wait before retrying while the database is unreachable.
 DATABASE_RETRY_AFTER_SECONDS = 5
 HTTP_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+_PATH_PARAMETER = re.compile(r"\\\{[^/]*?\\\}")  # a "{name}" of an OpenAPI path, as re.escape writes it
 SQLITE_FULL = "database or disk is full"
 POSTGRES_DISK_FULL = "53100"  # SQLSTATE disk_full
 
@@ -160,8 +162,23 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse | Respon
 def _methods_of(request: Request) -> list[str]:
     # Asked of each route through its public matches(): FastAPI nests included routers' routes out of reach.
     routes = request.app.router.routes
-    return [method for method in HTTP_METHODS
-            if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)]
+    methods = [method for method in HTTP_METHODS
+               if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)]
+    documented = _documented_methods(request.app, request.url.path)
+    return methods if documented is None else [method for method in methods if method in documented]
+
+
+def _documented_methods(app: FastAPI, path: str) -> set[str] | None:
+    """The methods the OpenAPI document gives `path`, None if it does not document it. A concrete path has its own
+    (GET /v1/datasets/builtin), not those of a templated one that also matches it (DELETE /v1/datasets/{id}): the
+    router would take the request there, but only to refuse the id."""
+    paths: dict[str, dict[str, Any]] = app.openapi().get("paths", {})
+    matching = [template for template in paths
+                if re.fullmatch(_PATH_PARAMETER.sub("[^/]+", re.escape(template)), path)]
+    if not matching:
+        return None
+    concrete = min(matching, key=lambda template: template.count("{"))
+    return {method.upper() for method in paths[concrete]}
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:

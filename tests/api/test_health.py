@@ -107,6 +107,9 @@ def test_a_405_lists_every_method_of_the_path(client: TestClient) -> None:
     response = client.request("OPTIONS", "/v1/jobs")
     assert response.status_code == 405
     assert response.headers["allow"] == "GET, POST"
+    # A concrete path's own methods: /v1/datasets/builtin is not one of the ids DELETE /v1/datasets/{id} takes.
+    assert client.request("OPTIONS", "/v1/datasets/builtin").headers["allow"] == "GET"
+    assert client.request("OPTIONS", "/v1/datasets/dst_0").headers["allow"] == "DELETE, GET"
 
 
 def test_openapi_offers_code_formats_only_where_allowed(client: TestClient) -> None:
