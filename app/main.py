@@ -181,8 +181,13 @@ def _documented_methods(app: FastAPI, path: str) -> set[str] | None:
     return {method.upper() for method in paths[concrete]}
 
 
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse | Response:
     assert isinstance(exc, RequestValidationError)
+    documented = _documented_methods(request.app, request.url.path)
+    if documented is not None and request.method not in documented:
+        # The router took the request to a templated path that refused the id (DELETE /v1/datasets/{id} for
+        # DELETE /v1/datasets/builtin); the OpenAPI document gives the path to a concrete one without the method.
+        return await _http_error(request, StarletteHTTPException(405))
     problems = field_problems(exc.errors())
     body = ErrorOut(detail=f"invalid request: {summarize(problems)}", errors=problems)
     return JSONResponse(body.model_dump(), status_code=422)

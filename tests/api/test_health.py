@@ -102,7 +102,7 @@ def test_unknown_route_is_json_404(client: TestClient) -> None:
     assert response.json() == {"detail": "Not Found"}
 
 
-def test_a_405_lists_every_method_of_the_path(client: TestClient) -> None:
+def test_a_405_lists_every_method_of_the_path(client: TestClient, auth_headers: dict[str, str]) -> None:
     # Two routes share /v1/jobs (GET, POST); Starlette's own Allow named only the first one's.
     response = client.request("OPTIONS", "/v1/jobs")
     assert response.status_code == 405
@@ -110,6 +110,9 @@ def test_a_405_lists_every_method_of_the_path(client: TestClient) -> None:
     # A concrete path's own methods: /v1/datasets/builtin is not one of the ids DELETE /v1/datasets/{id} takes.
     assert client.request("OPTIONS", "/v1/datasets/builtin").headers["allow"] == "GET"
     assert client.request("OPTIONS", "/v1/datasets/dst_0").headers["allow"] == "DELETE, GET"
+    # ...even for a method a templated path has: /v1/datasets/{dataset_id} would refuse "builtin" as an id.
+    refused = client.delete("/v1/datasets/builtin", headers=auth_headers)
+    assert (refused.status_code, refused.headers["allow"]) == (405, "GET")
 
 
 def test_openapi_offers_code_formats_only_where_allowed(client: TestClient) -> None:

@@ -1,6 +1,7 @@
 """The CLI and the Python client as a new user drives them, against a real API server process, a real Celery
 worker, PostgreSQL and Redis: login, upload, submit --wait, list, show, logs -f, download (resumed, checked),
-cancel; and the one-line errors of bad input and an unreachable server."""
+replay --wait (its report beside the original's), models delete, cancel; and the one-line errors of bad input and
+an unreachable server."""
 
 from __future__ import annotations
 
@@ -104,6 +105,33 @@ def test_cli_from_login_to_download(served: tuple[Service, str, str], small_cnn_
     # Every worker line is JSON; those written while the job ran carry its id.
     records = [json.loads(line) for line in service.workers[0].log().splitlines() if line.startswith("{")]
     assert any(record.get("job_id") == job_id and "claimed" in record["message"] for record in records), records[-5:]
+
+    replay_then_delete(service, env, job_id, teacher_id, downloads)
+
+
+def replay_then_delete(service: Service, env: dict[str, str], job_id: str, teacher_id: str, downloads: Path) -> None:
+    """The ended job run again on its inputs, its report beside the original's; then its teacher deleted."""
+    replayed = cli("jobs", "replay", job_id, "--wait", env=env)
+    assert replayed.exit_code == 0, replayed.output + service.worker_logs()
+    replay_id = replayed.stdout.split()[0]
+    assert replay_id.startswith("job_") and replay_id != job_id and f"replay of {job_id}" in replayed.stdout
+    replay = json.loads(cli("jobs", "show", replay_id, "--json", env=env).stdout)
+    assert replay["replay_of"] == job_id and replay["spec"] == json.loads(
+        cli("jobs", "show", job_id, "--json", env=env).stdout)["spec"]
+    card = next(artifact for artifact in replay["artifacts"] if artifact["kind"] == "report_model_card")
+    assert cli("artifacts", "download", card["id"], "-o", str(downloads / "replay.md"), env=env).exit_code == 0
+    text = (downloads / "replay.md").read_text()
+    assert f"## Replay of `{job_id}`: original vs this run" in text and "| Top-1 accuracy (student) |" in text
+
+    deleted = cli("models", "delete", teacher_id, env=env)
+    assert deleted.exit_code == 0 and deleted.stdout.strip() == f"deleted {teacher_id}", deleted.output
+    assert teacher_id not in cli("models", "list", env=env).stdout
+    assert teacher_id in cli("models", "list", "--include-deleted", env=env).stdout
+    refused = cli("jobs", "replay", job_id, env=env)
+    assert refused.exit_code == 1 and refused.stderr.startswith(f"error: HTTP 409: cannot replay job {job_id}: its "
+                                                                f"model {teacher_id} was deleted on ")
+    missing = cli("datasets", "delete", "dst_" + "0" * 24, env=env)
+    assert missing.exit_code == 1 and "HTTP 404: dataset dst_" in missing.stderr
 
 
 def test_the_exit_code_says_a_waited_job_did_not_succeed(served: tuple[Service, str, str], tmp_path: Path) -> None:
