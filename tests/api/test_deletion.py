@@ -108,6 +108,13 @@ def test_no_new_job_may_name_a_deleted_model_or_dataset(client: TestClient, auth
         assert response.json()["detail"].startswith(f"{gone} was deleted on ")
         assert "upload it again" in response.json()["detail"]
     assert submit(client, auth_headers, job_body(teacher_id, dataset=train, eval_dataset=evaluation)).status_code == 201
+    # Nor a new pipeline (its stages are checked as jobs are).
+    pipeline = client.post("/v1/pipelines", headers=auth_headers, json={
+        "model": teacher_id, "dataset": gone_dataset, "stages": [{"kind": "distill", "student": STUDENT}]})
+    assert pipeline.status_code == 409 and f"{gone_data} was deleted on " in pipeline.json()["detail"]
+    pipeline = client.post("/v1/pipelines", headers=auth_headers, json={
+        "model": gone_teacher, "dataset": "digits", "stages": [{"kind": "distill", "student": STUDENT}]})
+    assert pipeline.status_code == 409 and pipeline.json()["detail"].startswith(f"{gone_model} was deleted on ")
 
 
 def test_what_an_unfinished_job_uses_is_not_deleted(client: TestClient, auth_headers: dict[str, str],
