@@ -16,11 +16,10 @@ from sqlalchemy.orm import Session
 from app.datasets.repository import datasets
 from app.jobs import repository as job_queries
 from app.models.repository import models
-from app.repository import DeletableRepository, DeletableT
+from app.repository import DeletableRepository, DeletableT, deletion_date
 from core.db.models import Dataset, Job, Model
 from core.errors import Conflict
 from core.storage import BlobStore
-from core.views import as_utc
 
 # How many of the jobs and pipelines that use an input a refusal names.
 USERS_NAMED = 3
@@ -90,7 +89,7 @@ def check_recorded_inputs(session: Session, tenant: str, inputs: dict[str, Any],
 
 def _input_problem(row: Model | Dataset, recorded_sha256: str | None, store: BlobStore) -> str | None:
     if row.deleted_at is not None:
-        return f"was deleted on {as_utc(row.deleted_at):%Y-%m-%d %H:%M} UTC"
+        return f"was deleted on {deletion_date(row.deleted_at)}"
     # A dataset's jobs read its canonical .npz, which is what its recorded sha256 names.
     current = row.sha256 if isinstance(row, Model) else row.canonical_sha256
     if recorded_sha256 is not None and current != recorded_sha256:

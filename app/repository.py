@@ -79,8 +79,8 @@ class DeletableRepository(TenantRepository[DeletableT]):
         return row
 
     def deleted(self, row_id: str, deleted_at: datetime) -> Conflict:
-        return Conflict(f"{self.noun} {row_id} was deleted on {as_utc(deleted_at):%Y-%m-%d %H:%M} UTC; "
-                        f"upload it again (the upload gets a new id)")
+        return Conflict(f"{self.noun} {row_id} was deleted on {deletion_date(deleted_at)}; upload it again (the "
+                        "upload gets a new id)")
 
     def page_live(self, session: Session, tenant: str, request: PageRequest,
                   include_deleted: bool) -> tuple[list[DeletableT], str | None]:
@@ -93,3 +93,8 @@ class DeletableRepository(TenantRepository[DeletableT]):
         the blob collector (core.orphans) removes it once no live row names it (core.db.repository.named_blobs)."""
         if row.deleted_at is None:
             row.deleted_at = utcnow()
+
+
+def deletion_date(deleted_at: datetime) -> str:
+    """When a row was deleted, as refusals name it."""
+    return f"{as_utc(deleted_at):%Y-%m-%d %H:%M} UTC"

@@ -362,7 +362,11 @@ def owned(client: TestClient, auth_headers: dict[str, str], tenant: str, insert_
     dataset = upload_dataset(client, auth_headers, npz_dataset(seed=3), "owned.npz").json()
     job_id = submit_job(client, auth_headers, model_id).json()["id"]
     artifact_id = insert_artifact(tenant, job_id, secrets.token_bytes(100_000))
-    return {"model_id": model_id, "dataset_id": dataset["id"], "job_id": job_id, "artifact_id": artifact_id}
+    pipeline = client.post("/v1/pipelines", headers=auth_headers, json={
+        "model": model_id, "dataset": "digits", "stages": [{"kind": "quantize", "method": "dynamic"}]})
+    assert pipeline.status_code == 201, pipeline.text
+    return {"model_id": model_id, "dataset_id": dataset["id"], "job_id": job_id, "artifact_id": artifact_id,
+            "pipeline_id": pipeline.json()["id"]}
 
 
 HOSTILE_PATHS = [
