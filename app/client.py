@@ -240,6 +240,12 @@ class Client:
         """One page of pipelines, newest first: {"items", "next_cursor"}; pass next_cursor back for the next."""
         return self.page("pipelines", limit, cursor, **({"status": status} if status else {}))
 
+    def replay_pipeline(self, pipeline_id: str, idempotency_key: str | None = None) -> dict[str, Any]:
+        """A new pipeline running the ended one's stored stages on the same inputs (its `replay_of` names the
+        original); the server refuses (409) if an input was deleted or changed since."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._json("POST", f"/v1/pipelines/{pipeline_id}/replay", headers=headers)
+
     def cancel_pipeline(self, pipeline_id: str) -> dict[str, Any]:
         return self._json("POST", f"/v1/pipelines/{pipeline_id}/cancel")
 

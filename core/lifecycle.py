@@ -15,8 +15,11 @@ from sqlalchemy import ColumnElement, and_, case, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from core import pipelines
-from core.db.models import Job, JobEvent, utcnow
+from core.db.models import Job, utcnow
+from core.db.session import after_commit
+from core.dispatch import revoke_after_commit
 from core.errors import Conflict, public_text
+from core.events import record_event
 from core.webhooks.outbox import announce_end
 
 log = logging.getLogger(__name__)
@@ -24,18 +27,6 @@ log = logging.getLogger(__name__)
 FINISHED = frozenset({"succeeded", "failed", "canceled"})
 ACTIVE = frozenset({"running", "canceling"})
 JOB_TEXT_LIMIT = 8000
-
-
-def record_event(session: Session, job: Job, kind: str, actor: str, message: str,
-                 data: dict[str, Any] | None = None, attempt: int | None = None) -> JobEvent:
-    """`attempt`: the attempt that did what the event tells, when it is not the job's current one (an epoch of
-    an earlier attempt recorded late)."""
-    event = JobEvent(job_id=job.id, kind=kind, status=job.status, attempt=job.attempt if attempt is None else attempt,
-                     actor=actor, message=message, data=data or {})
-    session.add(event)
-    # Each event is a log line too, carrying the job id, for those who follow jobs in their logs.
-    log.info("%s (%s): %s", kind, job.status, message, extra={"job_id": job.id})
-    return event
 
 
 def _record(session: Session, job_id: str, kind: str, actor: str, message: str,
@@ -50,7 +41,18 @@ def _ended(session: Session, job: Job, actor: str, message: str, data: dict[str,
     its pipeline (if it is a stage of one) along."""
     record_event(session, job, "state", actor, message, data)
     announce_end(session, job)
-    pipelines.stage_ended(session, job)
+    for stage in pipelines.stage_ended(session, job):
+        stop_stage(session, stage, pipelines.ACTOR)
+
+
+def stop_stage(session: Session, job: Job, actor: str) -> None:
+    """Cancel a job its pipeline no longer needs (the pipeline failed or was canceled), unless it has stopped or
+    is stopping already (canceling one stage may have ended the others)."""
+    if job.status not in ("queued", "running"):
+        return
+    task_ids = request_cancel(session, job, actor)
+    if task_ids:
+        after_commit(session, lambda: revoke_after_commit(task_ids))
 
 
 # ---- submission side (API) -------------------------------------------------------------------
@@ -72,40 +74,6 @@ def request_cancel(session: Session, job: Job, actor: str) -> list[str]:
         job.cancel_requested = True
         record_event(session, job, "state", actor, "cancel requested; the worker stops between steps")
     return []
-
-
-def revoke_after_commit(task_ids: list[str]) -> None:
-    """Revoke queued deliveries too; a running job stops through the database flag."""
-    from core.broker import get_celery
-
-    try:
-        get_celery().control.revoke(task_ids)
-    except Exception:  # the flag in the database is what stops the job; revoke is best effort
-        log.warning("could not revoke %s: broker unreachable", task_ids, exc_info=True)
-
-
-def dispatch(job_ids: list[str]) -> list[str]:
-    """Send each job's message after its row is committed (outbox). Returns the ids sent.
-
-    A broker outage is not an error here: the job stays queued with enqueued_at NULL and the
-    reaper sends it when the broker is back.
-    """
-    from core.broker import RUN_JOB_TASK, get_celery
-    from core.db.session import session_scope
-
-    sent = []
-    for job_id in job_ids:
-        try:
-            get_celery().send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id,
-                                   retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
-        except Exception:
-            log.warning("broker unreachable; job %s stays in the outbox", job_id, exc_info=True)
-            continue
-        sent.append(job_id)
-    if sent:
-        with session_scope() as session:
-            session.execute(update(Job).where(Job.id.in_(sent)).values(enqueued_at=utcnow()))
-    return sent
 
 
 # ---- worker side ------------------------------------------------------------------------------

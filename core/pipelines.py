@@ -4,7 +4,9 @@ The API stores a pipeline with every stage's job spec checked and fully defaulte
 stages that take the pipeline's input. From then on the database moves it along, in the transaction that ends a
 stage's job (lifecycle calls stage_ended): a stage that succeeded and passed its gate starts the stages that take
 its model (several at once: they are ordinary queued jobs, claimed by whichever workers are free), a stage that
-failed, missed its gate or was canceled ends the pipeline and drops what had not started.
+failed, missed its gate or was canceled ends the pipeline and drops what had not started. Stages still running
+then are returned to the caller (lifecycle) to cancel: this module only reads and writes rows, so that it needs
+nothing of lifecycle, which calls it.
 
 queued -> running -> succeeded | failed | canceled, plus canceling (a canceled pipeline's running stage stopping).
 """
@@ -16,10 +18,11 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from core import lifecycle
 from core.db.models import Job, Model, Pipeline, utcnow
 from core.db.session import after_commit
+from core.dispatch import dispatch
 from core.errors import Conflict
+from core.events import record_event
 from core.jobspec import SPEC_CLASSES
 from core.lineage import job_inputs, output_model
 from core.settings import get_settings
@@ -57,7 +60,7 @@ def _create_stage_job(session: Session, pipeline: Pipeline, stage: dict[str, Any
               inputs=job_inputs(session, spec, model))
     session.add(job)
     session.flush()
-    lifecycle.record_event(session, job, "state", ACTOR,
+    record_event(session, job, "state", ACTOR,
                            f"submitted: stage '{stage['name']}' of pipeline {pipeline.id}, on model {model.id}")
     return job
 
@@ -72,19 +75,19 @@ def mark_running(session: Session, job: Job) -> None:
                     .execution_options(synchronize_session=False))
 
 
-def stage_ended(session: Session, job: Job) -> None:
-    """Move the job's pipeline along now that the job (one of its stages) has ended."""
+def stage_ended(session: Session, job: Job) -> list[Job]:
+    """Move the job's pipeline along now that the job (one of its stages) has ended. Returns the pipeline's stages
+    still queued or running that it no longer needs (it failed or is canceled): the caller cancels them."""
     if job.pipeline_id is None:
-        return
+        return []
     pipeline = _locked(session, job.pipeline_id)
     if pipeline is None or pipeline.status in FINISHED:
-        return  # a stage that was still stopping when the pipeline ended
+        return []  # a stage that was still stopping when the pipeline ended
     if pipeline.status == "canceling" or job.status == "canceled":
-        _settle_cancel(session, pipeline, job)
-    elif job.status == "failed":
-        _fail(session, pipeline, f"stage '{job.stage}' failed: {job.error or 'see its job ' + job.id}")
-    else:
-        _stage_succeeded(session, pipeline, job)
+        return _settle_cancel(session, pipeline, job)
+    if job.status == "failed":
+        return _fail(session, pipeline, f"stage '{job.stage}' failed: {job.error or 'see its job ' + job.id}")
+    return _stage_succeeded(session, pipeline, job)
 
 
 def _locked(session: Session, pipeline_id: str) -> Pipeline | None:
@@ -96,28 +99,27 @@ def _locked(session: Session, pipeline_id: str) -> Pipeline | None:
     return session.scalar(query)
 
 
-def _stage_succeeded(session: Session, pipeline: Pipeline, job: Job) -> None:
+def _stage_succeeded(session: Session, pipeline: Pipeline, job: Job) -> list[Job]:
     stage = _stage(pipeline, job.stage)
     model = output_model(session, job.id)
     if model is None:
-        _fail(session, pipeline, f"stage '{job.stage}' succeeded without a model that passed its acceptance checks "
-                                 "(see its job's acceptance verdicts)")
-        return
+        return _fail(session, pipeline, f"stage '{job.stage}' succeeded without a model that passed its acceptance "
+                                        "checks (see its job's acceptance verdicts)")
     acceptance = (job.metrics or {}).get("acceptance") or {}
     if stage["after"] == INPUT and pipeline.input_accuracy is None:
         pipeline.input_accuracy = acceptance.get("reference_accuracy")
     missed = gate_miss(stage, acceptance, pipeline.input_accuracy)
     if missed is not None:
-        _fail(session, pipeline, f"stage '{job.stage}' missed its gate: {missed}; the stages before it, and its "
-                                 f"own model {model.id}, stay available")
-        return
+        return _fail(session, pipeline, f"stage '{job.stage}' missed its gate: {missed}; the stages before it, and "
+                                        f"its own model {model.id}, stay available")
     started = [_create_stage_job(session, pipeline, child, model).id
                for child in stages(pipeline) if child["after"] == job.stage]
     if started:
-        after_commit(session, lambda: lifecycle.dispatch(started))
+        after_commit(session, lambda: dispatch(started))
     ended = stage_jobs(session, pipeline.id)
     if all(name in ended and ended[name].status == "succeeded" for name in _names(pipeline)):
-        _end(session, pipeline, "succeeded", None)
+        _end(pipeline, "succeeded", None)
+    return []
 
 
 def gate_miss(stage: dict[str, Any], acceptance: dict[str, Any], input_accuracy: float | None) -> str | None:
@@ -141,45 +143,44 @@ def gate_miss(stage: dict[str, Any], acceptance: dict[str, Any], input_accuracy:
             f"gate allows {gate['max_accuracy_drop_pts']:g}")
 
 
-def cancel(session: Session, pipeline: Pipeline, actor: str) -> None:
-    """Drop the stages that have not started and cancel those that have; the pipeline is canceled once none runs."""
+def cancel(session: Session, pipeline: Pipeline) -> list[Job]:
+    """Drop the stages that have not started; returns those queued or running, for the caller to cancel. The
+    pipeline is canceled once none of them runs (at once when none did)."""
     if pipeline.status in FINISHED:
-        raise Conflict(f"pipeline {pipeline.id} already {pipeline.status}; only queued or running "
-                                 "pipelines can be canceled")
+        raise Conflict(f"pipeline {pipeline.id} already {pipeline.status}; only queued or running pipelines can be "
+                       "canceled")
     pipeline.status = "canceling"
-    _stop_unfinished(session, pipeline, actor)
     if not _active(session, pipeline):
-        _end(session, pipeline, "canceled", None)
+        _end(pipeline, "canceled", None)
+    return _unfinished(session, pipeline)
 
 
-def _settle_cancel(session: Session, pipeline: Pipeline, job: Job) -> None:
-    """A stage's job was canceled (by the pipeline's cancel, or on its own): the pipeline ends canceled."""
+def _settle_cancel(session: Session, pipeline: Pipeline, job: Job) -> list[Job]:
+    """A stage's job was canceled (by the pipeline's cancel, or on its own): the pipeline ends canceled once no
+    stage runs."""
     if pipeline.status != "canceling":  # the stage's own job was canceled, not the pipeline
         pipeline.status, pipeline.error = "canceling", f"stage '{job.stage}' was canceled (job {job.id})"
-        _stop_unfinished(session, pipeline, ACTOR)
     if not _active(session, pipeline):
-        _end(session, pipeline, "canceled", None if pipeline.error is None else pipeline.error)
+        _end(pipeline, "canceled", pipeline.error)
+    return _unfinished(session, pipeline)
 
 
-def _fail(session: Session, pipeline: Pipeline, reason: str) -> None:
-    _end(session, pipeline, "failed", reason)
-    _stop_unfinished(session, pipeline, ACTOR)
-
-
-def _stop_unfinished(session: Session, pipeline: Pipeline, actor: str) -> None:
-    task_ids: list[str] = []
-    for job in stage_jobs(session, pipeline.id).values():
-        if job.status in ("queued", "running"):
-            task_ids += lifecycle.request_cancel(session, job, actor)
-    if task_ids:
-        after_commit(session, lambda: lifecycle.revoke_after_commit(task_ids))
+def _fail(session: Session, pipeline: Pipeline, reason: str) -> list[Job]:
+    _end(pipeline, "failed", reason)
+    return _unfinished(session, pipeline)
 
 
 def _active(session: Session, pipeline: Pipeline) -> bool:
+    """Whether a stage is queued, running or stopping."""
     return any(job.status not in FINISHED for job in stage_jobs(session, pipeline.id).values())
 
 
-def _end(session: Session, pipeline: Pipeline, status: str, error: str | None) -> None:
+def _unfinished(session: Session, pipeline: Pipeline) -> list[Job]:
+    """The stages still queued or running (not those already stopping)."""
+    return [job for job in stage_jobs(session, pipeline.id).values() if job.status in ("queued", "running")]
+
+
+def _end(pipeline: Pipeline, status: str, error: str | None) -> None:
     now = utcnow()
     pipeline.status, pipeline.error, pipeline.finished_at, pipeline.updated_at = status, error, now, now
 

@@ -19,6 +19,7 @@ from core import lifecycle
 from core.broker import get_celery
 from core.db.models import utcnow
 from core.db.session import session_scope
+from core.dispatch import dispatch
 from core.periodic import PeriodicThread
 from core.settings import get_settings
 
@@ -79,7 +80,7 @@ def reap_once() -> list[str]:
     with session_scope() as session:
         to_send = lifecycle.reap(session, actor, redispatch_all_queued=redispatch_all,
                                  message_grace=timedelta(seconds=settings.message_grace_seconds))
-    sent = lifecycle.dispatch(to_send) if to_send else []
+    sent = dispatch(to_send) if to_send else []
     if redispatch_all and len(sent) == len(to_send):
         # Only now: had the database or the broker failed above, the next pass must re-send them all again.
         mark_broker(app)

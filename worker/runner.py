@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from core import lifecycle
 from core.db.models import Artifact, Dataset, Job, Model
 from core.db.session import session_scope, through_outage
+from core.dispatch import dispatch
 from core.jobspec import JobSpecBase, load_stored, stored_form
 from core.logs import job_context
 from core.settings import Settings, get_settings
@@ -193,7 +194,7 @@ def _requeue(ctx: JobContext, message: str, refund_attempt: bool) -> None:
     with session_scope() as session:
         released = lifecycle.release(session, ctx.job_id, ctx.owner, message, refund_attempt=refund_attempt)
     if released:
-        lifecycle.dispatch([ctx.job_id])
+        dispatch([ctx.job_id])
 
 
 def _retry_or_fail(ctx: JobContext, reason: str) -> None:

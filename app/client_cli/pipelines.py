@@ -50,6 +50,21 @@ def pipelines_submit(
         follow_and_finish(client, pipeline, wait, timeout, as_json)
 
 
+@pipelines_app.command("replay")
+def pipelines_replay(
+    ctx: typer.Context,
+    pipeline_id: Annotated[str, typer.Argument(help="An ended pipeline (succeeded, failed or canceled).")],
+    wait: Annotated[bool, typer.Option("--wait", help="Follow it with one live bar per stage until it ends, then "
+                                       "print its report; the exit code is 1 unless it succeeded.")] = False,
+    timeout: TimeoutOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Run an ended pipeline again: its stored stages on the same model and datasets (refused if one was deleted or
+    changed since); prints the new pipeline's id. Its report shows the original's rows beside its own."""
+    with connected(ctx) as client:
+        follow_and_finish(client, client.replay_pipeline(pipeline_id), wait, timeout, as_json)
+
+
 @pipelines_app.command("wait")
 def pipelines_wait(ctx: typer.Context, pipeline_id: str,
                    timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds.")] = None,
@@ -169,8 +184,12 @@ def report_cells(row: dict[str, Any]) -> list[str]:
 
 def print_report(report: dict[str, Any]) -> None:
     """The input model, then each stage that succeeded, side by side; then where the final model came from."""
-    print_table([heading for _, heading, _ in REPORT_COLUMNS], [report_cells(row) for row in report["rows"]])
+    headings = [heading for _, heading, _ in REPORT_COLUMNS]
+    print_table(headings, [report_cells(row) for row in report["rows"]])
     pipeline = report["pipeline"]
+    if report.get("original_rows"):
+        typer.echo(f"\nthe original, pipeline {pipeline['replay_of']}:")
+        print_table(headings, [report_cells(row) for row in report["original_rows"]])
     if pipeline.get("final_model"):
         typer.echo(f"\nfinal model {pipeline['final_model']}; its lineage:")
         print_lineage(report["final_model_lineage"])

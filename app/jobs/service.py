@@ -30,6 +30,7 @@ from core import lifecycle
 from core.db.models import Artifact, Job, JobEvent, Model
 from core.db.repository import job_artifacts
 from core.db.session import after_commit
+from core.dispatch import dispatch, revoke_after_commit
 from core.errors import Conflict, Invalid
 from core.jobspec import SPEC_CLASSES, DistillJobSpec, JobSpecBase, PruneJobSpec, load_stored, stored_form
 from core.lineage import job_inputs, recorded_inputs
@@ -112,7 +113,7 @@ def _create(session: Session, principal: Principal, request: IdempotentRequest |
         job = outcome.resource
         lifecycle.record_event(session, job, "state", principal.actor, message)
         # The message names a row that must exist when a worker reads it: send only after the commit.
-        after_commit(session, lambda: lifecycle.dispatch([job.id]))
+        after_commit(session, lambda: dispatch([job.id]))
     return outcome
 
 
@@ -192,7 +193,7 @@ def list_jobs(session: Session, tenant: str, status: str | None, page: PageReque
 def cancel_job(session: Session, principal: Principal, job_id: str) -> Job:
     job = get_job(session, principal.tenant, job_id)
     task_ids = lifecycle.request_cancel(session, job, principal.actor)
-    after_commit(session, lambda: lifecycle.revoke_after_commit(task_ids))
+    after_commit(session, lambda: revoke_after_commit(task_ids))
     return job
 
 

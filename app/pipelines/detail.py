@@ -60,10 +60,18 @@ _COLUMNS = (("stage", "Stage"), ("kind", "Kind"), ("model", "Model"), ("precisio
 
 def pipeline_report(session: Session, pipeline: Pipeline) -> PipelineReport:
     out = pipeline_out(session, pipeline)
-    rows = [_input_row(out)] + [_stage_row(stage) for stage in out.stages if stage.summary is not None]
+    rows = _rows(out)
     final = session.get(Model, out.final_model) if out.final_model else None
+    original = session.get(Pipeline, pipeline.replay_of) if pipeline.replay_of else None
+    original_rows = _rows(pipeline_out(session, original)) if original is not None else None
     return PipelineReport(pipeline=out, rows=rows, table_markdown=markdown_table(rows),
-                          final_model_lineage=lineage(session, final) if final is not None else [])
+                          final_model_lineage=lineage(session, final) if final is not None else [],
+                          original_rows=original_rows,
+                          original_table_markdown=markdown_table(original_rows) if original_rows else None)
+
+
+def _rows(out: PipelineOut) -> list[dict[str, Any]]:
+    return [_input_row(out)] + [_stage_row(stage) for stage in out.stages if stage.summary is not None]
 
 
 def _input_row(out: PipelineOut) -> dict[str, Any]:
@@ -88,6 +96,14 @@ def _stage_row(stage: StageOut) -> dict[str, Any]:
                                                "cpu_latency_ms_batch1")},
             "formats": {check.format: check.accuracy for check in stage.summary.formats if check.passed},
             "gate": gate}
+
+
+def report_markdown(report: PipelineReport) -> str:
+    """The report's table; a replay's is followed by its original's."""
+    if report.original_table_markdown is None:
+        return report.table_markdown
+    return (f"{report.table_markdown}\nThe original, pipeline {report.pipeline.replay_of}:\n\n"
+            f"{report.original_table_markdown}")
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

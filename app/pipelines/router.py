@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request, Response, status
 
-from app.deps import CurrentPrincipal, DbSession, IdempotencyKey, SettingsDep, mark_replayed
+from app.deps import CurrentPrincipal, DbSession, IdempotencyKey, SettingsDep, StoreDep, mark_replayed
 from app.idempotency import CREATED_RESPONSE
 from app.ids import PipelineId
 from app.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, PageRequest, next_link
@@ -61,6 +61,19 @@ def cancel_pipeline(pipeline_id: PipelineId, principal: CurrentPrincipal, sessio
     return detail.pipeline_out(session, service.cancel_pipeline(session, principal, pipeline_id))
 
 
+@router.post("/{pipeline_id}/replay", status_code=status.HTTP_201_CREATED, response_model=PipelineOut,
+             summary="Replay a pipeline", responses={**CREATED_RESPONSE, **error_responses(404, 409, 422, 429)})
+def replay_pipeline(pipeline_id: PipelineId, response: Response, principal: CurrentPrincipal, session: DbSession,
+                    settings: SettingsDep, store: StoreDep, idempotency_key: IdempotencyKey = None) -> PipelineOut:
+    """Run the pipeline again as stored (every stage's spec with the defaults it had) on the same input model and
+    datasets, by id: to compare a result after an upgrade. 409 while the original runs, or if an input was deleted,
+    no longer holds what it held then (its sha256 changed) or lost its stored file. Its report shows the original's
+    rows beside its own."""
+    outcome = service.replay_pipeline(session, principal, pipeline_id, idempotency_key, settings, store)
+    mark_replayed(response, outcome.replayed)
+    return detail.pipeline_out(session, outcome.resource)
+
+
 @router.get("/{pipeline_id}/report", response_model=PipelineReport, summary="A pipeline's report",
             responses={**error_responses(404), 200: {
                 "description": "JSON; with `Accept: text/markdown`, the table alone.",
@@ -71,5 +84,5 @@ def pipeline_report(pipeline_id: PipelineId, request: Request, principal: Curren
     MACs, sizes, CPU latency, gate), and the final model's lineage."""
     report = detail.pipeline_report(session, service.get_pipeline(session, principal.tenant, pipeline_id))
     if MARKDOWN in (request.headers.get("accept") or ""):
-        return Response(report.table_markdown, media_type=MARKDOWN)
+        return Response(detail.report_markdown(report), media_type=MARKDOWN)
     return report

@@ -131,3 +131,6 @@ class PipelineReport(BaseModel):
                                        "accuracy per format, parameters, MACs, sizes, latency.")
     table_markdown: str = Field(description="The same rows as a Markdown table.")
     final_model_lineage: list[dict[str, Any]] = Field(description="GET /v1/models/{id}/lineage of the final model.")
+    original_rows: list[dict[str, Any]] | None = Field(default=None, description="A replay's original pipeline's "
+                                                       "rows, to compare with its own.")
+    original_table_markdown: str | None = None

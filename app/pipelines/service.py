@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session
 from app import quotas
 from app.auth.service import Principal
 from app.deps import release_connection
-from app.idempotency import Outcome, create_once, idempotent_request, replay
+from app.idempotency import IdempotentRequest, Outcome, create_once, idempotent_request, replay
+from app.inputs import check_recorded_inputs
 from app.jobs import service as jobs_service
 from app.jobs.schemas import AnyJobCreate, JobCreate, PruneJobCreate, QuantizeJobCreate
 from app.models import budget
@@ -26,12 +27,15 @@ from core import lifecycle
 from core import pipelines as machine
 from core.db.models import Model, Pipeline
 from core.db.session import after_commit
-from core.errors import Invalid
+from core.dispatch import dispatch
+from core.errors import Conflict, Invalid
 from core.jobspec import SPEC_CLASSES, DistillJobSpec, JobSpecBase, stored_form
 from core.lineage import job_inputs
 from core.settings import Settings
+from core.storage import BlobStore
 
 ROUTE = "POST /v1/pipelines"
+REPLAY_ROUTE = "POST /v1/pipelines/{id}/replay"
 # Each stage's body as POST /v1/jobs takes a job of its kind (validated by its class: errors name the field, not
 # the union's tag).
 _JOB_BODIES: dict[str, type[AnyJobCreate]] = {"distill": JobCreate, "prune": PruneJobCreate,
@@ -50,25 +54,63 @@ class Plan:
 def submit_pipeline(session: Session, principal: Principal, body: PipelineCreate, idempotency_key: str | None,
                     settings: Settings) -> Outcome[Pipeline]:
     request = idempotent_request(principal.tenant, ROUTE, idempotency_key, body.model_dump(mode="json"))
+    return _create(session, principal, request, settings,
+                   lambda: plan_pipeline(session, principal.tenant, body, settings))
+
+
+def replay_pipeline(session: Session, principal: Principal, pipeline_id: str, idempotency_key: str | None,
+                    settings: Settings, store: BlobStore) -> Outcome[Pipeline]:
+    """A new pipeline with the original's stored stages (every default as it was filled in then) on the same inputs,
+    refused (409) while the original runs or if an input was deleted or changed since; checked as a submission."""
+    request = idempotent_request(principal.tenant, REPLAY_ROUTE, idempotency_key, {"replay_of": pipeline_id})
+
+    def prepare() -> Plan:
+        original = get_pipeline(session, principal.tenant, pipeline_id)
+        if original.status not in machine.FINISHED:
+            raise Conflict(f"pipeline {pipeline_id} is {original.status}: wait for it to end, or cancel it, then "
+                           "replay it")
+        check_recorded_inputs(session, principal.tenant, _recorded_inputs(original), store, f"pipeline {pipeline_id}")
+        return plan_pipeline(session, principal.tenant, _stored_body(original), settings, replay_of=original.id)
+
+    return _create(session, principal, request, settings, prepare)
+
+
+def _create(session: Session, principal: Principal, request: IdempotentRequest | None, settings: Settings,
+            prepare: Callable[[], Plan]) -> Outcome[Pipeline]:
+    """Check (`prepare`), store the pipeline and create the jobs of the stages that take its input (sent once
+    committed), once per idempotent request."""
     earlier = replay(session, pipelines, principal.tenant, request)
     if earlier is not None:
         return earlier
-    plan = plan_pipeline(session, principal.tenant, body, settings)
+    plan = prepare()
+    # Estimating a spec not seen before runs a child: no pooled connection is held meanwhile.
     release_connection(session)
     budget.check_models(plan.uses, settings)
-    return create_and_start(session, principal, request, plan)
-
-
-def create_and_start(session: Session, principal: Principal, request: Any, plan: Plan) -> Outcome[Pipeline]:
-    """Store the pipeline and create the jobs of the stages that take its input (sent once committed)."""
     outcome = create_once(session, pipelines, principal.tenant, request, lambda: plan.build)
     if not outcome.replayed:
         started = machine.start(session, outcome.resource, plan.input_model)
-        after_commit(session, lambda: lifecycle.dispatch(started))
+        after_commit(session, lambda: dispatch(started))
     return outcome
 
 
-def plan_pipeline(session: Session, tenant: str, body: PipelineCreate, settings: Settings) -> Plan:
+def _recorded_inputs(pipeline: Pipeline) -> dict[str, Any]:
+    spec = pipeline.spec
+    return spec.get("inputs") or {"model": {"id": spec["model"]}}
+
+
+def _stored_body(pipeline: Pipeline) -> PipelineCreate:
+    """The stored pipeline as a submission: each stage's stored job spec without what the pipeline sets."""
+    spec = pipeline.spec
+    stages = [{**{key: value for key, value in stage["job"].items() if key not in PIPELINE_LEVEL_FIELDS},
+               "name": stage["name"], "after": stage["after"], "gate": stage["gate"]} for stage in spec["stages"]]
+    return PipelineCreate.model_validate({"name": pipeline.name, "model": spec["model"], "dataset": spec["dataset"],
+                                          "eval_dataset": spec.get("eval_dataset"),
+                                          "val_fraction": spec["val_fraction"], "seed": spec["seed"],
+                                          "stages": stages})
+
+
+def plan_pipeline(session: Session, tenant: str, body: PipelineCreate, settings: Settings,
+                  replay_of: str | None = None) -> Plan:
     quotas.check_job_slot(session, tenant, settings)
     source = jobs_service.input_model(session, tenant, _input_id(body), "model")
     predicted: dict[str, Model] = {machine.INPUT: source}
@@ -91,7 +133,7 @@ def plan_pipeline(session: Session, tenant: str, body: PipelineCreate, settings:
             "inputs": job_inputs(session, first_spec, source)}
     name = body.name or " -> ".join(stage["name"] for stage in stored_stages)
     return Plan(build=lambda pipeline_id: Pipeline(id=pipeline_id, tenant=tenant, name=name, spec=spec,
-                                                   status="queued"),
+                                                   status="queued", replay_of=replay_of),
                 input_model=source, uses=uses)
 
 
@@ -168,5 +210,6 @@ def list_pipelines(session: Session, tenant: str, status: str | None,
 
 def cancel_pipeline(session: Session, principal: Principal, pipeline_id: str) -> Pipeline:
     pipeline = get_pipeline(session, principal.tenant, pipeline_id)
-    machine.cancel(session, pipeline, principal.actor)
+    for stage in machine.cancel(session, pipeline):
+        lifecycle.stop_stage(session, stage, principal.actor)
     return pipeline

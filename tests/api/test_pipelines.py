@@ -15,6 +15,7 @@ from core import lifecycle
 from core.db.models import Job, Model, Pipeline
 from core.db.session import session_scope
 from tests.api.helpers import count_rows
+from tests.conftest import AppEnv
 
 STUDENT = {"arch": "small_cnn", "kwargs": {"width": 2, "depth": 1}}
 
@@ -210,3 +211,43 @@ def test_a_failed_stage_fails_the_pipeline_with_its_reason(client: TestClient, a
         lifecycle.finish(session, first, "worker-under-test", "failed", "failed: out of ideas", error="out of ideas")
     failed = client.get(f"/v1/pipelines/{pipeline['id']}", headers=auth_headers).json()
     assert failed["status"] == "failed" and failed["error"] == "stage 'distill' failed: out of ideas"
+
+
+@pytest.fixture
+def stored_model_id(insert_model: Callable[..., str], tenant: str, app_env: AppEnv) -> str:
+    """A model whose file is in the store (a replay checks that its inputs' files are still there)."""
+    blob = app_env.store.put_bytes(b"weights of " + tenant.encode())
+    return insert_model(tenant, sha256=blob.sha256, bytes=blob.bytes)
+
+
+def test_replay_runs_the_stored_stages_on_the_same_inputs(client: TestClient, auth_headers: dict[str, str],
+                                                          stored_model_id: str) -> None:
+    model_id = stored_model_id
+    original = submit(client, auth_headers, chain(model_id, name="to replay")).json()
+    early = client.post(f"/v1/pipelines/{original['id']}/replay", headers=auth_headers)
+    assert early.status_code == 409 and "wait for it to end, or cancel it" in early.json()["detail"]
+    client.post(f"/v1/pipelines/{original['id']}/cancel", headers=auth_headers)
+    response = client.post(f"/v1/pipelines/{original['id']}/replay", headers=auth_headers)
+    assert response.status_code == 201, response.text
+    replayed = response.json()
+    assert replayed["replay_of"] == original["id"] and replayed["status"] == "queued"
+    assert replayed["name"] == "to replay"
+    assert [stage["job"] for stage in replayed["spec"]["stages"]] == \
+        [stage["job"] for stage in original["spec"]["stages"]]
+    report = client.get(f"/v1/pipelines/{replayed['id']}/report", headers=auth_headers).json()
+    assert report["original_rows"] is not None and report["original_rows"][0]["model"] == model_id
+    markdown = client.get(f"/v1/pipelines/{replayed['id']}/report",
+                          headers={**auth_headers, "Accept": "text/markdown"}).text
+    assert f"The original, pipeline {original['id']}:" in markdown
+
+
+def test_replay_refuses_a_deleted_input(client: TestClient, auth_headers: dict[str, str],
+                                        stored_model_id: str) -> None:
+    model_id = stored_model_id
+    original = submit(client, auth_headers, chain(model_id)).json()
+    client.post(f"/v1/pipelines/{original['id']}/cancel", headers=auth_headers)
+    assert client.delete(f"/v1/models/{model_id}", headers=auth_headers).status_code == 204
+    response = client.post(f"/v1/pipelines/{original['id']}/replay", headers=auth_headers)
+    assert response.status_code == 409, response.text
+    assert f"cannot replay pipeline {original['id']}: its model {model_id} was deleted on" in \
+        response.json()["detail"]

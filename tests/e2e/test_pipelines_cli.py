@@ -143,6 +143,14 @@ def test_cli_submit_list_show_report_cancel(env: dict[str, str], pipeline_file: 
     again = cli("pipelines", "cancel", pipeline_id, env=env)
     assert again.exit_code == 1 and "HTTP 409" in again.stderr and "already canceled" in again.stderr
 
+    replayed = cli("pipelines", "replay", pipeline_id, env=env)
+    assert replayed.exit_code == 0, replayed.output
+    replay_id = replayed.stdout.strip()
+    assert replay_id.startswith("pip_") and replay_id != pipeline_id
+    replay_report = cli("pipelines", "report", replay_id, env=env).stdout
+    assert f"the original, pipeline {pipeline_id}:" in replay_report
+    cli("pipelines", "cancel", replay_id, env=env)
+
     lineage = cli("models", "lineage", teacher, env=env).stdout.splitlines()
     assert lineage == [f"{teacher}  teacher  float32  upload"]
 
