@@ -61,7 +61,7 @@ def _create_stage_job(session: Session, pipeline: Pipeline, stage: dict[str, Any
     session.add(job)
     session.flush()
     record_event(session, job, "state", ACTOR,
-                           f"submitted: stage '{stage['name']}' of pipeline {pipeline.id}, on model {model.id}")
+                 f"submitted: stage '{stage['name']}' of pipeline {pipeline.id}, on model {model.id}")
     return job
 
 

@@ -45,11 +45,12 @@ REAL_ID_PROBABILITY = 0.7
 EXPENSIVE_VALID_CASES = ["POST /v1/models"]
 
 # Schema-valid requests these operations refuse with 422 for reasons no JSON schema can state: an uploaded file's
-# contents, a job's cross-field rules and its fit to the stored model and dataset, whether a webhook host resolves
-# (to a public address), and an opaque pagination cursor that does not decode. The check still runs on them, with
-# 422 among the acceptable answers; every other operation must accept what its schema allows.
-SEMANTIC_422 = ["POST /v1/models", "POST /v1/datasets", "POST /v1/jobs", "PUT /v1/webhook", "GET /v1/models",
-                "GET /v1/datasets", "GET /v1/jobs"]
+# contents, a job's (or a pipeline's stages') cross-field rules and its fit to the stored model and dataset, whether
+# a webhook host resolves (to a public address), and an opaque pagination cursor that does not decode. The check
+# still runs on them, with 422 among the acceptable answers; every other operation must accept what its schema
+# allows.
+SEMANTIC_422 = ["POST /v1/models", "POST /v1/datasets", "POST /v1/jobs", "POST /v1/pipelines", "PUT /v1/webhook",
+                "GET /v1/models", "GET /v1/datasets", "GET /v1/jobs", "GET /v1/pipelines"]
 ACCEPTED_STATUSES = ["2xx", "3xx", "401", "403", "404", "409", "429", "5xx"]
 
 

@@ -119,11 +119,11 @@ def test_a_full_disk_is_a_507_and_readyz_says_why(server_on_tmpfs: tuple[ApiServ
 
 def _fill(path: Path) -> None:
     """Write until the filesystem refuses: ENOSPC, from the kernel."""
-    with open(path, "wb") as filler:
+    # Unbuffered: a refused write leaves nothing behind for close() to flush (and be refused again, uncaught).
+    with open(path, "wb", buffering=0) as filler:
         try:
             while True:
                 filler.write(b"\0" * (64 << 10))
-                filler.flush()
         except OSError as exc:
             assert exc.errno == 28, exc
 

@@ -58,7 +58,10 @@ ARCHS = {
     "mobilenet_v3_small": Recipe(epochs=1, min_accuracy=0.8, static_agreement=0.95, max_static_error=0.06,
                                  dynamic_agreement=0.98),
     # The weakest model: its small margins between classes make agreement the most sensitive to int8 noise.
-    "efficientnet_b0": Recipe(epochs=2, min_accuracy=0.7, static_agreement=0.9, max_static_error=0.075,
+    # Agreement 0.85: on an AVX2 host without VNNI (AMD EPYC) its static files agreed 0.883 (FX) and 0.864 (ONNX)
+    # with the float model's small margins; the logit error, still within 0.075 there, is what catches 7-bit
+    # activations (0.082).
+    "efficientnet_b0": Recipe(epochs=2, min_accuracy=0.7, static_agreement=0.85, max_static_error=0.075,
                               dynamic_agreement=0.92),
 }
 # Small batches: more steps for the same compute, which is what training from scratch on 1437 images needs.
