@@ -217,7 +217,7 @@ def _publish(ctx: JobContext, outcome: JobOutcome, store: BlobStore) -> None:
              for output in outcome.files]
     blobs = [(output, store.put_file(output.path)) for output in files]
     blobs += [(output, store.put_file(output.path)) for output in _report(ctx, outcome, blobs)]
-    result_file = _result_file(outcome, files, blobs) if status == "succeeded" else None
+    result_file = _result_file(outcome, blobs) if status == "succeeded" else None
 
     def record() -> None:
         with session_scope() as session:
@@ -244,15 +244,14 @@ def _publish(ctx: JobContext, outcome: JobOutcome, store: BlobStore) -> None:
     shutil.rmtree(ctx.work_dir, ignore_errors=True)
 
 
-def _result_file(outcome: JobOutcome, files: list[OutputFile],
+def _result_file(outcome: JobOutcome,
                  blobs: list[tuple[OutputFile, StoredBlob]]) -> tuple[OutputFile, StoredBlob] | None:
     """The file that holds the job's result model: the first of its candidates still published as a result
     (a file that failed its acceptance checks was renamed to a diagnostic kind)."""
     if outcome.model is None:
         return None
     stored = {output.kind: (output, blob) for output, blob in blobs}
-    published = {output.kind for output in files}
-    return next((stored[kind] for kind in outcome.model.file_kinds if kind in published and kind in stored), None)
+    return next((stored[kind] for kind in outcome.model.file_kinds if kind in stored), None)
 
 
 def _register_model(session: Any, job: Job, result: OutputModel, output: OutputFile, blob: StoredBlob) -> Model:

@@ -12,14 +12,15 @@ from typing import Any
 from sqlalchemy import select
 
 from core import lifecycle
-from core.db.models import Artifact, Job, JobEvent, utcnow
+from core.db.models import Artifact, Job, JobEvent, Model, utcnow
 from core.db.session import session_scope
 from core.jobspec import load_stored
+from core.lineage import output_model
 from core.settings import get_settings
 from core.storage import get_store
 from tests.conftest import AppEnv
 from worker.jobs import acceptance
-from worker.jobs.base import JobContext, JobOutcome, ModelSource, OutputFile
+from worker.jobs.base import JobContext, JobOutcome, ModelSource, OutputFile, OutputModel
 from worker.runner import _prepare, _publish
 
 SPEC = {"kind": "quantize", "model": "mdl_1", "dataset": "digits"}
@@ -66,7 +67,18 @@ def publish(job_id: str, owner: str, folder: Path, metrics: dict[str, Any]) -> N
                      provenance={"model": {"id": "mdl_1", "name": "m", "format": "safetensors", "sha256": "0" * 64,
                                            "bytes": 1, "arch": {}, "input_spec": {}},
                                  "dataset": {"builtin": "digits"}})
-    _publish(ctx, JobOutcome(files=files, metrics=metrics), get_store())
+    result = OutputModel(file_kinds=("quantized_onnx", "quantized_torchscript"),
+                         arch={"arch": "small_cnn", "kwargs": {"num_classes": 10}},
+                         input_spec={"image_size": 8, "channels": 1}, num_classes=10, param_count=5,
+                         precision="int8", label="int8")
+    _publish(ctx, JobOutcome(files=files, metrics=metrics, model=result), get_store())
+
+
+def registered(job_id: str) -> Model | None:
+    with session_scope() as session:
+        model = output_model(session, job_id)
+        session.expunge_all()
+        return model
 
 
 def outcome(job_id: str) -> tuple[Job, dict[str, Artifact], list[JobEvent]]:
@@ -92,6 +104,10 @@ def test_a_broken_format_is_kept_only_as_a_diagnostic(app_env: AppEnv, insert_mo
     assert event.message == "acceptance checks: torchscript 97.20% passed, onnx 43.01% FAILED"
     assert event.data["formats"]["onnx"]["passed"] is False
     assert "report_model_card" in artifacts  # the report describes the diagnostic too
+    # The job's result model is its first candidate still published: the TorchScript file, the ONNX one rejected.
+    model = registered(job_id)
+    assert model is not None and (model.format, model.precision) == ("torchscript", "int8")
+    assert model.sha256 == artifacts["quantized_torchscript"].sha256 and model.tenant == tenant
 
 
 def test_a_job_whose_every_file_fails_ends_failed_and_says_what_to_try(
@@ -104,6 +120,7 @@ def test_a_job_whose_every_file_fails_ends_failed_and_says_what_to_try(
                                 "better than chance") and "What to try: try method 'qat'" in job.error
     assert {"quantized_torchscript_rejected", "quantized_onnx_rejected", "report_json"} <= set(artifacts)
     assert job.metrics["acceptance"]["failed_formats"] == ["torchscript", "onnx"]
+    assert registered(job_id) is None, "a job with no passing file makes no model"
 
 
 def test_a_replays_report_holds_the_originals_figures(app_env: AppEnv, insert_model: Callable[..., str],
