@@ -115,22 +115,21 @@ def plan_pipeline(session: Session, tenant: str, body: PipelineCreate, settings:
     source = jobs_service.input_model(session, tenant, _input_id(body), "model")
     predicted: dict[str, Model] = {machine.INPUT: source}
     stored_stages: list[dict[str, Any]] = []
-    uses: list[budget.ModelUse] = []
-    dataset_id: str | None = None
-    first_spec: JobSpecBase | None = None
+    checked_stages: list[jobs_service.CheckedJob] = []
     for index, (name, after, stage) in enumerate(_named_stages(body.stages)):
         where = f"stages[{index}] ('{name}')"
         checked = _checked_stage(session, tenant, body, stage, predicted[after], where)
         predicted[name] = _predicted_output(checked.spec, predicted[after], name)
         stored_stages.append({"name": name, "after": after, "gate": stage.gate.model_dump() if stage.gate else None,
                               "job": stored_form(checked.spec)})
-        uses += checked.uses
-        dataset_id = checked.dataset_id
-        first_spec = first_spec or checked.spec
-    spec = {"model": source.id, "dataset": body.dataset, "dataset_id": dataset_id, "eval_dataset": body.eval_dataset,
-            "val_fraction": body.val_fraction, "seed": body.seed, "stages": stored_stages,
+        checked_stages.append(checked)
+    first = checked_stages[0]  # every stage reads the same datasets
+    spec = {"model": source.id, "dataset": body.dataset, "dataset_id": first.dataset_id,
+            "eval_dataset": body.eval_dataset, "val_fraction": body.val_fraction, "seed": body.seed,
+            "stages": stored_stages,
             # What the pipeline reads, fixed now: a replay refuses inputs that changed since.
-            "inputs": job_inputs(session, first_spec, source)}
+            "inputs": job_inputs(session, first.spec, source)}
+    uses = [use for checked in checked_stages for use in checked.uses]
     name = body.name or " -> ".join(stage["name"] for stage in stored_stages)
     return Plan(build=lambda pipeline_id: Pipeline(id=pipeline_id, tenant=tenant, name=name, spec=spec,
                                                    status="queued", replay_of=replay_of),
