@@ -89,6 +89,35 @@ class JobSpecBase(Spec):
         return str(getattr(self, self.input_field))
 
 
+# A task's name is a key of the student's outputs (TorchScript dict, ONNX output names): an identifier.
+TASK_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+MAX_TEACHERS = 8
+MAX_TASKS = 8
+
+
+class TeacherRef(Spec):
+    """One teacher of an ensemble: a model and its weight in the mean of the tempered probabilities."""
+
+    model: str = _model_field("a teacher")
+    weight: float = Field(default=1.0, gt=0, le=1000, description="Relative weight of this teacher's tempered "
+                          "probabilities in the soft targets (normalised over the teachers).")
+
+
+class DistillTask(Spec):
+    """One task of a multi-task distillation: its own labels (dataset), teacher(s) and head on the student."""
+
+    name: str = Field(pattern=TASK_NAME_PATTERN, description="The task's head: the key of its logits in the "
+                      "TorchScript output dict and its ONNX output name.", examples=["digits"])
+    teachers: list[TeacherRef] = Field(min_length=1, max_length=MAX_TEACHERS, description="The task's teacher(s); "
+                                       "each predicts the classes of this task's dataset.")
+    dataset: str = _dataset_field("this task")
+    eval_dataset: str | None = Field(default=None, min_length=1, max_length=64, description="As a job's "
+                                     "eval_dataset, for this task's accuracy.")
+    max_accuracy_drop_pts: float | None = Field(
+        default=None, ge=0, le=100, description="Gate for this task's head: at most this many points below the "
+        "task's best teacher; off by default.")
+
+
 class DistillJobSpec(JobSpecBase):
     """A distillation job: teacher, data, student architecture, and how to distill (all optional)."""
 
@@ -96,8 +125,22 @@ class DistillJobSpec(JobSpecBase):
     input_field: ClassVar[str] = "teacher"
     kind: Literal["distill"] = Field(default="distill", description="The job type: distill (the default), prune "
                                      "or quantize.")
-    teacher: str = _model_field("the teacher")
-    dataset: str = _dataset_field("distillation")
+    teacher: str = _model_field("the teacher; with `teachers` or `tasks`, filled in with the first teacher")
+    dataset: str = _dataset_field("distillation; with `tasks`, filled in with the first task's")
+    teachers: list[TeacherRef] | None = Field(
+        default=None, min_length=1, max_length=MAX_TEACHERS, description="Ensemble distillation: several teachers "
+        "of the same classes (any architectures and input specs); the soft targets are the weighted mean of their "
+        "tempered probabilities (see distill.teacher_weighting). Give `teacher` or `teachers`, not both.")
+    tasks: list[DistillTask] | None = Field(
+        default=None, min_length=2, max_length=MAX_TASKS, description="Multi-task distillation: one student with "
+        "a shared backbone and one head per task, trained on the union of the tasks' datasets, each image "
+        "distilled by its own task's teachers. Replaces teacher, teachers and dataset.")
+    cross_task_soft_targets: bool = Field(
+        default=False, description="Multi-task: every task's teachers also give soft targets for their head on the "
+        "other tasks' images (which have no labels for it).")
+    control: bool = Field(
+        default=False, description="Also train the same student alone (labels only, same budget, seed and data) "
+        "and report the KD gain: the student's accuracy minus the control's.")
     student: StudentSpec = Field(
         description="The student architecture. Its input is the teacher's; kwargs.num_classes defaults to the "
         "teacher's and must equal it (the stored spec holds it).",
@@ -110,6 +153,53 @@ class DistillJobSpec(JobSpecBase):
         "smaller than its teacher is expected to score lower): when set, a student file more than this many points "
         "below the teacher is kept only as a diagnostic. The floor (no result at chance level or predicting one "
         "class) always applies.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _first_teacher(cls, data: Any) -> Any:
+        """`teacher` (and with tasks `dataset`) from `teachers` or `tasks`, so that every distillation has the
+        input model and dataset every job has; a stored spec holds both forms, and they must agree."""
+        if not isinstance(data, dict):
+            return data
+        given = [name for name in ("teachers", "tasks") if data.get(name) is not None]
+        if len(given) > 1:
+            raise ValueError("give `teachers` (one task, several teachers) or `tasks` (several tasks), not both")
+        if not given:
+            return data
+        first = data["teachers"][0] if given == ["teachers"] else _first_of_tasks(data["tasks"])
+        if not isinstance(first, dict) or "model" not in first:
+            return data  # the field's own validation says what is wrong
+        if data.get("teacher") not in (None, first["model"]):
+            raise ValueError(f"give `teacher` or `{given[0]}`, not both")
+        filled = {**data, "teacher": first["model"]}
+        if given == ["tasks"] and isinstance(data["tasks"][0], dict):
+            first_dataset = data["tasks"][0].get("dataset")
+            if data.get("dataset") not in (None, first_dataset):
+                raise ValueError("with `tasks`, each task names its dataset; leave the top-level `dataset` out")
+            filled["dataset"] = first_dataset
+        return filled
+
+    @model_validator(mode="after")
+    def _distinct_tasks(self) -> DistillJobSpec:
+        if self.tasks is not None and len({task.name for task in self.tasks}) < len(self.tasks):
+            raise ValueError("task names must differ: each names one head of the student")
+        if self.cross_task_soft_targets and self.tasks is None:
+            raise ValueError("cross_task_soft_targets applies to `tasks` only")
+        return self
+
+    @property
+    def teacher_refs(self) -> list[TeacherRef]:
+        """Every teacher of the job in order, task by task: the one-teacher form as a list of one."""
+        if self.tasks is not None:
+            return [ref for task in self.tasks for ref in task.teachers]
+        return self.teachers if self.teachers is not None else [TeacherRef(model=self.teacher)]
+
+
+def _first_of_tasks(tasks: Any) -> Any:
+    try:
+        return tasks[0]["teachers"][0]
+    except (TypeError, KeyError, IndexError):
+        return None
 
 
 class PruneJobSpec(JobSpecBase):

@@ -217,10 +217,13 @@ class ArchSpecDocument(ArchSpec):
 
 
 class StudentSpec(Spec):
-    """The student: an architecture; its input spec is always the teacher's."""
+    """The student: an architecture; its input spec is the (first) teacher's unless given."""
 
     arch: str = Field(max_length=100)
     kwargs: ModelKwargs = Field(default_factory=dict)
+    input: InputSpec | None = Field(
+        default=None, description="How the student sees images; by default the (first) teacher's input spec. With "
+        "several teachers each teacher still sees every image preprocessed its own way.")
 
 
 def flat_field_names(config_type: type[Spec]) -> set[str]:
@@ -295,18 +298,46 @@ class TrainingConfig(Spec):
         "(compiling takes tens of seconds, then each step is faster); never on CPU, where the warm-up dominates.")
 
 
+class FeatureHint(Spec):
+    """A feature-based distillation term (FitNets hints): a student layer's output, through a learned 1x1
+    adapter, regresses a teacher layer's output."""
+
+    teacher_layer: str = Field(min_length=1, max_length=200, description="Module name in the (first) teacher, "
+                               "as named by model.named_modules(), e.g. 'features.2' or 'layer3'.")
+    student_layer: str = Field(min_length=1, max_length=200, description="Module name in the student.")
+    weight: float = Field(default=1.0, ge=0, le=1000, description="Weight of the hint term, added to the KD loss.")
+
+
 class DistillConfig(Spec):
-    """Distillation: Hinton's loss, alpha * KL(softmax(t/T) || softmax(s/T)) * T^2 + (1 - alpha) * CE, minimised
-    by a training loop. Training fields may also be given flat (`DistillConfig(epochs=3)`)."""
+    """Distillation: by default Hinton's loss, alpha * KL(softmax(t/T) || softmax(s/T)) * T^2 + (1 - alpha) * CE,
+    minimised by a training loop. Training fields may also be given flat (`DistillConfig(epochs=3)`)."""
 
     temperature: float = Field(default=4.0, gt=0, le=100)
     alpha: Annotated[float, Field(ge=0, le=1, description="Weight of the KD term; 1-alpha weights CE.")] = 0.9
+    loss: Literal["kd", "dkd", "kd_ls", "feature"] = Field(
+        default="kd", description="kd: Hinton et al. 2015. dkd: decoupled KD (Zhao et al. 2022), target and "
+        "non-target terms weighted by dkd_alpha and dkd_beta. kd_ls: KD on z-score standardised logits (Sun et al. "
+        "2024). feature: kd plus a FitNets hint (Romero et al. 2015) from `feature`.")
+    dkd_alpha: float = Field(default=1.0, ge=0, le=100, description="DKD: weight of the target-class term (TCKD).")
+    dkd_beta: float = Field(default=8.0, ge=0, le=100, description="DKD: weight of the non-target term (NCKD).")
+    feature: FeatureHint | None = Field(default=None, description="The layers of loss 'feature'.")
+    teacher_weighting: Literal["fixed", "confidence", "label_loss"] = Field(
+        default="fixed", description="With several teachers, how their tempered probabilities are averaged: fixed "
+        "(each teacher's weight), confidence (per image, weight x the teacher's top probability), label_loss (per "
+        "image, weight x softmax over teachers of minus their cross-entropy on the true label).")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
 
     @model_validator(mode="before")
     @classmethod
     def _nest_training(cls, data: Any) -> Any:
         return nest_flat_fields(data, "training", TrainingConfig)[0]
+
+    @model_validator(mode="after")
+    def _feature_with_its_loss(self) -> DistillConfig:
+        if (self.loss == "feature") != (self.feature is not None):
+            raise ValueError("loss 'feature' needs `feature` (teacher_layer, student_layer), and `feature` needs "
+                             "loss 'feature'; set both or neither")
+        return self
 
 
 def check_dataset_fits(image_shape: list[int] | tuple[int, ...], input_spec: InputSpec) -> None:
