@@ -36,8 +36,9 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _set_up(teacher: torch.nn.Module, train, val, config: DistillConfig) -> distill.Distillation:
     """The distillation task as distill() sets it up, before the first step."""
-    task = distill.Distillation(teacher, config)
-    training._Run(task, _build(8), train, val, config.training, 0, "cpu")
+    student = _build(8)
+    task = distill.Distillation([distill.Teacher(teacher)], student, config)
+    training._Run(task, student, train, val, config.training, 0, "cpu")
     return task
 
 
@@ -46,11 +47,12 @@ def test_cached_teacher_logits_equal_recomputed_ones(digits_splits) -> None:
     teacher = _build(16)
     task = _set_up(teacher, train, val, QUICK)
 
-    assert task.cached_logits.dtype == torch.float32  # bf16 is for CUDA only
-    torch.testing.assert_close(task.cached_logits, evaluate.logits(teacher, train[0]))
+    [cached] = task.cached_logits
+    assert cached.dtype == torch.float32  # bf16 is for CUDA only
+    torch.testing.assert_close(cached, evaluate.logits(teacher, train[0]))
     batch = torch.tensor([5, 0, 700, 3])
-    soft_targets = task._soft_targets(batch, task.data.inputs(batch))
-    torch.testing.assert_close(soft_targets, task._teacher_logits(train[0][batch]))
+    soft_targets = task.soft_targets(batch, task.data.inputs(batch), train[1][batch])
+    torch.testing.assert_close(soft_targets, torch.softmax(teacher(train[0][batch]) / QUICK.temperature, dim=1))
 
 
 def _count_teacher_calls(teacher: torch.nn.Module) -> list[int]:
@@ -112,7 +114,7 @@ def test_augmented_run_resumes_mid_epoch_exactly(digits_splits) -> None:
 def test_random_crop_is_a_shift_of_the_reflect_padded_image(flip: bool) -> None:
     torch.manual_seed(0)
     images = torch.randn(16, 3, 8, 8)
-    out = augment.random_crop(images, flip=flip)
+    out = augment.random_crop(images, augment.CropDraw.sample(16, flip, CPU))
     assert out.shape == images.shape
     padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
     for image, shifted in zip(padded, out, strict=True):
@@ -175,7 +177,7 @@ def test_cuda_plan_uses_bf16_channels_last_and_a_fused_optimizer_cpu_plan_none()
 def test_fused_optimizer_only_where_the_plan_asks(optimizer: str) -> None:
     config = QUICK.replace(optimizer=optimizer).training
     for device, fused in ((CPU, None), (CUDA, True)):
-        built = training._optimizer(_build(8), config, training.plan(device, config, 10).fused_optimizer)
+        built = training._optimizer(list(_build(8).parameters()), config, training.plan(device, config, 10).fused_optimizer)
         assert built.defaults["fused"] is fused
 
 

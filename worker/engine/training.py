@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from worker.engine import evaluate
-from worker.engine.augment import random_crop
+from worker.engine.augment import CropDraw, random_crop
 from worker.engine.checkpoint import Checkpointer, detached_cpu_copy
 from worker.engine.config import TrainingConfig
 from worker.engine.errors import DataError, Interrupted
@@ -117,9 +117,17 @@ class DeviceData:
             tensors = tuple(tensor.to(self.device, memory_format=self._format_of(tensor)) for tensor in tensors)
         self.x, self.y, self.x_val, self.y_val = tensors
         self.home = self.x.device
+        # The latest augmented batch's crop (inputs()), which view_inputs() applies to other views of its images.
+        self.crop: CropDraw | None = None
 
     def _format_of(self, tensor: torch.Tensor) -> torch.memory_format:
         return self.memory_format if tensor.dim() == 4 else torch.contiguous_format
+
+    def place(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor held row for row with the training images (another view of them), on the device if it fits."""
+        if self.home == self.device and _fits_on_device(self.device, (tensor,)):
+            return tensor.to(self.device, memory_format=self._format_of(tensor))
+        return tensor
 
     def rows(self, tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Rows `indices` (on self.home) of a tensor held here, on the device."""
@@ -127,20 +135,33 @@ class DeviceData:
             return tensor[indices]
         # Pinned memory from PyTorch's caching host allocator is not reused before its copy has completed.
         staged = torch.empty((len(indices), *tensor.shape[1:]), dtype=tensor.dtype, pin_memory=True)
-        torch.index_select(tensor, 0, indices, out=staged)
+        # A view left in host memory while the training images are on the device is indexed from there.
+        torch.index_select(tensor, 0, indices.to(tensor.device), out=staged)
         return staged.to(self.device, non_blocking=True)
 
     def inputs(self, indices: torch.Tensor, augment: str = "none") -> torch.Tensor:
         """Training images `indices` (on self.home) on the device, augmented as TrainingConfig.augment says, in
-        the run's memory format."""
-        inputs = self.rows(self.x, indices)
-        if augment != "none":
-            inputs = random_crop(inputs, flip=augment == "crop_flip")
+        the run's memory format. The crop drawn is kept for view_inputs()."""
+        self.crop = None if augment == "none" else CropDraw.sample(len(indices), augment == "crop_flip", self.device)
+        return self.view_inputs(self.x, indices)
+
+    def view_inputs(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Rows `indices` of `images` (the training images, or a view of them held by place()) on the device, in
+        the run's memory format, cropped as the latest batch from inputs() was: a teacher that takes its own
+        input sees the crop the student sees."""
+        inputs = self.rows(images, indices)
+        if self.crop is not None:
+            inputs = random_crop(inputs, self.crop)
         return inputs.contiguous(memory_format=self.memory_format)
 
 
 class Task(Protocol):
-    """What a run trains for: the loss of a batch, and the parts of it that progress reports next to the total."""
+    """What a run trains for: the loss of a batch, and the parts of it that progress reports next to the total.
+
+    A task may also have parameters of its own that training updates with the model's (a feature adapter): its
+    attribute `extra_module` (an nn.Module, set by setup(); task_module() reads it, None where there is none).
+    The optimizer trains them, and checkpoints carry and restore them.
+    """
 
     stage: str  # Progress.stage while it trains
     parts: tuple[str, ...]  # the Progress fields that loss()'s parts fill, in the order loss() returns them
@@ -152,6 +173,11 @@ class Task(Protocol):
              inputs: torch.Tensor) -> Sequence[torch.Tensor]:
         """The loss to minimise, then its parts, for the model's fp32 `logits` of `inputs`: the training images
         `batch` (indices on data.home), augmented as the config says, labelled `targets`."""
+
+
+def task_module(task: Task) -> nn.Module | None:
+    """The task's own trained parameters (Task.extra_module), if it has any."""
+    return getattr(task, "extra_module", None)
 
 
 def fit(task: Task, model: nn.Module, train: TensorPair, val: TensorPair, config: TrainingConfig,
@@ -246,7 +272,9 @@ class _Run:
         # Checkpoints read self.model: a compiled module prefixes its state_dict keys with _orig_mod.
         self.forward = torch.compile(self.model) if self.plan.compile else self.model
         task.setup(self.plan, self.data, self.batch_size)
-        self.optimizer = _optimizer(model, config, self.plan.fused_optimizer)
+        self.extra_module = task_module(task)
+        trained = [*model.parameters(), *(self.extra_module.parameters() if self.extra_module is not None else ())]
+        self.optimizer = _optimizer(trained, config, self.plan.fused_optimizer)
         self.scheduler = _scheduler(self.optimizer, config, self.total_steps)
         self.completed_epochs = 0
         # Position inside the epoch in progress, so that an interrupted epoch resumes at its next step:
@@ -345,6 +373,7 @@ class _Run:
                 # Left out while unknown, so that a run resumed from this checkpoint does not report them either.
                 **({"epoch_loss_parts_sum": self.epoch_loss_sums[1:]} if self.parts_known else {}),
                 "student": self.model.state_dict(),  # the first task's name for the model, kept for old checkpoints
+                **({"task_module": self.extra_module.state_dict()} if self.extra_module is not None else {}),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": {
@@ -361,6 +390,8 @@ class _Run:
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         self.model.load_state_dict(checkpoint["student"])
+        if self.extra_module is not None:
+            self.extra_module.load_state_dict(checkpoint["task_module"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         rng = checkpoint["rng"]
@@ -382,14 +413,13 @@ class _Run:
         self.first_step = self.completed_epochs * self.steps_per_epoch + self.step_in_epoch
 
 
-def _optimizer(model: nn.Module, config: TrainingConfig, fused: bool) -> torch.optim.Optimizer:
+def _optimizer(parameters: list[nn.Parameter], config: TrainingConfig, fused: bool) -> torch.optim.Optimizer:
     # None, not False: leaves PyTorch its own default (foreach) where fusing is not asked for.
     fused_or_default = True if fused else None
     if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
+        return torch.optim.SGD(parameters, lr=config.lr, momentum=0.9, nesterov=True,
                                weight_decay=config.weight_decay, fused=fused_or_default)
-    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                             fused=fused_or_default)
+    return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, fused=fused_or_default)
 
 
 def _scheduler(
