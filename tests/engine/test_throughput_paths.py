@@ -177,7 +177,8 @@ def test_cuda_plan_uses_bf16_channels_last_and_a_fused_optimizer_cpu_plan_none()
 def test_fused_optimizer_only_where_the_plan_asks(optimizer: str) -> None:
     config = QUICK.replace(optimizer=optimizer).training
     for device, fused in ((CPU, None), (CUDA, True)):
-        built = training._optimizer(list(_build(8).parameters()), config, training.plan(device, config, 10).fused_optimizer)
+        fused_plan = training.plan(device, config, 10).fused_optimizer
+        built = training._optimizer(list(_build(8).parameters()), config, fused_plan)
         assert built.defaults["fused"] is fused
 
 
