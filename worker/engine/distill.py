@@ -106,7 +106,9 @@ class Hint:
     def _caught(self, role: str) -> torch.Tensor:
         output = self.outputs.pop(role, None)
         if not isinstance(output, torch.Tensor) or output.dim() not in (2, 4):
-            what = f"a {output.dim()}-D tensor" if isinstance(output, torch.Tensor) else type(output).__name__
+            what = (f"a {output.dim()}-D tensor" if isinstance(output, torch.Tensor)
+                    else "nothing (it does not run in the forward pass)" if output is None
+                    else f"a {type(output).__name__}")
             raise SpecError(f"feature.{role}_layer '{getattr(self.hint, f'{role}_layer')}' outputs {what}; choose a "
                             "layer whose output is a feature map (N x C x H x W) or a N x D tensor")
         return output
