@@ -233,13 +233,14 @@ def _task_inputs(body: DistillJobSpec) -> list[_TaskInputs]:
 
 def _check_task(session: Session, tenant: str, task: _TaskInputs, known: dict[str, Model],
                 student_input: InputSpec) -> _CheckedTask:
-    """The task's teachers (loaded once per job: `known`), its dataset and eval dataset; messages name the task."""
+    """The task's teachers (loaded once per job: `known`; messages name their fields), its dataset and eval dataset
+    (messages name the task)."""
+    teachers = _task_teachers(session, tenant, task.teachers, known)
+    dataset_field, dataset_name = task.dataset
+    dataset_id, dataset = _dataset(session, tenant, dataset_name, dataset_field)
     try:
-        teachers = _task_teachers(session, tenant, task.teachers, known)
-        dataset_field, dataset_name = task.dataset
-        dataset_id, dataset = _dataset(session, tenant, dataset_name, dataset_field)
         readers = [(f"the teacher {model.id}", InputSpec.model_validate(model.input_spec)) for model in teachers]
-        readers.append(("the student (student.input)", student_input))
+        readers.append(("student.input", student_input))
         _check_dataset(dataset, teachers[0], readers[0][1], "teacher", "distill")
         _check_fits(dataset.image_shape, readers[1:])
         eval_field, eval_name = task.eval_dataset
