@@ -121,7 +121,7 @@ def _prepare(session: Session, tenant: str, body: JobSpecBase, webhook_url: str 
              replay_of: str | None = None) -> Prepared:
     """Check everything the job names; returns how to build its row from its id, and the models it runs."""
     quotas.check_job_slot(session, tenant, settings)
-    source = input_model(session, tenant, body.input_model, body.input_field)
+    source = input_model(session, tenant, body.input_model, _input_field(body))
     checked = check_job(session, tenant, body, source)
     if webhook_url is not None:
         webhooks.check_job_webhook(session, tenant, webhook_url, settings)
@@ -130,6 +130,11 @@ def _prepare(session: Session, tenant: str, body: JobSpecBase, webhook_url: str 
     return lambda job_id: Job(id=job_id, tenant=tenant, kind=body.kind, spec=stored, teacher_id=source.id,
                               dataset_id=checked.dataset_id, status="queued", max_attempts=settings.max_attempts,
                               webhook_url=webhook_url, inputs=inputs, replay_of=replay_of), checked.uses
+
+
+def _input_field(body: JobSpecBase) -> str:
+    """Where the body names its input model: a distillation's first teacher may be in `teachers` or `tasks`."""
+    return _task_inputs(body)[0].teachers[0][0] if isinstance(body, DistillJobSpec) else body.input_field
 
 
 @dataclass(frozen=True)

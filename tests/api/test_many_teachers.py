@@ -182,6 +182,9 @@ INVALID_CASES = [
      "teachers[1].model {int8} is an int8 model"),
     ("not-a-model-id", lambda ids: ensemble_body(ids["a"], "digits"),
      "teachers[1].model must be an uploaded model's id (mdl_...)"),
+    ("first-not-a-model-id", lambda ids: {**ids["tasks"], "tasks": [
+        {**ids["tasks"]["tasks"][0], "teachers": [{"model": ids["letters"]}]}, ids["tasks"]["tasks"][1]]},
+     "tasks[0].teachers[0].model must be an uploaded model's id (mdl_...); '{letters}' is a dataset id"),
     ("task-dataset-of-other-classes", lambda ids: {**ids["tasks"], "tasks": [
         ids["tasks"]["tasks"][0], {**ids["tasks"]["tasks"][1], "dataset": "digits"}]},
      "tasks[1] ('letters'): the dataset has 10 classes but the teacher {five} predicts 5"),
