@@ -50,7 +50,8 @@ def _check_unused(session: Session, tenant: str, noun: str, row_id: str) -> None
 
 
 def _job_names(job: Job) -> set[str | None]:
-    return {job.teacher_id, job.dataset_id, job.spec.get("eval_dataset")}
+    # The spec names every teacher and dataset of an ensemble or of every task.
+    return {job.teacher_id, job.dataset_id, *_strings(job.spec)}
 
 
 def _mentions(document: Any, value: str) -> bool:
@@ -73,18 +74,29 @@ def _strings(document: Any) -> Iterator[str]:
 def check_recorded_inputs(session: Session, tenant: str, inputs: dict[str, Any], store: BlobStore,
                           what: str) -> None:
     """409 unless every model and dataset in `inputs` ({"model"|"dataset"|"eval_dataset": {"id", "sha256"} or
-    {"builtin": name}}, as core.lineage records them) is still the tenant's, not deleted, holds the content it
-    held then (when a sha256 was recorded) and has its file in the store. `what` names whose inputs they are in
-    the message ("job job_..." or "pipeline pip_...")."""
-    for role, recorded in inputs.items():
-        if role not in _ROLES or "builtin" in recorded:
+    {"builtin": name}}, and a distillation's "teachers" and "tasks", as core.lineage records them) is still the
+    tenant's, not deleted, holds the content it held then (when a sha256 was recorded) and has its file in the
+    store. `what` names whose inputs they are in the message ("job job_..." or "pipeline pip_...")."""
+    for role, rows, recorded in _recorded_rows(inputs):
+        if "builtin" in recorded:
             continue
-        rows = _ROLES[role]
         row = rows.require(session, tenant, recorded["id"])
         problem = _input_problem(row, recorded.get("sha256"), store)
         if problem is not None:
             raise Conflict(f"cannot replay {what}: its {role} {row.id} {problem}; a replay reads exactly the "
                            f"inputs its original read (submit a new job to use other ones)")
+
+
+def _recorded_rows(inputs: dict[str, Any]) -> Iterator[tuple[str, DeletableRepository[Any], dict[str, Any]]]:
+    """(role, where its rows are, what was recorded) for each input."""
+    for role, recorded in inputs.items():
+        if role in _ROLES:
+            yield role, _ROLES[role], recorded
+    for recorded in inputs.get("teachers", []):
+        yield "teacher", models, recorded
+    for task, task_inputs in inputs.get("tasks", {}).items():
+        for role, recorded in task_inputs.items():
+            yield f"task '{task}' {role}", _ROLES[role], recorded
 
 
 def _input_problem(row: Model | Dataset, recorded_sha256: str | None, store: BlobStore) -> str | None:

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.db.models import Dataset, Job, Model
-from core.jobspec import JobSpecBase
+from core.jobspec import DistillJobSpec, JobSpecBase
 from worker.engine.config import BUILTIN_DATASETS
 
 # Far more than any chain a user builds; a bound keeps a corrupted row from looping the walk.
@@ -18,12 +18,28 @@ MAX_CHAIN = 256
 
 def job_inputs(session: Session, spec: JobSpecBase, model: Model) -> dict[str, Any]:
     """What the job reads, by id and content hash: {"model", "dataset", "eval_dataset"?: {"id", "sha256"}} (a
-    built-in dataset: {"builtin": name}). Stored with the job when it is created."""
-    inputs: dict[str, Any] = {"model": {"id": model.id, "sha256": model.sha256},
-                              "dataset": _dataset_input(session, spec.dataset)}
+    built-in dataset: {"builtin": name}); a distillation with `teachers` or `tasks` also every teacher in order
+    ("teachers": [{"id", "sha256"}], the first being "model") and with tasks each task's datasets ("tasks": {name:
+    {"dataset", "eval_dataset"?}}, the first task's being "dataset"). Stored with the job when it is created."""
+    inputs: dict[str, Any] = {"model": _model_input(model), "dataset": _dataset_input(session, spec.dataset)}
     if spec.eval_dataset is not None:
         inputs["eval_dataset"] = _dataset_input(session, spec.eval_dataset)
+    if not isinstance(spec, DistillJobSpec) or (spec.teachers is None and spec.tasks is None):
+        return inputs
+    # A model teaching two tasks is read once.
+    teacher_ids = dict.fromkeys(ref.model for ref in spec.teacher_refs)
+    inputs["teachers"] = [_model_input(model if teacher_id == model.id else session.get_one(Model, teacher_id))
+                          for teacher_id in teacher_ids]
+    if spec.tasks is not None:
+        inputs["tasks"] = {task.name: {"dataset": _dataset_input(session, task.dataset)}
+                           | ({} if task.eval_dataset is None
+                              else {"eval_dataset": _dataset_input(session, task.eval_dataset)})
+                           for task in spec.tasks}
     return inputs
+
+
+def _model_input(model: Model) -> dict[str, Any]:
+    return {"id": model.id, "sha256": model.sha256}
 
 
 def _dataset_input(session: Session, name_or_id: str) -> dict[str, Any]:

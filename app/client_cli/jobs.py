@@ -37,7 +37,10 @@ def jobs_submit(
     ctx: typer.Context,
     spec: Annotated[str, typer.Argument(help="The job as a .yaml or .json file (`-`: standard input), e.g. "
                                         "kind: distill, teacher: mdl_..., dataset: digits, "
-                                        "student: {arch: small_cnn}, epochs: 10.")],
+                                        "student: {arch: small_cnn}, epochs: 10. An ensemble names "
+                                        "teachers: [{model: mdl_...}, {model: mdl_..., weight: 2}] instead of "
+                                        "teacher; a multi-task job tasks: [{name, dataset, teachers}, ...] "
+                                        "instead of teacher and dataset.")],
     wait: WaitOption = False,
     timeout: TimeoutOption = None,
     as_json: JsonOption = False,

@@ -121,7 +121,7 @@ def _prepare(session: Session, tenant: str, body: JobSpecBase, webhook_url: str 
              replay_of: str | None = None) -> Prepared:
     """Check everything the job names; returns how to build its row from its id, and the models it runs."""
     quotas.check_job_slot(session, tenant, settings)
-    source = input_model(session, tenant, body.input_model, body.input_field)
+    source = input_model(session, tenant, body.input_model, _input_field(body))
     checked = check_job(session, tenant, body, source)
     if webhook_url is not None:
         webhooks.check_job_webhook(session, tenant, webhook_url, settings)
@@ -130,6 +130,11 @@ def _prepare(session: Session, tenant: str, body: JobSpecBase, webhook_url: str 
     return lambda job_id: Job(id=job_id, tenant=tenant, kind=body.kind, spec=stored, teacher_id=source.id,
                               dataset_id=checked.dataset_id, status="queued", max_attempts=settings.max_attempts,
                               webhook_url=webhook_url, inputs=inputs, replay_of=replay_of), checked.uses
+
+
+def _input_field(body: JobSpecBase) -> str:
+    """Where the body names its input model: a distillation's first teacher may be in `teachers` or `tasks`."""
+    return _task_inputs(body)[0].teachers[0][0] if isinstance(body, DistillJobSpec) else body.input_field
 
 
 @dataclass(frozen=True)
@@ -142,15 +147,164 @@ class CheckedJob:
 def check_job(session: Session, tenant: str, body: JobSpecBase, source: Model) -> CheckedJob:
     """Everything a job names, checked against its input model: a stored model, or (for a pipeline's later stage)
     the model the stage before it will make."""
+    if isinstance(body, DistillJobSpec):
+        return _check_distillation(session, tenant, body, source)
     field = body.input_field
     _check_trainable(session, source, body.kind, field)
     source_input = InputSpec.model_validate(source.input_spec)
     dataset_id, dataset = _dataset(session, tenant, body.dataset)
-    spec, uses = _typed_spec(body, source, source_input)
+    spec = SPEC_CLASSES[body.kind](**_spec_fields(body))
     _check_dataset(dataset, source, source_input, field, body.kind)
     if body.eval_dataset is not None:
-        _check_eval_dataset(session, tenant, body.eval_dataset, body.dataset, dataset, source, source_input, field)
-    return CheckedJob(spec=spec, dataset_id=dataset_id, uses=uses)
+        _check_eval_dataset(session, tenant, body.eval_dataset, body.dataset, dataset,
+                            [(f"the {field} {source.id}", source_input)])
+    return CheckedJob(spec=spec, dataset_id=dataset_id,
+                      uses=_compression_uses(spec, ArchSpec.from_stored(source.arch, source.input_spec)))
+
+
+def _spec_fields(body: JobSpecBase) -> dict[str, Any]:
+    # Where to announce the end is not a compression setting: it has its own column.
+    return {name: getattr(body, name) for name in SPEC_CLASSES[body.kind].model_fields}
+
+
+@dataclass(frozen=True)
+class _TaskInputs:
+    """What one task of a distillation names (a distillation with `teacher` or `teachers` is one task)."""
+
+    where: str  # how messages name the task: "" for the only one
+    teachers: list[tuple[str, str]]  # (field, model id)
+    dataset: tuple[str, str]  # (field, name or id)
+    eval_dataset: tuple[str, str | None]
+
+
+@dataclass(frozen=True)
+class _CheckedTask:
+    teachers: list[Model]
+    dataset_id: str | None
+
+    @property
+    def num_classes(self) -> int:
+        return self.teachers[0].num_classes
+
+
+def _check_distillation(session: Session, tenant: str, body: DistillJobSpec, source: Model) -> CheckedJob:
+    """Every teacher of every task (`source` is the first) is a live float model of the tenant's predicting its
+    task's classes, and every task's images fit each teacher's input and the student's."""
+    _check_multitask_options(body)
+    student_input = body.student.input or InputSpec.model_validate(source.input_spec)
+    known = {source.id: source}
+    tasks = [_check_task(session, tenant, task, known, student_input) for task in _task_inputs(body)]
+    stored_student, student = _student(body, tasks, student_input)
+    spec = DistillJobSpec(**{**_spec_fields(body), "student": stored_student})
+    batch = spec.distill.training.batch_size
+    teachers = list({model.id: model for task in tasks for model in task.teachers}.values())
+    uses = [budget.ModelUse("teacher" if len(teachers) == 1 else f"teacher {model.id}",
+                            ArchSpec.from_stored(model.arch, model.input_spec), batch, trains=False)
+            for model in teachers]
+    # A control student trains after the distilled one, never beside it: the student counts once.
+    return CheckedJob(spec=spec, dataset_id=tasks[0].dataset_id,
+                      uses=[*uses, budget.ModelUse("student", student, batch, trains=True)])
+
+
+def _check_multitask_options(body: DistillJobSpec) -> None:
+    if body.tasks is None:
+        return
+    if body.control:
+        raise Invalid("control: the control run applies to single-task distillation (`teacher` or `teachers`); "
+                      "with `tasks`, leave control out")
+    if body.distill.loss == "feature":
+        raise Invalid("distill.loss: 'feature' is not supported with `tasks` (its layers name one teacher and one "
+                      "head); use kd, dkd or kd_ls")
+    if body.eval_dataset is not None:
+        raise Invalid("eval_dataset: with `tasks`, give each task its own eval_dataset (tasks[i].eval_dataset)")
+    if "num_classes" in body.student.kwargs:
+        raise Invalid("student.kwargs.num_classes: with `tasks` the student has one head per task, of its task's "
+                      "classes; leave num_classes out")
+
+
+def _task_inputs(body: DistillJobSpec) -> list[_TaskInputs]:
+    if body.tasks is not None:
+        return [_TaskInputs(where=f"tasks[{index}] ('{task.name}')",
+                            teachers=[(f"tasks[{index}].teachers[{number}].model", ref.model)
+                                      for number, ref in enumerate(task.teachers)],
+                            dataset=(f"tasks[{index}].dataset", task.dataset),
+                            eval_dataset=(f"tasks[{index}].eval_dataset", task.eval_dataset))
+                for index, task in enumerate(body.tasks)]
+    teachers = ([("teacher", body.teacher)] if body.teachers is None
+                else [(f"teachers[{number}].model", ref.model) for number, ref in enumerate(body.teachers)])
+    return [_TaskInputs(where="", teachers=teachers, dataset=("dataset", body.dataset),
+                        eval_dataset=("eval_dataset", body.eval_dataset))]
+
+
+def _check_task(session: Session, tenant: str, task: _TaskInputs, known: dict[str, Model],
+                student_input: InputSpec) -> _CheckedTask:
+    """The task's teachers (loaded once per job: `known`; messages name their fields), its dataset and eval dataset
+    (messages name the task)."""
+    teachers = _task_teachers(session, tenant, task.teachers, known)
+    dataset_field, dataset_name = task.dataset
+    dataset_id, dataset = _dataset(session, tenant, dataset_name, dataset_field)
+    try:
+        readers = [(f"the teacher {model.id}", InputSpec.model_validate(model.input_spec)) for model in teachers]
+        readers.append(("student.input", student_input))
+        _check_dataset(dataset, teachers[0], readers[0][1], "teacher", "distill")
+        _check_fits(dataset.image_shape, readers[1:])
+        eval_field, eval_name = task.eval_dataset
+        if eval_name is not None:
+            _check_eval_dataset(session, tenant, eval_name, dataset_name, dataset, readers, eval_field)
+    except Invalid as exc:
+        raise Invalid(f"{task.where}: {exc.message}" if task.where else exc.message) from exc
+    return _CheckedTask(teachers=teachers, dataset_id=dataset_id)
+
+
+def _task_teachers(session: Session, tenant: str, fields: list[tuple[str, str]], known: dict[str, Model]) -> (
+        list[Model]):
+    """Each teacher: a live float model of the tenant's, named once, predicting the first one's classes."""
+    teachers: list[Model] = []
+    for field, model_id in fields:
+        if model_id in (teacher.id for teacher in teachers):
+            raise Invalid(f"{field}: {model_id} is named twice; give each teacher once (its weight sets its share)")
+        if model_id not in known:
+            known[model_id] = input_model(session, tenant, model_id, field)
+        model = known[model_id]
+        _check_trainable(session, model, "distill", field)
+        if teachers and model.num_classes != teachers[0].num_classes:
+            raise Invalid(f"{field}: the teacher {model.id} predicts {model.num_classes} classes but "
+                          f"{fields[0][0]} {teachers[0].id} predicts {teachers[0].num_classes}; the teachers of "
+                          "one task predict the same classes")
+        teachers.append(model)
+    return teachers
+
+
+def _student(body: DistillJobSpec, tasks: list[_CheckedTask], student_input: InputSpec) -> (
+        tuple[StudentSpec, ArchSpec]):
+    """The student as the stored spec holds it (its input filled in, and with one task its classes: the
+    teacher's) and its full architecture, for the budget."""
+    student = body.student
+    if body.tasks is None:
+        first = tasks[0].teachers[0]
+        # The student's classes are its teacher's; its input is its own when given, the teacher's otherwise.
+        teacher_arch = ArchSpec.from_stored(first.arch, first.input_spec).model_copy(update={"input": student_input})
+        arch = _student_arch(student, teacher_arch, first.id)
+        return StudentSpec(arch=arch.arch, kwargs=arch.kwargs, input=student_input), arch
+    stored = StudentSpec(arch=student.arch, kwargs=student.kwargs, input=student_input)
+    heads = {task.name: checked.num_classes for task, checked in zip(body.tasks, tasks, strict=True)}
+    return stored, _multitask_student_arch(stored, heads)
+
+
+def _multitask_student_arch(student: StudentSpec, heads: dict[str, int]) -> ArchSpec:
+    """The multi-head student's architecture (one head per task: the worker builds it from the tasks' classes)."""
+    try:
+        try:
+            from worker.engine.config import multitask_student_arch  # type: ignore[attr-defined]
+        except ImportError:
+            # Until the multi-head ArchSpec lands: one classifier over every head's classes, as costly as the heads.
+            return ArchSpec(arch=student.arch, kwargs={**student.kwargs, "num_classes": sum(heads.values())},
+                            input=student.input)
+        return multitask_student_arch(student, heads, student.input)
+    except SpecError as exc:
+        raise Invalid(str(exc)) from exc
+    except ValidationError as exc:
+        raise invalid_from(exc, "student") from exc
 
 
 _INT8_ADVICE = {
@@ -195,24 +349,6 @@ def cancel_job(session: Session, principal: Principal, job_id: str) -> Job:
     task_ids = lifecycle.request_cancel(session, job, principal.actor)
     after_commit(session, lambda: revoke_after_commit(task_ids))
     return job
-
-
-def _typed_spec(body: JobSpecBase, source: Model,
-                source_input: InputSpec) -> tuple[JobSpecBase, list[budget.ModelUse]]:
-    """The submission as its typed spec with every default filled in (and a distillation student's classes
-    taken from its teacher, here and only here), as the worker will read it; and the models it runs."""
-    # Where to announce the end is not a compression setting: it has its own column.
-    fields: dict[str, Any] = {name: getattr(body, name) for name in SPEC_CLASSES[body.kind].model_fields}
-    source_arch = ArchSpec.from_stored(source.arch, source.input_spec)
-    if not isinstance(body, DistillJobSpec):
-        spec = SPEC_CLASSES[body.kind](**fields)
-        return spec, _compression_uses(spec, source_arch)
-    student = _student_arch(body.student, source_arch, source.id)
-    fields["student"] = StudentSpec(arch=student.arch, kwargs=student.kwargs)
-    spec = SPEC_CLASSES[body.kind](**fields)
-    batch = spec.distill.training.batch_size  # type: ignore[attr-defined]
-    return spec, [budget.ModelUse("teacher", source_arch, batch, trains=False),
-                  budget.ModelUse("student", student, batch, trains=True)]
 
 
 def _compression_uses(spec: JobSpecBase, model: ArchSpec) -> list[budget.ModelUse]:
@@ -268,26 +404,31 @@ def _check_dataset(dataset: DatasetShape, model: Model, model_input: InputSpec, 
     if dataset.num_classes != model.num_classes:
         raise Invalid(f"the dataset has {dataset.num_classes} classes but the {role} {model.id} predicts "
                       f"{model.num_classes}; {_PURPOSES[kind]} needs the same classes")
-    try:
-        check_dataset_fits(dataset.image_shape, model_input)
-    except SpecError as exc:
-        raise Invalid(str(exc)) from exc
+    _check_fits(dataset.image_shape, [(f"the {role} {model.id}", model_input)])
+
+
+def _check_fits(image_shape: list[int], readers: list[tuple[str, InputSpec]], field: str = "") -> None:
+    """Each reader ("the teacher mdl_...", its input spec) can be given these images: a 422 naming the first that
+    cannot (and `field`, the dataset's, when given)."""
+    for reader, input_spec in readers:
+        try:
+            check_dataset_fits(image_shape, input_spec)
+        except SpecError as exc:
+            raise Invalid(f"{field + ': ' if field else ''}{exc} ({reader})") from exc
 
 
 def _check_eval_dataset(session: Session, tenant: str, eval_name: str, train_name: str, train: DatasetShape,
-                        model: Model, model_input: InputSpec, role: str) -> None:
-    """The evaluation set must be other images of the same classes, in the same order, that the model can read."""
-    _, evaluation = _dataset(session, tenant, eval_name, "eval_dataset")
+                        readers: list[tuple[str, InputSpec]], field: str = "eval_dataset") -> None:
+    """The evaluation set must be other images of the same classes, in the same order, that every model reading it
+    (`readers`: description, input spec) can read."""
+    _, evaluation = _dataset(session, tenant, eval_name, field)
     if eval_name == train_name or _same_images(evaluation, train):
-        raise Invalid(f"eval_dataset '{eval_name}' holds the same images as dataset '{train_name}'; give a dataset "
-                      "that the job does not train on, or omit eval_dataset to evaluate on a held-out split")
+        raise Invalid(f"{field} '{eval_name}' holds the same images as dataset '{train_name}'; give a dataset "
+                      f"that the job does not train on, or omit {field} to evaluate on a held-out split")
     if list(evaluation.class_names) != list(train.class_names):
-        raise Invalid(f"eval_dataset '{eval_name}' has classes {_names(evaluation)} but dataset '{train_name}' has "
+        raise Invalid(f"{field} '{eval_name}' has classes {_names(evaluation)} but dataset '{train_name}' has "
                       f"{_names(train)}; an evaluation set needs the same classes in the same order")
-    try:
-        check_dataset_fits(evaluation.image_shape, model_input)
-    except SpecError as exc:
-        raise Invalid(f"eval_dataset: {exc} (the {role} {model.id})") from exc
+    _check_fits(evaluation.image_shape, readers, field)
 
 
 def _same_images(a: DatasetShape, b: DatasetShape) -> bool:

@@ -36,6 +36,8 @@ from core.storage import BlobStore
 
 ROUTE = "POST /v1/pipelines"
 REPLAY_ROUTE = "POST /v1/pipelines/{id}/replay"
+# A stage's teacher is the model it takes: the fields that name other teachers are for jobs alone.
+_SEVERAL_TEACHERS = ("teachers", "tasks")
 # Each stage's body as POST /v1/jobs takes a job of its kind (validated by its class: errors name the field, not
 # the union's tag).
 _JOB_BODIES: dict[str, type[AnyJobCreate]] = {"distill": JobCreate, "prune": PruneJobCreate,
@@ -174,6 +176,11 @@ def _checked_stage(session: Session, tenant: str, body: PipelineCreate, stage: S
     if misplaced:
         raise Invalid(f"{where}: {', '.join(misplaced)} cannot be set per stage: the pipeline sets the input model "
                       "and the data once, so that every stage is measured on the same images")
+    several = sorted(name for name in _SEVERAL_TEACHERS if fields.get(name) is not None)
+    if several:
+        raise Invalid(f"{where}: {', '.join(several)} cannot be set in a pipeline stage, whose teacher is the model "
+                      "it takes; submit an ensemble or multi-task distillation as a job (POST /v1/jobs), then give "
+                      "its model to a pipeline")
     spec_class = SPEC_CLASSES[stage.kind]
     document = {**fields, "kind": stage.kind, spec_class.input_field: source.id, "dataset": body.dataset,
                 "eval_dataset": body.eval_dataset, "val_fraction": body.val_fraction, "seed": body.seed}
@@ -191,10 +198,12 @@ def _predicted_output(spec: JobSpecBase, source: Model, stage_name: str) -> Mode
     """What the stage will make, as far as later stages' checks need it (never stored): a distillation's student,
     a pruned model of the same architecture (its channel counts are known only once pruned: the unpruned
     estimate bounds its cost), or an int8 model."""
-    arch = ({"arch": spec.student.arch, "kwargs": spec.student.kwargs} if isinstance(spec, DistillJobSpec)
-            else source.arch)
+    arch, input_spec = source.arch, source.input_spec
+    if isinstance(spec, DistillJobSpec):
+        arch = {"arch": spec.student.arch, "kwargs": spec.student.kwargs}
+        input_spec = spec.student.input.model_dump(mode="json") if spec.student.input else input_spec
     return Model(id=f"stage:{stage_name}", tenant=source.tenant, name=stage_name, format="safetensors",
-                 sha256="", bytes=0, arch=arch, input_spec=source.input_spec, num_classes=source.num_classes,
+                 sha256="", bytes=0, arch=arch, input_spec=input_spec, num_classes=source.num_classes,
                  param_count=0, precision="int8" if spec.kind == "quantize" else "float32")
 
 

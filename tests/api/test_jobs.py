@@ -43,8 +43,10 @@ def test_submit_queues_and_dispatches(client: TestClient, app_env: AppEnv, auth_
     assert job["id"].startswith("job_")
     assert (job["status"], job["kind"], job["teacher"], job["dataset"]) == ("queued", "distill", teacher_id, "digits")
     assert (job["attempt"], job["max_attempts"]) == (0, app_env.settings.max_attempts)
-    # Stored normalized: every default filled in, the student's classes taken from the teacher.
-    assert job["spec"]["student"] == {"arch": "small_cnn", "kwargs": {"width": 2, "depth": 1, "num_classes": 10}}
+    # Stored normalized: every default filled in, the student's classes and input taken from the teacher.
+    teacher_input = {"image_size": 8, "channels": 1, "mean": [0.5], "std": [0.5], "resize": "resize"}
+    assert job["spec"]["student"] == {"arch": "small_cnn", "kwargs": {"width": 2, "depth": 1, "num_classes": 10},
+                                      "input": teacher_input}
     # The flat training fields of the body are stored in the distillation config they belong to.
     training = job["spec"]["distill"]["training"]
     assert (training["epochs"], training["lr"], training["batch_size"]) == (2, 0.01, 64)
