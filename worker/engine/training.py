@@ -396,12 +396,6 @@ class _Run:
         self.first_step = self.completed_epochs * self.steps_per_epoch + self.step_in_epoch
 
 
-def _float(logits: Logits) -> Logits:
-    if isinstance(logits, dict):
-        return {task: task_logits.float() for task, task_logits in logits.items()}
-    return logits.float()
-
-
 def _optimizer(model: nn.Module, config: TrainingConfig, fused: bool) -> torch.optim.Optimizer:
     # None, not False: leaves PyTorch its own default (foreach) where fusing is not asked for.
     fused_or_default = True if fused else None
@@ -428,3 +422,9 @@ def _fits_on_device(device: torch.device, tensors: tuple[torch.Tensor, ...]) -> 
         return True  # the CPU reads them where they are
     free, _total = torch.cuda.mem_get_info(device)
     return sum(tensor.nbytes for tensor in tensors) <= DATA_GPU_MEMORY_SHARE * free
+
+
+def _float(logits: Logits) -> Logits:
+    if isinstance(logits, dict):
+        return {task: task_logits.float() for task, task_logits in logits.items()}
+    return logits.float()
