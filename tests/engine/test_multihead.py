@@ -11,8 +11,15 @@ import torch
 from pydantic import ValidationError
 
 from tests.engine.conftest import DIGITS_8X8
-from worker.engine import evaluate, export, models
-from worker.engine.config import ArchSpec, InputSpec, StudentSpec, multitask_student_arch
+from worker.engine import evaluate, export, models, prune, quantize
+from worker.engine.config import (
+    ArchSpec,
+    InputSpec,
+    PruneConfig,
+    StudentSpec,
+    multitask_student_arch,
+    refuse_multi_head,
+)
 from worker.engine.errors import ModelLoadError, SpecError
 from worker.jobs import measure
 
@@ -130,8 +137,25 @@ def test_head_logits_and_accuracies_read_every_format_as_measure_loads_it(export
         assert evaluate.head_accuracies(loaded, evaluation) == {"digits": 1.0, "parity": 4 / 7}, fmt
 
 
-def test_single_output_measurement_refuses_a_multi_head_model_clearly() -> None:
-    """Pruning, quantizing and distilling from a model start by measuring it with evaluate.logits."""
-    model = models.build_model(_spec(width=8))
-    with pytest.raises(SpecError, match=r"one output per task \(digits, parity\).*not supported"):
-        evaluate.logits(model, torch.randn(2, 1, 8, 8))
+def test_pruning_quantizing_and_single_output_measurement_refuse_a_multi_head_model_by_name() -> None:
+    """Out of scope for multi-head models, refused where each starts; measuring one output is where distilling
+    from a model (or judging a prune or quantize job's input) starts."""
+    spec = _spec(width=8)
+    model = models.build_model(spec)
+    x = torch.randn(4, 1, 8, 8)
+    refusal = r"the model has one head per task \(digits, parity\); pruning, quantizing and distilling"
+    with pytest.raises(SpecError, match="cannot prune: " + refusal):
+        prune.prune_structured_(model, PruneConfig(channel_ratio=0.5), (x, torch.zeros(4, dtype=torch.long)), 10)
+    with pytest.raises(SpecError, match="cannot prune: " + refusal):
+        prune.prune_unstructured_(model, 0.5, (), 10)
+    with pytest.raises(SpecError, match="cannot quantize: " + refusal):
+        quantize.quantize_static(model, "x86", x)
+    with pytest.raises(SpecError, match="cannot quantize: " + refusal):
+        quantize.quantize_dynamic_linear(model)
+    with pytest.raises(SpecError, match="cannot quantize: " + refusal):
+        quantize.prepare_qat(model, "x86", x[:1])
+    with pytest.raises(SpecError, match="one set of logits was asked for: " + refusal):
+        evaluate.logits(model, x)
+    with pytest.raises(SpecError, match="teacher 2: " + refusal):
+        refuse_multi_head(spec, "teacher 2")
+    refuse_multi_head(spec.replace(heads=None), "teacher 2")  # a single-output model passes

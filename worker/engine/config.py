@@ -293,6 +293,20 @@ def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def multi_head_refusal(tasks: Any, use: str) -> str:
+    """Why `use` (say "cannot prune") refuses a model with one head per task in `tasks`."""
+    return f"{use}: the model has one head per task ({', '.join(tasks)}); {MULTI_HEAD_UNSUPPORTED}"
+
+
+def refuse_multi_head(arch: ArchSpec, use: str) -> None:
+    """Raise SpecError when `arch` is a multi-head model, which `use` (e.g. "cannot prune", "teacher 2") cannot
+    take: what a job's input model is checked with, at the API (a 422) and on the worker."""
+    from worker.engine.errors import SpecError
+
+    if arch.heads is not None:
+        raise SpecError(multi_head_refusal(arch.heads, use))
+
+
 def multitask_student_arch(student: StudentSpec, heads: dict[str, int], input: InputSpec) -> ArchSpec:
     """A multi-task student's full spec: its own architecture and kwargs, one head per task (task name -> the
     task's classes, in the tasks' order) and `input` (its own, or its first teacher's). Raises SpecError when it

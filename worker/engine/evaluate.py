@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from worker.engine.config import MULTI_HEAD_UNSUPPORTED
+from worker.engine.config import multi_head_refusal
 from worker.engine.errors import SpecError
 from worker.engine.models import logits_of
 
@@ -35,7 +35,7 @@ def logits(model: AnyModel, x: torch.Tensor, batch_size: int = 256) -> torch.Ten
     """float32 CPU logits, computed in batches on the model's own device (sets eval mode)."""
     outputs = _outputs(model, x, batch_size)
     if isinstance(outputs[0], dict):
-        raise SpecError(f"this model has one output per task ({', '.join(outputs[0])}): {MULTI_HEAD_UNSUPPORTED}")
+        raise SpecError(multi_head_refusal(outputs[0], "one set of logits was asked for"))
     return torch.cat(outputs)
 
 

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from worker.engine.catalog import SMALL_CNN
-from worker.engine.config import CODE_FORMATS, ArchSpec, WeightsFormat
+from worker.engine.config import CODE_FORMATS, ArchSpec, WeightsFormat, multi_head_refusal
 from worker.engine.errors import ModelLoadError, SpecError
 from worker.engine.resize import resize_
 
@@ -87,6 +87,12 @@ def build_model(arch: ArchSpec) -> nn.Module:
     if arch.heads is not None:
         return MultiHeadModel(*_without_classifier(model, arch), heads=arch.heads)
     return resize_(model, arch.pruned_shapes, arch.arch) if arch.pruned_shapes else model
+
+
+def refuse_multi_head_model(model: nn.Module, use: str) -> None:
+    """Raise SpecError when `model` has one head per task, which `use` (e.g. "cannot prune") does not support."""
+    if isinstance(model, MultiHeadModel):
+        raise SpecError(multi_head_refusal(model.heads, use))
 
 
 def _without_classifier(model: nn.Module, arch: ArchSpec) -> tuple[nn.Module, int]:
