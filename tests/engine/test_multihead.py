@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from tests.engine.conftest import DIGITS_8X8
-from worker.engine import evaluate, export, models, prune, quantize
+from worker.engine import budget, evaluate, export, models, prune, quantize
 from worker.engine.config import (
     ArchSpec,
     InputSpec,
@@ -159,3 +159,12 @@ def test_pruning_quantizing_and_single_output_measurement_refuse_a_multi_head_mo
     with pytest.raises(SpecError, match="teacher 2: " + refusal):
         refuse_multi_head(spec, "teacher 2")
     refuse_multi_head(spec.replace(heads=None), "teacher 2")  # a single-output model passes
+
+
+def test_the_budget_estimate_counts_every_head() -> None:
+    spec = multitask_student_arch(StudentSpec(arch="small_cnn", kwargs={"width": 4, "depth": 1}), HEADS, DIGITS_8X8)
+    cost = budget.estimate(spec)
+    assert cost.parameters == models.param_count(models.build_model(spec))
+    # conv, BatchNorm and ReLU at 4x8x8, the pooled 4 values through dropout and the removed classifier's
+    # identity, then each head's logits.
+    assert cost.activations_per_sample == 3 * 4 * 8 * 8 + 4 + 4 + 4 + 10 + 2
