@@ -177,8 +177,8 @@ class LoadedProgram(nn.Module):
         self.training = mode
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.graph(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        return self.graph(x)  # a multi-head model's program returns its dict of logits
 
 
 def load_program(path: Path) -> LoadedProgram:
