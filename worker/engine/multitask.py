@@ -25,7 +25,7 @@ from torch import nn
 from worker.engine import evaluate
 from worker.engine.augment import CropDraw, random_crop
 from worker.engine.batchnorm import recalibrate_batchnorm_
-from worker.engine.config import MULTI_HEAD_UNSUPPORTED, DistillConfig, InputSpec
+from worker.engine.config import DistillConfig, InputSpec, multi_head_refusal
 from worker.engine.data import ArrayDataset, to_model_input
 from worker.engine.errors import SpecError
 from worker.engine.evaluate import TensorPair
@@ -122,8 +122,7 @@ class MultiTaskDistillation:
             for number, (teacher, view) in enumerate(zip(head.teachers, head.views, strict=True), start=1):
                 output = logits_of(teacher.model(self._teacher_input(view, rows, inputs, selected)))
                 if isinstance(output, dict):
-                    raise SpecError(f"task '{head.name}': teacher {number} has one output per task: "
-                                    f"{MULTI_HEAD_UNSUPPORTED}")
+                    raise SpecError(multi_head_refusal(output, f"task '{head.name}': teacher {number}"))
                 if output.shape[1] != head.classes:
                     raise SpecError(f"task '{head.name}': teacher {number} predicts {output.shape[1]} classes but "
                                     f"the task's dataset has {head.classes}")
@@ -156,6 +155,8 @@ class MultiTaskDistillation:
                                                      self.config, targets[own])
                 own_loss = distillation_loss(logits[head.name][own], soft_targets, targets[own], self.config)
                 total, kd, ce = total + count * own_loss.total, kd + count * own_loss.kd, ce + count * own_loss.ce
+            if not self.cross_task:
+                continue
             others = labelled & ~own
             count = int(others.sum())
             if count:
