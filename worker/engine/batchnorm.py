@@ -9,6 +9,7 @@ decides whether it is kept, so a model whose statistics were already right never
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TypedDict
 
 import torch
@@ -34,10 +35,12 @@ def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats]
 
 
-def recalibrate_batchnorm_(model: nn.Module, train_x: torch.Tensor, val: TensorPair, *, seed: int, batch_size: int,
+def recalibrate_batchnorm_(model: nn.Module, train_x: torch.Tensor, val: TensorPair | Callable[[nn.Module], float],
+                           *, seed: int, batch_size: int,
                            images: int = RECALIBRATION_IMAGES) -> BatchNormRecalibration | None:
     """Re-estimate `model`'s BatchNorm running statistics on `images` training images (the same ones for the same
-    seed) and keep them if they score higher on `val` than the ones it had; ties keep the old ones.
+    seed) and keep them if they score higher on `val` than the ones it had; ties keep the old ones. `val`: the
+    validation split, or what scores the model on it (a multi-head model's mean accuracy over its tasks).
 
     Runs on the model's device, in fp32: the precision its exported weights run in. Leaves the model in eval mode.
     None, with nothing run, when the model has no BatchNorm layer with running statistics.
@@ -45,11 +48,12 @@ def recalibrate_batchnorm_(model: nn.Module, train_x: torch.Tensor, val: TensorP
     layers = batchnorm_layers(model)
     if not layers:
         return None
-    before = evaluate.accuracy(model, *val)
+    score = val if callable(val) else lambda scored: evaluate.accuracy(scored, *val)
+    before = score(model)
     saved = [_statistics(layer) for layer in layers]
     batches = _subset_batches(train_x, images, batch_size, seed)
     reestimate_running_statistics_(model, batches)
-    after = evaluate.accuracy(model, *val)
+    after = score(model)
     kept = after > before
     if not kept:
         for layer, statistics in zip(layers, saved, strict=True):

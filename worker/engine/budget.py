@@ -74,7 +74,12 @@ def _check_forward(model: nn.Module, arch: ArchSpec) -> None:
     except (RuntimeError, AssertionError, ValueError) as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise SpecError(f"{arch.arch} does not run on {size} inputs: {first_line}") from exc
-    if tuple(output.shape) != (1, arch.num_classes):
+    if isinstance(output, dict):  # a multi-head model: one score per class of each task
+        shapes = {task: list(logits.shape) for task, logits in output.items()}
+        expected = {task: [1, classes] for task, classes in (arch.heads or {}).items()}
+        if shapes != expected:
+            raise SpecError(f"{arch.arch} outputs shapes {shapes} on a {size} input; expected {expected}")
+    elif tuple(output.shape) != (1, arch.num_classes):
         raise SpecError(
             f"{arch.arch} outputs shape {list(output.shape)} on a {size} input; expected [1, {arch.num_classes}]"
         )

@@ -99,6 +99,15 @@ LayerName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-
 LayerShape = Annotated[list[Annotated[StrictInt, Field(ge=1, le=MAX_PRUNED_CHANNELS)]],
                        Field(min_length=1, max_length=3)]
 
+# A multi-head model's tasks: each name is a key of its outputs (TorchScript dict, ONNX output names), so an
+# identifier; core.jobspec names the tasks of a multi-task distillation with the same pattern and bound.
+TASK_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+MAX_TASKS = 8
+TaskName = Annotated[str, Field(pattern=TASK_NAME_PATTERN)]
+HeadClasses = Annotated[StrictInt, Field(ge=2, le=100_000)]
+MULTI_HEAD_UNSUPPORTED = ("pruning, quantizing and distilling from multi-head models are not supported: use a "
+                          "single-task model")
+
 
 def framework_of(arch: str) -> str:
     """Where the architecture's constructor lives, as the spec documents this service writes name it."""
@@ -116,12 +125,17 @@ class ArchSpec(Spec):
         default=None, description="Layers of a structurally pruned model, by module name, and their sizes "
         f"({PRUNED_SHAPES_FORMAT}): the architecture is built, then these layers are replaced by ones of these "
         "sizes. As a prune job's pruned.arch.json records them; null (or empty) for an unpruned model.")
+    heads: Annotated[dict[TaskName, HeadClasses], Field(min_length=1, max_length=MAX_TASKS)] | None = Field(
+        default=None, description="A multi-head model (multi-task distillation): task name -> classes. The "
+        "architecture's final Linear layer is removed and what fed it (the shared backbone's features) feeds one "
+        "Linear head per task, named heads.<task>; the model returns a dict of each task's logits, in this order. "
+        "kwargs.num_classes is the first task's. Null for a model with one output.")
 
     @classmethod
     def from_stored(cls, arch: dict[str, Any], input_spec: dict[str, Any]) -> ArchSpec:
         """The spec of a stored model: its arch column (stored_arch()) and its input spec column."""
         return cls(arch=arch["arch"], kwargs=arch["kwargs"], pruned_shapes=arch.get("pruned_shapes"),
-                   input=InputSpec.model_validate(input_spec))
+                   heads=arch.get("heads"), input=InputSpec.model_validate(input_spec))
 
     @classmethod
     def from_document(cls, document: Any) -> ArchSpec:
@@ -133,6 +147,8 @@ class ArchSpec(Spec):
         stored: dict[str, Any] = {"arch": self.arch, "kwargs": self.kwargs}
         if self.pruned_shapes is not None:
             stored["pruned_shapes"] = self.pruned_shapes
+        if self.heads is not None:
+            stored["heads"] = self.heads
         return stored
 
     @field_validator("pruned_shapes")
@@ -157,6 +173,8 @@ class ArchSpec(Spec):
         valid_int = isinstance(num_classes, int) and not isinstance(num_classes, bool)
         if not valid_int or not 2 <= num_classes <= 100_000:
             raise ValueError("kwargs.num_classes is required: an integer from 2 to 100000")
+        if self.heads is not None:
+            self._check_heads(num_classes)
         if self.arch == SMALL_CNN:
             allowed = {"num_classes", "width", "depth", "in_channels", "dropout"}
             unknown = set(self.kwargs) - allowed
@@ -174,8 +192,17 @@ class ArchSpec(Spec):
             raise ValueError("torchvision models take 3-channel input: set input.channels to 3")
         return self
 
+    def _check_heads(self, num_classes: int) -> None:
+        first_task, first_classes = next(iter(self.heads.items()))
+        if num_classes != first_classes:
+            raise ValueError(f"kwargs.num_classes is {num_classes} but the first head, '{first_task}', has "
+                             f"{first_classes} classes: a multi-head spec's num_classes is its first head's")
+        if self.pruned_shapes is not None:
+            raise ValueError(f"a multi-head model cannot have pruned_shapes: {MULTI_HEAD_UNSUPPORTED}")
+
     @property
     def num_classes(self) -> int:
+        """Of the model's one output; a multi-head model's first head's (see heads)."""
         return int(self.kwargs["num_classes"])
 
 
@@ -264,6 +291,34 @@ def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
         merged[key] = _merged(merged[key], value) if both_dicts else value
     return merged
+
+
+def multi_head_refusal(tasks: Any, use: str) -> str:
+    """Why `use` (say "cannot prune") refuses a model with one head per task in `tasks`."""
+    return f"{use}: the model has one head per task ({', '.join(tasks)}); {MULTI_HEAD_UNSUPPORTED}"
+
+
+def refuse_multi_head(arch: ArchSpec, use: str) -> None:
+    """Raise SpecError when `arch` is a multi-head model, which `use` (e.g. "cannot prune", "teacher 2") cannot
+    take: what a job's input model is checked with, at the API (a 422) and on the worker."""
+    from worker.engine.errors import SpecError
+
+    if arch.heads is not None:
+        raise SpecError(multi_head_refusal(arch.heads, use))
+
+
+def multitask_student_arch(student: StudentSpec, heads: dict[str, int], input: InputSpec) -> ArchSpec:
+    """A multi-task student's full spec: its own architecture and kwargs, one head per task (task name -> the
+    task's classes, in the tasks' order) and `input` (its own, or its first teacher's). Raises SpecError when it
+    declares num_classes, which each task's dataset decides, ValidationError when the rest does not validate."""
+    from worker.engine.errors import SpecError
+
+    if "num_classes" in student.kwargs:
+        raise SpecError("student.kwargs.num_classes does not apply to a multi-task student: each task's head has "
+                        "the classes of its dataset; omit it")
+    first_classes = next(iter(heads.values()), None)
+    return ArchSpec(arch=student.arch, kwargs={**student.kwargs, "num_classes": first_classes}, input=input,
+                    heads=heads)
 
 
 def student_arch(student: StudentSpec, teacher: ArchSpec, teacher_name: str = "the teacher") -> ArchSpec:

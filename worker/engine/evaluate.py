@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from worker.engine.config import multi_head_refusal
+from worker.engine.errors import SpecError
 from worker.engine.models import logits_of
 
 TensorPair = tuple[torch.Tensor, torch.Tensor]  # (images, labels)
@@ -31,14 +33,45 @@ BUDGET_S = 1.0
 
 def logits(model: AnyModel, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """float32 CPU logits, computed in batches on the model's own device (sets eval mode)."""
+    outputs = _outputs(model, x, batch_size)
+    if isinstance(outputs[0], dict):
+        raise SpecError(multi_head_refusal(outputs[0], "one set of logits was asked for"))
+    return torch.cat(outputs)
+
+
+def head_logits(model: AnyModel, x: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """A multi-head model's float32 CPU logits per task, in its heads' order, computed like logits(): from a
+    module, or a downloaded file as measure.load_artifact loads it (TorchScript and .pt2 return the dict, ONNX one
+    named output per task). A model with one output gives {"logits": its logits}."""
+    outputs = _outputs(model, x, batch_size)
+    if not isinstance(outputs[0], dict):
+        return {"logits": torch.cat(outputs)}
+    return {task: torch.cat([batch[task] for batch in outputs]) for task in outputs[0]}
+
+
+def head_accuracies(model: AnyModel, evaluation: Mapping[str, TensorPair]) -> dict[str, float]:
+    """Each task's accuracy: its head's predictions on its own evaluation images (task -> (images, labels))."""
+    return {task: _fraction_equal(head_logits(model, x)[task].argmax(dim=1), y)
+            for task, (x, y) in evaluation.items()}
+
+
+def _outputs(model: AnyModel, x: torch.Tensor, batch_size: int) -> list[torch.Tensor | dict[str, torch.Tensor]]:
+    """The model's float32 CPU outputs batch by batch (sets eval mode); at least one batch, even of no images."""
     device = next(model.parameters(), torch.empty(0)).device
     model.eval()
     with torch.inference_mode():
-        outputs = [
-            logits_of(model(x[start : start + batch_size].to(device))).float().cpu()
-            for start in range(0, len(x), batch_size)
-        ]
-    return torch.cat(outputs)
+        return [_float_cpu(logits_of(model(x[start : start + batch_size].to(device))))
+                for start in range(0, max(len(x), 1), batch_size)]
+
+
+def _float_cpu(output: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
+    if isinstance(output, Mapping):
+        return {task: logits.float().cpu() for task, logits in output.items()}
+    return output.float().cpu()
+
+
+def _fraction_equal(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a == b.cpu()).sum().item() / len(b)  # exact: a float32 mean is not
 
 
 def predict(model: AnyModel, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -46,7 +79,7 @@ def predict(model: AnyModel, x: torch.Tensor, batch_size: int = 256) -> torch.Te
 
 
 def accuracy(model: AnyModel, x: torch.Tensor, y: torch.Tensor) -> float:
-    return (predict(model, x) == y.cpu()).sum().item() / len(y)
+    return _fraction_equal(predict(model, x), y)
 
 
 def agreement(model_a: AnyModel, model_b: AnyModel, x: torch.Tensor) -> float:

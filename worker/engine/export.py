@@ -48,6 +48,9 @@ def arch_spec_document(arch: ArchSpec, with_pruned_shapes: bool = False) -> dict
         "framework": framework_of(arch.arch),
         "how_to_load": _how_to_load(arch),
     }
+    if arch.heads is not None:
+        document["heads"] = arch.heads
+        document["how_to_load"] = _how_to_load_heads(arch.heads) + " " + document["how_to_load"]
     if with_pruned_shapes or arch.pruned_shapes is not None:
         document["pruned_shapes"] = arch.pruned_shapes or {}
         document["pruned_shapes_format"] = PRUNED_SHAPES_FORMAT
@@ -58,6 +61,17 @@ def arch_spec_document(arch: ArchSpec, with_pruned_shapes: bool = False) -> dict
             "both. " + document["how_to_load"]
         )
     return document
+
+
+def _how_to_load_heads(heads: dict[str, int]) -> str:
+    first = next(iter(heads))
+    return (
+        f"A multi-head model: one head per task in heads ({', '.join(heads)}); every file returns each task's logits "
+        f"by its name: TorchScript and .pt2 a dict (model(x)['{first}']), ONNX one output per task named by it "
+        f"(session.run(['{first}'], ...)). The weights hold the architecture's layers but its final Linear under "
+        "backbone.* and each head's Linear under heads.<task>.*; worker.engine.models.build_model(worker.engine."
+        "config.ArchSpec.from_document(<this document>)) builds it."
+    )
 
 
 def _how_to_load(arch: ArchSpec) -> str:
@@ -88,11 +102,20 @@ def trace_torchscript(model: nn.Module, example_input: torch.Tensor) -> torch.ji
     model = copy.deepcopy(model).cpu().eval()
     example_input = example_input.cpu()
     with _torchscript_deprecation_silenced(), torch.no_grad():
-        traced = torch.jit.trace(model, example_input, check_trace=False)
+        # strict=False lets a multi-head model's dict of logits be the output (Dict[str, Tensor] when loaded).
+        traced = torch.jit.trace(model, example_input, check_trace=False, strict=False)
         expected, got = model(example_input), traced(example_input)
-    if not torch.allclose(expected, got, rtol=1e-4, atol=1e-5):
+    if not _same_outputs(expected, got):
         raise EngineError("the TorchScript trace does not reproduce the model's outputs; it cannot be exported")
     return traced
+
+
+def _same_outputs(expected: torch.Tensor | dict[str, torch.Tensor], got: torch.Tensor | dict[str, torch.Tensor]) -> (
+        bool):
+    if isinstance(expected, dict):
+        return (isinstance(got, dict) and list(got) == list(expected)
+                and all(_same_outputs(expected[task], got[task]) for task in expected))
+    return torch.allclose(expected, got, rtol=1e-4, atol=1e-5)
 
 
 def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: Path) -> None:
@@ -154,8 +177,8 @@ class LoadedProgram(nn.Module):
         self.training = mode
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.graph(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        return self.graph(x)  # a multi-head model's program returns its dict of logits
 
 
 def load_program(path: Path) -> LoadedProgram:

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from worker.engine.catalog import SMALL_CNN
-from worker.engine.config import CODE_FORMATS, ArchSpec, WeightsFormat
+from worker.engine.config import CODE_FORMATS, ArchSpec, WeightsFormat, multi_head_refusal
 from worker.engine.errors import ModelLoadError, SpecError
 from worker.engine.resize import resize_
 
@@ -62,11 +62,50 @@ class SmallCNN(nn.Module):
         return self.classifier(self.dropout(x))
 
 
+class MultiHeadModel(nn.Module):
+    """A shared backbone and one Linear head per task: forward returns {task: logits}, in the heads' order.
+
+    The backbone is the architecture with its final Linear layer replaced by an identity, so that it returns the
+    features that layer read; the heads read them. TorchScript, ONNX and torch.export all keep a dict of tensors
+    (ONNX as one named output per task).
+    """
+
+    def __init__(self, backbone: nn.Module, features: int, heads: dict[str, int]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleDict({task: nn.Linear(features, classes) for task, classes in heads.items()})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = logits_of(self.backbone(x))
+        return {task: head(features) for task, head in self.heads.items()}
+
+
 def build_model(arch: ArchSpec) -> nn.Module:
     """A freshly initialised model (never pretrained weights: nothing is downloaded), with the layers a structured
-    pruning resized (arch.pruned_shapes) at their recorded sizes."""
+    pruning resized (arch.pruned_shapes) at their recorded sizes, or one head per task (arch.heads)."""
     model = _base_model(arch)
+    if arch.heads is not None:
+        return MultiHeadModel(*_without_classifier(model, arch), heads=arch.heads)
     return resize_(model, arch.pruned_shapes, arch.arch) if arch.pruned_shapes else model
+
+
+def refuse_multi_head_model(model: nn.Module, use: str) -> None:
+    """Raise SpecError when `model` has one head per task, which `use` (e.g. "cannot prune") does not support."""
+    if isinstance(model, MultiHeadModel):
+        raise SpecError(multi_head_refusal(model.heads, use))
+
+
+def _without_classifier(model: nn.Module, arch: ArchSpec) -> tuple[nn.Module, int]:
+    """`model` with its final Linear layer (registered last in SmallCNN and every torchvision classifier that has
+    one) replaced by an identity, and that layer's number of input features."""
+    name, classifier = next(((name, module) for name, module in reversed(list(model.named_modules()))
+                             if isinstance(module, nn.Linear)), ("", None))
+    if classifier is None or classifier.out_features != arch.num_classes:
+        raise SpecError(f"{arch.arch} does not end in a Linear classifier, so it cannot have one head per task; "
+                        "choose another architecture (small_cnn, resnet18, mobilenet_v3_small, efficientnet_b0...)")
+    parent, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent), attribute, nn.Identity())
+    return model, classifier.in_features
 
 
 def _base_model(arch: ArchSpec) -> nn.Module:
@@ -89,8 +128,9 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def logits_of(output: Any) -> torch.Tensor:
-    """googlenet and inception_v3 return a namedtuple with auxiliary heads in train mode."""
+def logits_of(output: Any) -> Any:
+    """googlenet and inception_v3 return a namedtuple with auxiliary heads in train mode. (A multi-head model's
+    dict of logits passes through.)"""
     return output.logits if hasattr(output, "logits") else output
 
 
@@ -192,10 +232,9 @@ def _check_state_matches(expected: dict[str, torch.Tensor], given: dict[str, tor
         problems.append(f"{len(missing)} missing keys ({_first(missing)})")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected keys ({_first(unexpected)})")
-    # Every torchvision classifier and SmallCNN registers its output layer last.
-    head_keys = set(list(expected)[-2:])
+    head_classes = _output_layer_classes(list(expected), arch)
     problems += [
-        _shape_problem(key, list(expected[key].shape), list(given[key].shape), arch.num_classes, key in head_keys)
+        _shape_problem(key, list(expected[key].shape), list(given[key].shape), head_classes.get(key))
         for key in expected
         if key in given and expected[key].shape != given[key].shape
     ][:_KEYS_SHOWN]
@@ -203,9 +242,18 @@ def _check_state_matches(expected: dict[str, torch.Tensor], given: dict[str, tor
         raise ModelLoadError(f"the weights do not match the {arch.arch} spec: " + "; ".join(problems))
 
 
-def _shape_problem(key: str, expected: list[int], given: list[int], num_classes: int, is_head: bool) -> str:
-    if is_head and given and given[0] != num_classes:
-        return f"the spec says num_classes={num_classes} but {key} has shape {given}"
+def _output_layer_classes(keys: list[str], arch: ArchSpec) -> dict[str, tuple[str, int]]:
+    """The output layers' weight and bias keys -> (what the spec calls their classes, how many)."""
+    if arch.heads is not None:
+        return {f"heads.{task}.{part}": (f"head '{task}' has {classes} classes", classes)
+                for task, classes in arch.heads.items() for part in ("weight", "bias")}
+    # Every torchvision classifier and SmallCNN registers its output layer last.
+    return {key: (f"num_classes={arch.num_classes}", arch.num_classes) for key in keys[-2:]}
+
+
+def _shape_problem(key: str, expected: list[int], given: list[int], head: tuple[str, int] | None) -> str:
+    if head is not None and given and given[0] != head[1]:
+        return f"the spec says {head[0]} but {key} has shape {given}"
     return f"{key} has shape {given} but the spec's model expects {expected}"
 
 

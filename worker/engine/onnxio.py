@@ -23,17 +23,22 @@ from worker.engine.fileio import atomic_write
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 # Batch and image size stay free: a model trained on 32 px runs on 224 px as users deploy it.
-DYNAMIC_AXES = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch"}}
+INPUT_AXES = {0: "batch", 2: "height", 3: "width"}
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path) -> None:
-    """A float32 ONNX file of `model` in eval mode (the caller's model is left untouched)."""
+    """A float32 ONNX file of `model` in eval mode (the caller's model is left untouched): its output is named
+    `logits`, or a multi-head model's outputs by their tasks, in its heads' order."""
     model = copy.deepcopy(model).cpu().eval()
     example_input = example_input.cpu()
+    with torch.no_grad():
+        output = model(example_input)
+    output_names = list(output) if isinstance(output, dict) else [OUTPUT_NAME]
+    dynamic_axes = {INPUT_NAME: INPUT_AXES, **{name: {0: "batch"} for name in output_names}}
 
     def write(handle: BinaryIO) -> None:
         torch.onnx.export(model, (example_input,), handle, dynamo=False, opset_version=OPSET,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=DYNAMIC_AXES)
+                          input_names=[INPUT_NAME], output_names=output_names, dynamic_axes=dynamic_axes)
 
     try:
         with _legacy_exporter_deprecation_silenced(), torch.no_grad():
@@ -44,7 +49,8 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path) -> No
 
 
 class OnnxModel(nn.Module):
-    """An ONNX Runtime CPU session that behaves like a module: tensor in, logits tensor out."""
+    """An ONNX Runtime CPU session that behaves like a module: tensor in, logits tensor out, or {task: logits} for
+    a multi-head model's file (whose outputs are named by their tasks rather than `logits`)."""
 
     def __init__(self, path: Path) -> None:
         super().__init__()
@@ -53,10 +59,13 @@ class OnnxModel(nn.Module):
         except (onnxruntime.capi.onnxruntime_pybind11_state.Fail, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"{path.name} is not a loadable ONNX model: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [output.name for output in self.session.get_outputs()]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (logits, *_) = self.session.run(None, {self.input_name: x.detach().float().contiguous().numpy()})
-        return torch.from_numpy(logits)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        outputs = self.session.run(None, {self.input_name: x.detach().float().contiguous().numpy()})
+        if self.output_names == [OUTPUT_NAME]:
+            return torch.from_numpy(outputs[0])
+        return {name: torch.from_numpy(logits) for name, logits in zip(self.output_names, outputs, strict=True)}
 
 
 @contextmanager

@@ -28,7 +28,7 @@ from worker.engine.config import ArchSpec, PruneConfig
 from worker.engine.errors import SpecError
 from worker.engine.evaluate import TensorPair
 from worker.engine.macs import count_macs
-from worker.engine.models import describe_validation_error, logits_of
+from worker.engine.models import describe_validation_error, logits_of, refuse_multi_head_model
 from worker.engine.resize import RESIZABLE, Shapes, resize_, shape_of
 
 # A channel ratio above this leaves layers too thin to recover by fine-tuning.
@@ -60,6 +60,7 @@ def prune_structured_(model: nn.Module, config: PruneConfig, calibration: Tensor
     The output layer and config.keep_layers keep all their output channels. Raises SpecError naming the
     layer when the model cannot be pruned.
     """
+    refuse_multi_head_model(model, "cannot prune")
     input_shape = tuple(calibration[0].shape[1:])
     macs_before = count_macs(model, input_shape)
     if config.channel_ratio is not None:
@@ -158,6 +159,7 @@ def prune_unstructured_(model: nn.Module, sparsity: float, keep_layers: tuple[st
 
     The zeros are enforced by masks (so fine-tuning cannot revive them) until make_permanent_().
     """
+    refuse_multi_head_model(model, "cannot prune")
     targets = [(module, "weight") for module in _unstructured_targets(model, keep_layers, num_classes)]
     if not targets:
         raise SpecError("nothing to prune: every convolution and linear layer is kept")

@@ -35,6 +35,7 @@ from worker.engine import evaluate
 from worker.engine.errors import EngineError, SpecError
 from worker.engine.export import export_torchscript, exported_program
 from worker.engine.fileio import atomic_write
+from worker.engine.models import refuse_multi_head_model
 from worker.engine.onnxio import INPUT_NAME
 
 _DEPRECATED = r"torch\.ao\.quantization is deprecated"
@@ -123,6 +124,7 @@ def qconfig_mapping(backend: str, qat: bool) -> QConfigMapping:
 
 def quantize_dynamic_linear(model: nn.Module) -> nn.Module:
     """A copy whose Linear layers hold int8 weights; activations are quantized on the fly."""
+    refuse_multi_head_model(model, "cannot quantize")
     linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     if not linear:
         convolutions = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)][:3]
@@ -134,6 +136,7 @@ def quantize_dynamic_linear(model: nn.Module) -> nn.Module:
 
 def quantize_static(model: nn.Module, backend: str, calibration: torch.Tensor) -> torch.fx.GraphModule:
     """Post-training static int8: weights per channel, activation ranges observed on `calibration`."""
+    refuse_multi_head_model(model, "cannot quantize")
     with quantized_engine(backend), _fx_flow():
         prepared = prepare_fx(fold_batchnorm(model), qconfig_mapping(backend, qat=False), (calibration[:1],))
         with torch.inference_mode():
@@ -156,6 +159,7 @@ class Float32Only(nn.Module):
 
 def prepare_qat(model: nn.Module, backend: str, example_input: torch.Tensor) -> Float32Only:
     """A trainable copy of `model` with fake quantization of weights and activations, for distill()."""
+    refuse_multi_head_model(model, "cannot quantize")
     with quantized_engine(backend), _fx_flow():
         prepared = prepare_qat_fx(fold_batchnorm(model).train(), qconfig_mapping(backend, qat=True),
                                   (example_input.cpu(),))

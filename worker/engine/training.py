@@ -42,6 +42,8 @@ COMPILE_AUTO_MIN_STEPS = 1000
 # The data moves to the GPU only if it takes at most this share of the free memory: the rest is for the
 # models, their activations, the optimizer state and the compiler's workspace.
 DATA_GPU_MEMORY_SHARE = 0.5
+# What a model returns: its logits, or a multi-head model's per task.
+Logits = torch.Tensor | dict[str, torch.Tensor]
 
 
 
@@ -64,14 +66,17 @@ class Progress:
 @dataclass
 class TrainingResult:
     # Per epoch, as measured at its end (and reported by progress): epoch, train_loss, the task's parts
-    # (kd_loss...), val_accuracy. A BatchNorm recalibration after the last epoch does not rewrite it.
-    history: list[dict[str, float]]
+    # (kd_loss...), val_accuracy and what else the task validates (Task.validate: a multi-task run's
+    # val_accuracy_by_task). A BatchNorm recalibration after the last epoch does not rewrite it.
+    history: list[dict[str, Any]]
     best_val_accuracy: float  # the highest of the epochs' and final_val_accuracy
     final_val_accuracy: float  # of the model as returned, its BatchNorm statistics recalibrated if they were
     epochs_run: int  # epochs completed in total, including those before a resume
     # What distill() did to the BatchNorm statistics after training; None where it did nothing (no BatchNorm
     # layer, or not asked to).
     batchnorm: BatchNormRecalibration | None = None
+    # A multi-task run's final accuracy per task (final_val_accuracy is their mean); None for one task.
+    by_task: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -169,10 +174,15 @@ class Task(Protocol):
     def setup(self, run_plan: Plan, data: DeviceData, batch_size: int) -> None:
         """Once, before the first step, with the data where the loop reads it."""
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor, batch: torch.Tensor,
+    def loss(self, logits: Logits, targets: torch.Tensor, batch: torch.Tensor,
              inputs: torch.Tensor) -> Sequence[torch.Tensor]:
-        """The loss to minimise, then its parts, for the model's fp32 `logits` of `inputs`: the training images
-        `batch` (indices on data.home), augmented as the config says, labelled `targets`."""
+        """The loss to minimise, then its parts, for the model's fp32 `logits` of `inputs` (a multi-head model's
+        dict of them): the training images `batch` (indices on data.home), augmented as the config says, labelled
+        `targets`.
+
+        A task may also have `validate(model, data) -> dict`, the end of an epoch's metrics on data.x_val and
+        data.y_val, val_accuracy among them (a multi-head model's tasks); by default val_accuracy is
+        evaluate.accuracy's."""
 
 
 def task_module(task: Task) -> nn.Module | None:
@@ -203,10 +213,10 @@ def fit(task: Task, model: nn.Module, train: TensorPair, val: TensorPair, config
     with Checkpointer(run.checkpoint, on_checkpoint) as checkpointer:
         for epoch in range(run.completed_epochs, config.epochs):
             losses = run.train_epoch(epoch, on_progress, checkpointer)
-            val_accuracy = run.validate()
-            run.history.append({"epoch": epoch + 1, **run.reported(losses), "val_accuracy": val_accuracy})
+            validation = run.validate()
+            run.history.append({"epoch": epoch + 1, **run.reported(losses), **validation})
             run.completed_epochs = epoch + 1
-            on_progress(run.progress(epoch, run.steps_per_epoch * (epoch + 1), losses, val_accuracy))
+            on_progress(run.progress(epoch, run.steps_per_epoch * (epoch + 1), losses, validation["val_accuracy"]))
             checkpointer.in_background()
     accuracies = [entry["val_accuracy"] for entry in run.history]
     return TrainingResult(
@@ -326,7 +336,7 @@ class _Run:
         inputs = self.data.inputs(batch, self.config.augment)
         targets = self.data.rows(self.data.y, batch)
         with autocast(self.plan):
-            logits = logits_of(self.forward(inputs)).float()
+            logits = _float(logits_of(self.forward(inputs)))
         loss, *parts = self.task.loss(logits, targets, batch, inputs)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -334,9 +344,13 @@ class _Run:
         self.scheduler.step()
         return torch.stack([loss, *parts]).detach()
 
-    def validate(self) -> float:
+    def validate(self) -> dict[str, Any]:
+        """The end of an epoch's validation metrics: val_accuracy, and whatever else the task's validate() has."""
+        task_validate = getattr(self.task, "validate", None)
         with autocast(self.plan):
-            return evaluate.accuracy(self.model, self.data.x_val, self.data.y_val)
+            if task_validate is not None:
+                return task_validate(self.model, self.data)
+            return {"val_accuracy": evaluate.accuracy(self.model, self.data.x_val, self.data.y_val)}
 
     def reported(self, losses: list[float] | None) -> dict[str, float | None]:
         """train_loss and the task's parts by their Progress names, from the means (loss, *parts)."""
@@ -438,3 +452,9 @@ def _fits_on_device(device: torch.device, tensors: tuple[torch.Tensor, ...]) -> 
         return True  # the CPU reads them where they are
     free, _total = torch.cuda.mem_get_info(device)
     return sum(tensor.nbytes for tensor in tensors) <= DATA_GPU_MEMORY_SHARE * free
+
+
+def _float(logits: Logits) -> Logits:
+    if isinstance(logits, dict):
+        return {task: task_logits.float() for task, task_logits in logits.items()}
+    return logits.float()
