@@ -16,6 +16,8 @@ from pydantic import Field, TypeAdapter, model_validator
 
 from worker.engine.config import (
     BUILTIN_DATASETS,
+    MAX_TASKS,
+    TASK_NAME_PATTERN,
     DistillConfig,
     PruneConfig,
     QuantizeConfig,
@@ -89,10 +91,7 @@ class JobSpecBase(Spec):
         return str(getattr(self, self.input_field))
 
 
-# A task's name is a key of the student's outputs (TorchScript dict, ONNX output names): an identifier.
-TASK_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
 MAX_TEACHERS = 8
-MAX_TASKS = 8
 
 
 class TeacherRef(Spec):

@@ -36,7 +36,16 @@ from core.jobspec import SPEC_CLASSES, DistillJobSpec, JobSpecBase, PruneJobSpec
 from core.lineage import job_inputs, recorded_inputs
 from core.settings import Settings
 from core.storage import BlobStore
-from worker.engine.config import BUILTIN_DATASETS, ArchSpec, InputSpec, StudentSpec, check_dataset_fits, student_arch
+from worker.engine.config import (
+    BUILTIN_DATASETS,
+    ArchSpec,
+    InputSpec,
+    StudentSpec,
+    check_dataset_fits,
+    multi_head_refusal,
+    multitask_student_arch,
+    student_arch,
+)
 from worker.engine.errors import SpecError
 
 ROUTE = "POST /v1/jobs"
@@ -294,12 +303,6 @@ def _student(body: DistillJobSpec, tasks: list[_CheckedTask], student_input: Inp
 def _multitask_student_arch(student: StudentSpec, heads: dict[str, int]) -> ArchSpec:
     """The multi-head student's architecture (one head per task: the worker builds it from the tasks' classes)."""
     try:
-        try:
-            from worker.engine.config import multitask_student_arch  # type: ignore[attr-defined]
-        except ImportError:
-            # Until the multi-head ArchSpec lands: one classifier over every head's classes, as costly as the heads.
-            return ArchSpec(arch=student.arch, kwargs={**student.kwargs, "num_classes": sum(heads.values())},
-                            input=student.input)
         return multitask_student_arch(student, heads, student.input)
     except SpecError as exc:
         raise Invalid(str(exc)) from exc
@@ -317,7 +320,10 @@ _INT8_ADVICE = {
 
 
 def _check_trainable(session: Session, source: Model, kind: str, field: str) -> None:
-    """An int8 model (a quantize job's result) is an end product: no job takes it as its input."""
+    """An int8 model (a quantize job's result) is an end product: no job takes it as its input. Nor does any job
+    take a multi-head model (a multi-task distillation's student) yet: each one expects one output."""
+    if source.arch.get("heads"):
+        raise Invalid(multi_head_refusal(source.arch["heads"], f"{field} {source.id} cannot be a job's input"))
     if source.precision != "int8":
         return
     job = session.get(Job, source.source_job_id) if source.source_job_id else None

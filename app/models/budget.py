@@ -75,7 +75,7 @@ def spec_key(arch: ArchSpec) -> str:
     # Normalisation statistics and resize policy change no shape: specs differing only there share an estimate.
     # A multi-task student's heads (ArchSpec.heads, once the multi-head student lands) size its classifiers.
     shape_part = {"arch": arch.arch, "kwargs": arch.kwargs, "pruned_shapes": arch.pruned_shapes,
-                  "heads": getattr(arch, "heads", None), "input": [arch.input.channels, arch.input.image_size]}
+                  "heads": arch.heads, "input": [arch.input.channels, arch.input.image_size]}
     return json.dumps(shape_part, sort_keys=True, separators=(",", ":"))
 
 
