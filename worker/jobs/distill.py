@@ -10,30 +10,22 @@ worker/jobs/distill_tasks.py.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from core.jobspec import DistillJobSpec, TeacherRef
-from worker.engine import data, evaluate, export, models
-from worker.engine.config import ArchSpec, InputSpec, student_arch
+from core.jobspec import DistillJobSpec
+from worker.engine import evaluate, export, models
+from worker.engine.config import ArchSpec, student_arch
 from worker.engine.distill import Teacher, distill
-from worker.jobs import inputs, measure
-from worker.jobs.base import Checkpoints, Guard, JobContext, JobOutcome, ModelSource, OutputFile, OutputModel, job_kind
+from worker.jobs import ensemble, inputs, measure
+from worker.jobs.base import Checkpoints, Guard, JobContext, JobOutcome, OutputFile, OutputModel, job_kind
+from worker.jobs.ensemble import LoadedTeacher
 
 TensorPair = tuple[torch.Tensor, torch.Tensor]
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadedTeacher:
-    ref: TeacherRef
-    source: ModelSource
-    arch: ArchSpec
-    model: nn.Module
-    evaluation_x: torch.Tensor  # the evaluation images as this teacher takes them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,29 +85,18 @@ def _seeded_student(student_spec: ArchSpec, seed: int) -> nn.Module:
 def _load(ctx: JobContext[DistillJobSpec]) -> DistillInputs:
     spec = ctx.spec
     images = inputs.split_images(ctx, spec.dataset, spec.eval_dataset)
-    teachers = [_load_teacher(ctx, ref, images.evaluation) for ref in spec.teacher_refs]
+    teachers = [ensemble.load_teacher(ctx, ref, images.evaluation) for ref in spec.teacher_refs]
     # The API stored the student with the teachers' classes; this rebuilds it over its input (the first teacher's
     # unless the spec gives one).
     student_spec = student_arch(spec.student, teachers[0].arch)
     train = inputs.tensors(images.train, student_spec.input)
     engine_teachers = [Teacher(model=teacher.model, weight=teacher.ref.weight,
-                               view=_own_view(images.train, teacher.arch.input, student_spec.input))
+                               view=ensemble.own_view(images.train, teacher.arch.input, student_spec.input))
                        for teacher in teachers]
     return DistillInputs(teachers=teachers, student_spec=student_spec, engine_teachers=engine_teachers, train=train,
                          val=inputs.tensors(images.val, student_spec.input),
                          evaluation=inputs.tensors(images.evaluation, student_spec.input),
                          evaluation_source=images.evaluation_source)
-
-
-def _load_teacher(ctx: JobContext[DistillJobSpec], ref: TeacherRef, evaluation: data.ArrayDataset) -> LoadedTeacher:
-    source = ctx.models.get(ref.model, ctx.teacher)
-    arch, model = inputs.load_model(source)
-    return LoadedTeacher(ref=ref, source=source, arch=arch, model=model,
-                         evaluation_x=data.to_model_input(evaluation.x, arch.input))
-
-
-def _own_view(images: data.ArrayDataset, teacher_input: InputSpec, student_input: InputSpec) -> torch.Tensor | None:
-    return None if teacher_input == student_input else data.to_model_input(images.x, teacher_input)
 
 
 def _control_run(ctx: JobContext[DistillJobSpec], loaded: DistillInputs, guard: Guard) -> nn.Module:
@@ -165,14 +146,6 @@ def student_files(weights: Path, spec_file: Path, runnable: dict[str, Path]) -> 
     ]
 
 
-def _ensemble_predictions(teachers: Sequence[LoadedTeacher]) -> torch.Tensor:
-    """What the teachers predict together: the argmax of the weighted mean of their probabilities."""
-    total = sum(teacher.ref.weight for teacher in teachers)
-    probabilities = sum(teacher.ref.weight / total
-                        * evaluate.logits(teacher.model, teacher.evaluation_x).softmax(dim=1) for teacher in teachers)
-    return torch.as_tensor(probabilities).argmax(dim=1)
-
-
 def _measure(ctx: JobContext[DistillJobSpec], loaded: DistillInputs, weights: Path, runnable: dict[str, Path],
              on_step: Callable[[], None]) -> dict[str, Any]:
     """The teachers and the student measured by measure.py: the student's downloaded files reloaded from disk, each
@@ -181,20 +154,20 @@ def _measure(ctx: JobContext[DistillJobSpec], loaded: DistillInputs, weights: Pa
     or the student's weights (the others). The `teacher` side is the ensemble: its accuracy as it predicts, and
     the sums of its members' sizes and latencies (an ensemble runs every member)."""
     x_eval, y_eval = loaded.evaluation
-    reference = _ensemble_predictions(loaded.teachers)
+    reference = ensemble.ensemble_predictions(loaded.teachers)
     held_out = measure.HeldOut(x=x_eval, y=y_eval.cpu(), input_predictions=reference,
                                num_classes=loaded.student_spec.num_classes)
-    members = [_measure_teacher(ctx.work_dir / f"teacher-{index}", teacher, y_eval, on_step)
+    members = [ensemble.measure_teacher(ctx.work_dir / f"teacher-{index}", teacher, y_eval, on_step)
                for index, teacher in enumerate(loaded.teachers)]
     student = models.load_model(weights, "safetensors", loaded.student_spec)
     student_summary = measure.float_model_summary(student, held_out)
     student_predictions = evaluate.predict(student, held_out.x)
     artifacts = {fmt: measure.measure_artifact(path, measure.runtime_of(fmt), held_out, student_predictions, on_step)
                  for fmt, path in runnable.items()}
-    _add_latencies(members, artifacts, runnable, held_out.input_shape, on_step)
+    ensemble.time_with_teachers(members, {"student": (artifacts, runnable)}, held_out.input_shape, on_step)
     student_script = artifacts[measure.TORCHSCRIPT]
     student_latency = {key: value for key, value in student_script.items() if "latency" in key}
-    teacher_side = {"accuracy": held_out.input_accuracy, **_sums(members)}
+    teacher_side = {"accuracy": held_out.input_accuracy, **ensemble.sums(members)}
     student_bytes = weights.stat().st_size
     metrics = {
         "validation_samples": len(held_out.y),
@@ -216,47 +189,6 @@ def _measure(ctx: JobContext[DistillJobSpec], loaded: DistillInputs, weights: Pa
 
 def _reference_name(loaded: DistillInputs) -> str:
     return "teacher" if len(loaded.teachers) == 1 else "teacher ensemble"
-
-
-def _measure_teacher(folder: Path, teacher: LoadedTeacher, labels: torch.Tensor,
-                     on_step: Callable[[], None]) -> dict[str, Any]:
-    """One teacher on its own view of the evaluation images, and its TorchScript file (timed later)."""
-    held_out = measure.HeldOut.of(teacher.model, (teacher.evaluation_x, labels))
-    summary = measure.float_model_summary(teacher.model, held_out)
-    scripted = measure.input_baseline(teacher.model, held_out, folder, (measure.TORCHSCRIPT,), on_step)
-    return {"id": teacher.source.id, "arch": teacher.arch.arch, "weight": teacher.ref.weight,
-            "input_shape": list(held_out.input_shape), "accuracy": summary["accuracy"],
-            "param_count": summary["params"], "macs": summary["macs"], "file_bytes": teacher.source.bytes,
-            "torchscript_bytes": scripted[measure.TORCHSCRIPT]["file_bytes"],
-            "torchscript_path": str(measure.baseline_path(folder, measure.TORCHSCRIPT))}
-
-
-def _add_latencies(members: list[dict[str, Any]], artifacts: dict[str, dict[str, Any]], runnable: dict[str, Path],
-                   student_shape: tuple[int, ...], on_step: Callable[[], None]) -> None:
-    """Every teacher's TorchScript file timed in the same rounds as the student's files that share its input shape
-    (teachers with other input specs in rounds of their own, at their own shape)."""
-    by_shape: dict[tuple[int, ...], list[dict[str, Any]]] = {}
-    for member in members:
-        by_shape.setdefault(tuple(member["input_shape"]), []).append(member)
-    by_shape.setdefault(student_shape, [])
-    for shape, group in by_shape.items():
-        measured: dict[str, dict[str, Any]] = {f"teacher-{index}": {measure.TORCHSCRIPT: {}}
-                                               for index in range(len(group))}
-        paths = {f"teacher-{index}": {measure.TORCHSCRIPT: Path(member["torchscript_path"])}
-                 for index, member in enumerate(group)}
-        if shape == student_shape:
-            measured["student"], paths["student"] = artifacts, runnable
-        measure.add_latencies_(measured, paths, shape, on_step)
-        for index, member in enumerate(group):
-            member.update(measured[f"teacher-{index}"][measure.TORCHSCRIPT])
-    for member in members:
-        del member["torchscript_path"]
-
-
-def _sums(members: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("param_count", "macs", "file_bytes", "torchscript_bytes", "cpu_latency_ms_batch1",
-            "cpu_latency_ms_batch32")
-    return {key: sum(member[key] for member in members) for key in keys}
 
 
 def _ratios(teacher: dict[str, Any], student: dict[str, Any], student_bytes: int,
