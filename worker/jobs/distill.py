@@ -207,7 +207,7 @@ def _work(spec: DistillJobSpec, loaded: DistillInputs, batchnorm: dict[str, Any]
         f"the {len(loaded.teachers)} teachers' ({config.teacher_weighting} weighting of their tempered "
         "probabilities, each teacher on the images preprocessed its own way)")
     done = [f"a {loaded.student_spec.arch} student trained for {training.epochs} epochs on {teachers} softened "
-            f"outputs ({_loss_words(spec)}, temperature {config.temperature:g}, alpha {config.alpha:g}; "
+            f"outputs ({loss_words(spec)}, temperature {config.temperature:g}, alpha {config.alpha:g}; "
             f"{training.optimizer}, lr {training.lr:g}, {training.scheduler} schedule, batch {training.batch_size}, "
             f"augmentation {training.augment})", *measure.batchnorm_work(batchnorm)]
     if controlled:
@@ -224,7 +224,7 @@ LOSS_WORDS = {"kd": "Hinton KD", "dkd": "decoupled KD", "kd_ls": "KD on standard
               "feature": "Hinton KD plus a FitNets hint"}
 
 
-def _loss_words(spec: DistillJobSpec) -> str:
+def loss_words(spec: DistillJobSpec) -> str:
     config = spec.distill
     words = LOSS_WORDS[config.loss]
     if config.loss == "dkd":
