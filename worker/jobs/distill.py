@@ -18,12 +18,14 @@ import torch
 from torch import nn
 
 from core.jobspec import DistillJobSpec
-from worker.engine import evaluate, export, models
+from worker.engine import evaluate, models
 from worker.engine.config import ArchSpec, student_arch
 from worker.engine.distill import Teacher, distill
 from worker.jobs import ensemble, inputs, measure
-from worker.jobs.base import Checkpoints, Guard, JobContext, JobOutcome, OutputFile, OutputModel, job_kind
+from worker.jobs.base import Checkpoints, Guard, JobContext, JobOutcome, OutputModel, job_kind
+from worker.jobs.distill_tasks import run_distill_tasks
 from worker.jobs.ensemble import LoadedTeacher
+from worker.jobs.student_files import export_student, loss_words, student_files
 
 TensorPair = tuple[torch.Tensor, torch.Tensor]
 
@@ -42,8 +44,6 @@ class DistillInputs:
 @job_kind("distill")
 def run_distill(ctx: JobContext[DistillJobSpec], guard: Guard, checkpoints: Checkpoints) -> JobOutcome:
     if ctx.spec.tasks is not None:
-        from worker.jobs.distill_tasks import run_distill_tasks
-
         return run_distill_tasks(ctx, guard, checkpoints)
     guard.stage("loading")
     spec = ctx.spec
@@ -122,30 +122,6 @@ def _control_metrics(control: nn.Module, student_accuracy: float, evaluation: Te
             "what": "the same student trained alone on the labels (cross-entropy only), same data, budget and seed"}
 
 
-def export_student(student: nn.Module, student_spec: ArchSpec, example: torch.Tensor, folder: Path,
-                   on_step: Callable[[], None]) -> tuple[Path, Path, dict[str, Path]]:
-    """The weights, their arch spec, and the files that run without condenser (by format)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    weights, spec_file = folder / "student.safetensors", folder / "student.arch.json"
-    export.save_safetensors(student, weights)
-    export.save_json(export.arch_spec_document(student_spec), spec_file)
-    runnable = {fmt: folder / f"student{measure.SUFFIXES[fmt]}" for fmt in measure.EXPORTERS}
-    for fmt, exporter in measure.EXPORTERS.items():
-        exporter(student, example, runnable[fmt])
-        on_step()
-    return weights, spec_file, runnable
-
-
-def student_files(weights: Path, spec_file: Path, runnable: dict[str, Path]) -> list[OutputFile]:
-    return [
-        OutputFile("student_safetensors", weights, weights.name, "application/octet-stream",
-                   "safetensors (+ student.arch.json)", measure.SAFETENSORS),
-        OutputFile("student_arch_spec", spec_file, spec_file.name, "application/json", "spec"),
-        *(OutputFile(f"student_{fmt}", path, path.name, "application/octet-stream", measure.runtime_of(fmt), fmt)
-          for fmt, path in runnable.items()),
-    ]
-
-
 def _measure(ctx: JobContext[DistillJobSpec], loaded: DistillInputs, weights: Path, runnable: dict[str, Path],
              on_step: Callable[[], None]) -> dict[str, Any]:
     """The teachers and the student measured by measure.py: the student's downloaded files reloaded from disk, each
@@ -218,19 +194,3 @@ def _work(spec: DistillJobSpec, loaded: DistillInputs, batchnorm: dict[str, Any]
         not_done.append("no control run (control: true trains the same student alone and reports the KD gain)")
     return measure.work_of(done, not_done, measure.common_work(spec, loaded.evaluation_source,
                                                                _reference_name(loaded)))
-
-
-LOSS_WORDS = {"kd": "Hinton KD", "dkd": "decoupled KD", "kd_ls": "KD on standardised logits",
-              "feature": "Hinton KD plus a FitNets hint"}
-
-
-def loss_words(spec: DistillJobSpec) -> str:
-    config = spec.distill
-    words = LOSS_WORDS[config.loss]
-    if config.loss == "dkd":
-        words += f" (alpha {config.dkd_alpha:g}, beta {config.dkd_beta:g})"
-    if config.feature is not None:
-        words += (f" ({config.feature.student_layer} -> {config.feature.teacher_layer}, "
-                  f"weight {config.feature.weight:g})")
-    return words
-

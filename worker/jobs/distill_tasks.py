@@ -25,8 +25,8 @@ from worker.engine.macs import count_macs
 from worker.engine.multitask import TaskData, TaskTeacher, distill_tasks
 from worker.jobs import acceptance, ensemble, inputs, measure
 from worker.jobs.base import Checkpoints, Guard, JobContext, JobOutcome, OutputModel
-from worker.jobs.distill import export_student, loss_words, student_files
 from worker.jobs.ensemble import LoadedTeacher
+from worker.jobs.student_files import export_student, loss_words, student_files
 
 
 @dataclasses.dataclass(frozen=True)
