@@ -40,7 +40,28 @@ def summarize(kind: str, metrics: dict[str, Any]) -> dict[str, Any] | None:
     return {"before": figures(labels[0], source), "after": figures(labels[1], result),
             "validation_samples": metrics.get("validation_samples"), "evaluation": metrics.get("evaluation"),
             "formats": formats, "failed_formats": [entry["format"] for entry in formats if not entry["passed"]],
-            "measured_on": metrics.get("measured_on")}
+            "measured_on": metrics.get("measured_on"), "control": _control(metrics.get("control")),
+            "teachers": _teachers(metrics.get("teachers")), "tasks": _tasks(metrics.get("tasks"))}
+
+
+def _control(control: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if control is None else {"accuracy": control["accuracy"], "kd_gain_pts": control["kd_gain_pts"]}
+
+
+def _teachers(members: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    if not members:
+        return None
+    return [{"id": member["id"], "arch": member["arch"], "weight": member["weight"], "task": member.get("task"),
+             "accuracy": member["accuracy"], "params": member.get("param_count"),
+             "cpu_latency_ms_batch1": member.get("cpu_latency_ms_batch1")} for member in members]
+
+
+def _tasks(tasks: dict[str, dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    if not tasks:
+        return None
+    return [{"name": name, "accuracy": task["accuracy"], "teacher_accuracy": task["teacher_accuracy"],
+             "evaluation_samples": task["validation_samples"], "passed": not task["acceptance"]["failed_formats"]}
+            for name, task in tasks.items()]
 
 
 def _format_verdicts(metrics: dict[str, Any]) -> list[dict[str, Any]]:

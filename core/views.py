@@ -116,6 +116,38 @@ class MeasuredOn(BaseModel):
                                    "ARM dotprod).")
 
 
+class ControlRun(BaseModel):
+    """A distillation's control: the same student trained alone on the labels (control: true)."""
+
+    accuracy: float = Field(description="The control student's top-1 on the evaluation images.", examples=[0.884])
+    kd_gain_pts: float = Field(description="The distilled student's accuracy minus the control's, in points.",
+                               examples=[1.5])
+
+
+class TeacherFigures(BaseModel):
+    """One member of a distillation's teacher ensemble, on its own view of the evaluation images."""
+
+    id: str = Field(examples=[MODEL_ID_EXAMPLE])
+    arch: str = Field(examples=["resnet18"])
+    weight: float = Field(examples=[1.0])
+    task: str | None = Field(default=None, description="The task it teaches (multi-task distillation).")
+    accuracy: float = Field(examples=[0.97])
+    params: int | None = Field(default=None, examples=[11_000_000])
+    cpu_latency_ms_batch1: float | None = Field(default=None, examples=[2.1])
+
+
+class TaskFigures(BaseModel):
+    """One head of a multi-task student: its accuracy beside its task's teachers'."""
+
+    name: str = Field(examples=["digits"])
+    accuracy: float = Field(description="The head's top-1 on the task's evaluation images (the weights file).",
+                            examples=[0.95])
+    teacher_accuracy: float = Field(description="The task's teachers together, on the same images.",
+                                    examples=[0.97])
+    evaluation_samples: int = Field(examples=[360])
+    passed: bool = Field(description="Whether every file passed this task's checks.")
+
+
 class JobSummary(BaseModel):
     """The input model and the result side by side, in the same shape for every kind of job."""
 
@@ -128,6 +160,11 @@ class JobSummary(BaseModel):
     failed_formats: list[str] = Field(default_factory=list, description="Formats that failed their acceptance "
                                       "checks: not published as results.")
     measured_on: MeasuredOn | None = Field(default=None, description="The CPU the figures were measured on.")
+    control: ControlRun | None = Field(default=None, description="A distillation with control: true: the same "
+                                       "student trained alone, and the KD gain.")
+    teachers: list[TeacherFigures] | None = Field(default=None, description="A distillation with several teachers: "
+                                                  "each member (`before` is the ensemble as a whole).")
+    tasks: list[TaskFigures] | None = Field(default=None, description="A multi-task distillation: each head.")
 
 
 class JobOut(OutModel):

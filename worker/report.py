@@ -153,7 +153,46 @@ def _comparison_section(summary: dict[str, Any] | None) -> list[str]:
     for name, title in FIGURE_NAMES.items():
         lines.append(f"| {title} | {format_figure(name, before.get(name))} | {format_figure(name, after.get(name))} "
                      f"| {describe_change(name, before.get(name), after.get(name))} |")
-    return lines + _formats_lines(summary)
+    return lines + _formats_lines(summary) + _teachers_lines(summary) + _tasks_lines(summary) \
+        + _control_lines(summary)
+
+
+def _teachers_lines(summary: dict[str, Any]) -> list[str]:
+    """Each teacher of an ensemble (the `before` column is all of them together)."""
+    if not summary.get("teachers"):
+        return []
+    lines = ["", "### Teachers", "", "The before column is the teachers together: the accuracy of the weighted mean "
+             "of their probabilities, and the sums of their sizes and latencies (every member runs).", "",
+             "| teacher | task | architecture | weight | accuracy | parameters | CPU latency, batch 1 |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    return lines + [f"| {_code(member['id'])} | {member.get('task') or '-'} | {member['arch']} | "
+                    f"{member['weight']:g} | {format_figure('accuracy', member['accuracy'])} | "
+                    f"{format_figure('params', member.get('params'))} | "
+                    f"{format_figure('cpu_latency_ms_batch1', member.get('cpu_latency_ms_batch1'))} |"
+                    for member in summary["teachers"]]
+
+
+def _tasks_lines(summary: dict[str, Any]) -> list[str]:
+    if not summary.get("tasks"):
+        return []
+    lines = ["", "### Tasks", "", "One student, one head per task, each judged on its own task's evaluation images "
+             "against that task's teachers.", "",
+             "| task | student head | task's teachers | change | evaluation images | verdict |",
+             "|---|---:|---:|---:|---:|---|"]
+    return lines + [f"| {task['name']} | {format_figure('accuracy', task['accuracy'])} | "
+                    f"{format_figure('accuracy', task['teacher_accuracy'])} | "
+                    f"{describe_change('accuracy', task['teacher_accuracy'], task['accuracy'])} | "
+                    f"{task['evaluation_samples']} | {'passed' if task['passed'] else '**REJECTED**'} |"
+                    for task in summary["tasks"]]
+
+
+def _control_lines(summary: dict[str, Any]) -> list[str]:
+    control = summary.get("control")
+    if not control:
+        return []
+    return ["", f"**Control run:** the same student trained alone on the labels (same data, budget and seed) scored "
+            f"{format_figure('accuracy', control['accuracy'])}; distillation gained "
+            f"{control['kd_gain_pts']:+.2f} points over it."]
 
 
 def _replay_section(replay: dict[str, Any] | None) -> list[str]:

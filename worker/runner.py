@@ -23,7 +23,7 @@ from core import lifecycle
 from core.db.models import Artifact, Dataset, Job, Model
 from core.db.session import session_scope, through_outage
 from core.dispatch import dispatch
-from core.jobspec import JobSpecBase, load_stored, stored_form
+from core.jobspec import DistillJobSpec, JobSpecBase, load_stored, stored_form
 from core.logs import job_context
 from core.settings import Settings, get_settings
 from core.storage import BlobStore, StoredBlob, get_store
@@ -107,18 +107,45 @@ def _context(session: Any, job: Job, spec: JobSpecBase, owner: str, settings: Se
     # The API checked that the evaluation set is the tenant's and fits; rows are never removed (deleting marks them).
     eval_dataset = session.get(Dataset, spec.eval_dataset) if spec.eval_dataset not in (None, *BUILTIN_DATASETS) \
         else None
+    teachers = _named_models(session, spec)
     return JobContext(
         job_id=job.id, kind=job.kind, owner=owner, attempt=job.attempt, max_attempts=job.max_attempts,
         spec=spec,
-        teacher=ModelSource(path=store.path_for(teacher.sha256), format=teacher.format, arch=teacher.arch,
-                            input_spec=teacher.input_spec, bytes=teacher.bytes),
+        teacher=_model_source(store, teacher),
         dataset_path=store.path_for(dataset.canonical_sha256) if dataset else None,
         work_dir=job_work_dir(settings, job.id),
-        provenance=_provenance(spec, teacher, dataset, eval_dataset),
+        provenance=_provenance(session, spec, teacher, dataset, eval_dataset, teachers),
         deadline=_deadline(job, spec),
         eval_dataset_path=store.path_for(eval_dataset.canonical_sha256) if eval_dataset else None,
         original=_original(session.get(Job, job.replay_of)) if job.replay_of else None,
+        models={model.id: _model_source(store, model) for model in teachers},
+        dataset_paths={name: _dataset_path(session, store, name) for name in _named_datasets(spec)},
     )
+
+
+def _model_source(store: BlobStore, model: Model) -> ModelSource:
+    return ModelSource(path=store.path_for(model.sha256), format=model.format, arch=model.arch,
+                       input_spec=model.input_spec, bytes=model.bytes, id=model.id)
+
+
+def _named_models(session: Any, spec: JobSpecBase) -> list[Model]:
+    """The models a distillation names as teachers (the API checked each is the tenant's and live)."""
+    if not isinstance(spec, DistillJobSpec):
+        return []
+    return [session.get(Model, model_id) for model_id in dict.fromkeys(ref.model for ref in spec.teacher_refs)]
+
+
+def _named_datasets(spec: JobSpecBase) -> list[str]:
+    names = [spec.dataset, spec.eval_dataset]
+    if isinstance(spec, DistillJobSpec) and spec.tasks is not None:
+        names += [name for task in spec.tasks for name in (task.dataset, task.eval_dataset)]
+    return [name for name in dict.fromkeys(names) if name is not None]
+
+
+def _dataset_path(session: Any, store: BlobStore, name: str) -> Path | None:
+    if name in BUILTIN_DATASETS:
+        return None
+    return store.path_for(session.get(Dataset, name).canonical_sha256)
 
 
 def _original(job: Job | None) -> dict[str, Any] | None:
@@ -138,14 +165,23 @@ def _deadline(job: Job, spec: JobSpecBase) -> datetime | None:
     return as_utc(job.started_at) + timedelta(seconds=limit)
 
 
-def _provenance(spec: JobSpecBase, model: Model, dataset: Dataset | None,
-                eval_dataset: Dataset | None) -> dict[str, Any]:
-    model_fields = {"id": model.id, "name": model.name, "format": model.format, "sha256": model.sha256,
-                    "bytes": model.bytes, "arch": model.arch, "input_spec": model.input_spec}
-    inputs = {"model": model_fields, "dataset": _dataset_fields(spec.dataset, dataset)}
+def _provenance(session: Any, spec: JobSpecBase, model: Model, dataset: Dataset | None,
+                eval_dataset: Dataset | None, teachers: list[Model]) -> dict[str, Any]:
+    inputs: dict[str, Any] = {"model": _model_fields(model), "dataset": _dataset_fields(spec.dataset, dataset)}
     if spec.eval_dataset is not None:
         inputs["eval_dataset"] = _dataset_fields(spec.eval_dataset, eval_dataset)
+    if len(teachers) > 1:
+        inputs["teachers"] = [_model_fields(teacher) for teacher in teachers]
+    if isinstance(spec, DistillJobSpec) and spec.tasks is not None:
+        inputs["task_datasets"] = {
+            name: _dataset_fields(name, None if name in BUILTIN_DATASETS else session.get(Dataset, name))
+            for name in _named_datasets(spec)}
     return inputs
+
+
+def _model_fields(model: Model) -> dict[str, Any]:
+    return {"id": model.id, "name": model.name, "format": model.format, "sha256": model.sha256, "bytes": model.bytes,
+            "arch": model.arch, "input_spec": model.input_spec}
 
 
 def _dataset_fields(name: str, dataset: Dataset | None) -> dict[str, Any]:

@@ -70,3 +70,19 @@ def test_the_job_fails_only_when_no_result_passed_and_says_what_to_try() -> None
     assert status == "failed" and error is not None and message == f"failed: {error}"
     assert error.startswith("no file passed its acceptance checks: the torchscript file scores 50.00%")
     assert "1 other file(s) failed too" in error and "What to try: try method 'qat'" in error
+
+
+def test_a_multi_head_file_passes_only_if_every_head_does() -> None:
+    """One head at chance makes the whole file not a result, whatever the other head scores."""
+    digits = acceptance.check(gate(None), {"onnx": entry(0.96), "torchscript": entry(0.95)})
+    shapes = acceptance.check(gate(None, reference=0.91, source=0.90),
+                              {"onnx": entry(0.10), "torchscript": entry(0.90)})
+    combined = acceptance.combine({"digits": digits, "shapes": shapes})
+    assert combined["failed_formats"] == ["onnx"] and combined["passed_formats"] == ["torchscript"]
+    onnx = combined["formats"]["onnx"]
+    assert onnx["accuracy"] == pytest.approx(0.53) and onnx["drop_pts"] == 81.0
+    assert onnx["reasons"] and all(reason.startswith("shapes: ") for reason in onnx["reasons"])
+    assert onnx["by_task"]["digits"]["passed"] and not onnx["by_task"]["shapes"]["passed"]
+    assert len(combined["notes"]) == 1 and "onnx" in combined["notes"][0]
+    status, _, error = acceptance.conclusion("distill", acceptance.combine({"shapes": shapes}))
+    assert status == "succeeded" and error is None

@@ -252,3 +252,41 @@ def test_a_replay_of_a_job_without_figures_says_so() -> None:
                                  original_run(PRUNE_METRICS, ENVIRONMENT))
     assert "Same Python, device and library versions as the original." in report.model_card(same, [])
     assert "replay_of" not in document("prune", PRUNE_METRICS)
+
+
+def _verdicts(accuracy: float, passed: bool) -> dict[str, Any]:
+    entry = {"accuracy": accuracy, "agreement": 0.97, "agreement_with": "digits teachers", "drop_pts": 1.0,
+             "source_drop_pts": 0.0, "dominant_class_share": 0.12, "passed": passed,
+             "reasons": [] if passed else ["scores 10.00%, no better than chance"]}
+    return {"formats": {"safetensors": entry, "onnx": entry}, "failed_formats": [] if passed else ["onnx"]}
+
+
+MANY_TEACHERS_METRICS: dict[str, Any] = {
+    **DISTILL_METRICS,
+    "control": {"accuracy": 0.94, "kd_gain_pts": 1.33, "what": "the same student trained alone"},
+    "teachers": [{"id": "mdl_a", "arch": "small_cnn", "weight": 1.0, "task": "digits", "accuracy": 0.97,
+                  "param_count": 100, "cpu_latency_ms_batch1": 0.2},
+                 {"id": "mdl_b", "arch": "resnet18", "weight": 2.0, "task": "shapes", "accuracy": 0.91,
+                  "param_count": 11_000_000, "cpu_latency_ms_batch1": 2.5}],
+    "tasks": {"digits": {"accuracy": 0.95, "teacher_accuracy": 0.97, "validation_samples": 360,
+                         "acceptance": _verdicts(0.95, True)},
+              "shapes": {"accuracy": 0.12, "teacher_accuracy": 0.91, "validation_samples": 400,
+                         "acceptance": _verdicts(0.12, False)}},
+}
+
+
+def test_a_distillation_with_teachers_tasks_and_a_control_run_summarizes_and_reports_each() -> None:
+    summary = summarize("distill", MANY_TEACHERS_METRICS)
+    assert summary is not None
+    assert summary["control"] == {"accuracy": 0.94, "kd_gain_pts": 1.33}
+    assert [(member["id"], member["task"], member["params"]) for member in summary["teachers"]] == [
+        ("mdl_a", "digits", 100), ("mdl_b", "shapes", 11_000_000)]
+    assert [(task["name"], task["evaluation_samples"], task["passed"]) for task in summary["tasks"]] == [
+        ("digits", 360, True), ("shapes", 400, False)]
+    card = report.model_card(document("distill", MANY_TEACHERS_METRICS), [])
+    assert "| digits | 95.00% | 97.00% | -2.00 pts | 360 | passed |" in card
+    assert "| shapes | 12.00% | 91.00% | -79.00 pts | 400 | **REJECTED** |" in card
+    assert "| `mdl_b` | shapes | resnet18 | 2 | 91.00% | 11,000,000 | 2.500 ms |" in card
+    assert "scored 94.00%; distillation gained +1.33 points over it" in card
+    plain = report.model_card(document("distill", DISTILL_METRICS), [])
+    assert "### Tasks" not in plain and "Control run" not in plain and "### Teachers" not in plain

@@ -322,7 +322,8 @@ def multitask_student_arch(student: StudentSpec, heads: dict[str, int], input: I
 
 
 def student_arch(student: StudentSpec, teacher: ArchSpec, teacher_name: str = "the teacher") -> ArchSpec:
-    """The student's full spec: its own architecture and kwargs, the teacher's input and classes. Raises SpecError
+    """The student's full spec: its own architecture, kwargs and input (the teacher's unless it gives one), the
+    teacher's classes. Raises SpecError
     when it declares other classes, ValidationError when the rest does not validate."""
     from worker.engine.errors import SpecError
 
@@ -331,7 +332,7 @@ def student_arch(student: StudentSpec, teacher: ArchSpec, teacher_name: str = "t
         raise SpecError(f"student.kwargs.num_classes is {declared} but {teacher_name} predicts "
                         f"{teacher.num_classes} classes; omit it to use the teacher's")
     return ArchSpec(arch=student.arch, kwargs={**student.kwargs, "num_classes": teacher.num_classes},
-                    input=teacher.input)
+                    input=student.input or teacher.input)
 
 
 class TrainingConfig(Spec):

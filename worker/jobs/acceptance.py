@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from statistics import fmean
 from typing import Any
 
 # How far below its float source a published format may score: int8 rounding costs a fraction of a point on a
@@ -65,12 +66,17 @@ def check(gate: Gate, formats: Mapping[str, Mapping[str, Any]]) -> dict[str, Any
     """Each format's verdict: `formats` maps a format to its "accuracy", "agreement" (top-1 agreement with
     `agreement_with`) and "dominant_class_share" (the share of images given its most frequent prediction)."""
     results = {fmt: _verdict(gate, entry) for fmt, entry in formats.items()}
-    failed = [fmt for fmt, result in results.items() if not result["passed"]]
     return {"reference": gate.reference, "reference_accuracy": gate.reference_accuracy,
             "max_accuracy_drop_pts": gate.max_drop_pts, "float_source": gate.float_source,
             "float_source_accuracy": gate.float_source_accuracy, "format_tolerance_pts": FORMAT_TOLERANCE_PTS,
             "constant_guess_accuracy": round(gate.constant_guess, 4), "floor_accuracy": round(gate.floor, 4),
-            "formats": results, "passed_formats": [fmt for fmt in results if fmt not in failed],
+            **_outcome(results)}
+
+
+def _outcome(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Every file's verdict, which passed and which did not, and a note for each that did not."""
+    failed = [fmt for fmt, result in results.items() if not result["passed"]]
+    return {"formats": dict(results), "passed_formats": [fmt for fmt in results if fmt not in failed],
             "failed_formats": failed,
             "notes": [f"NOT A RESULT: the {fmt} file {'; '.join(results[fmt]['reasons'])}; kept only as a "
                       f"diagnostic (REJECTED-*), do not deploy it" for fmt in failed]}
@@ -115,3 +121,29 @@ def conclusion(kind: str, acceptance: Mapping[str, Any]) -> tuple[str, str, str 
     error = (f"no file passed its acceptance checks: the {failed[0]} file {'; '.join(first['reasons'])}{others}. "
              f"What to try: {ADVICE[kind]}")
     return "failed", f"failed: {error}", error
+
+
+def combine(by_task: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """One verdict per file of a multi-task model from each task's `check`: a file is a result only if every task's
+    head passed (a model whose one head is at chance is not good); its figures are the worst task's (agreement,
+    drops, collapse) and the mean accuracy, with every task's verdict under `by_task`."""
+    first = next(iter(by_task.values()))
+    formats = {fmt: _combined_verdict({task: result["formats"][fmt] for task, result in by_task.items()})
+               for fmt in first["formats"]}
+    return {"reference": "each task's teachers",
+            "reference_accuracy": fmean(result["reference_accuracy"] for result in by_task.values()),
+            "max_accuracy_drop_pts": {task: result["max_accuracy_drop_pts"] for task, result in by_task.items()},
+            "float_source": first["float_source"], "format_tolerance_pts": FORMAT_TOLERANCE_PTS,
+            **_outcome(formats)}
+
+
+def _combined_verdict(verdicts: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    entries = list(verdicts.values())
+    return {"accuracy": fmean(entry["accuracy"] for entry in entries),
+            "agreement": min(entry["agreement"] for entry in entries), "agreement_with": entries[0]["agreement_with"],
+            "drop_pts": max(entry["drop_pts"] for entry in entries),
+            "source_drop_pts": max(entry["source_drop_pts"] for entry in entries),
+            "dominant_class_share": max(entry["dominant_class_share"] for entry in entries),
+            "passed": all(entry["passed"] for entry in entries),
+            "reasons": [f"{task}: {reason}" for task, entry in verdicts.items() for reason in entry["reasons"]],
+            "by_task": dict(verdicts)}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -34,6 +34,7 @@ class ModelSource:
     arch: dict[str, Any]
     input_spec: dict[str, Any]
     bytes: int
+    id: str = ""
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class JobContext(Generic[SpecT]):
     eval_dataset_path: Path | None = None  # None: no spec.eval_dataset, or the built-in it names
     # A replay's original job, for its report: {"id", "kind", "status", "metrics", "finished_at", "environment"}.
     original: dict[str, Any] | None = None
+    # Every model the spec names by id (a distillation's teachers), and every dataset it names (a multi-task
+    # distillation's too) by name or id: its canonical file, None for the built-in of that name.
+    models: dict[str, ModelSource] = field(default_factory=dict)
+    dataset_paths: dict[str, Path | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from torch import nn
 from core.settings import get_settings
 from worker.engine import data, models
 from worker.engine.config import ArchSpec, InputSpec
-from worker.jobs.base import JobContext
+from worker.jobs.base import JobContext, ModelSource
 
 TensorPair = tuple[torch.Tensor, torch.Tensor]
 
@@ -38,42 +38,63 @@ class JobInputs:
 
 def load(ctx: JobContext[Any]) -> JobInputs:
     """Everything a job starts from: the input model, the dataset split by the spec's seed, the evaluation set."""
-    arch, model = _load_input_model(ctx)
-    train, val = _load_splits(ctx, arch.input)
-    evaluation, source = _evaluation(ctx, arch.input, val)
-    return JobInputs(arch=arch, model=model, train=train, val=val, evaluation=evaluation, evaluation_source=source)
+    arch, model = load_model(ctx.teacher)
+    images = split_images(ctx, ctx.spec.dataset, ctx.spec.eval_dataset)
+    return JobInputs(arch=arch, model=model, train=tensors(images.train, arch.input),
+                     val=tensors(images.val, arch.input), evaluation=tensors(images.evaluation, arch.input),
+                     evaluation_source=images.evaluation_source)
 
 
-def _evaluation(ctx: JobContext[Any], input_spec: InputSpec, val: TensorPair) -> tuple[TensorPair, dict[str, Any]]:
-    name = ctx.spec.eval_dataset
-    if name is None:
-        return val, {"source": "split", "dataset": ctx.spec.dataset, "samples": len(val[1]),
-                     "note": SPLIT_NOTE.format(samples=len(val[1]))}
-    dataset = _dataset(ctx.eval_dataset_path, name)
-    evaluation = data.to_model_input(dataset.x, input_spec), torch.from_numpy(dataset.y)
-    return evaluation, {"source": "eval_dataset", "dataset": name, "samples": len(dataset.y),
-                        "note": EVAL_DATASET_NOTE.format(name=name, samples=len(dataset.y))}
+@dataclass(frozen=True)
+class SplitImages:
+    """A dataset's images split by the job's seed and val_fraction, before any model's preprocessing, so that
+    models with different input specs each see them their own way."""
+
+    train: data.ArrayDataset
+    val: data.ArrayDataset  # held out from training: progress and the choices made while training
+    evaluation: data.ArrayDataset  # what every reported accuracy is measured on: eval_dataset if given, else val
+    evaluation_source: dict[str, Any]  # which of the two, in words, for the summary and the report
 
 
-def _dataset(path: Path | None, builtin_name: str) -> data.ArrayDataset:
-    return data.load_canonical(path) if path else data.load_builtin(builtin_name)
+def split_images(ctx: JobContext[Any], dataset_name: str, eval_name: str | None) -> SplitImages:
+    dataset = _dataset(ctx, dataset_name)
+    train_idx, val_idx = data.stratified_split(dataset.y, ctx.spec.val_fraction, ctx.spec.seed)
+    train, val = _subset(dataset, train_idx), _subset(dataset, val_idx)
+    if eval_name is None:
+        return SplitImages(train, val, val, {"source": "split", "dataset": dataset_name, "samples": len(val.y),
+                                             "note": SPLIT_NOTE.format(samples=len(val.y))})
+    evaluation = _dataset(ctx, eval_name)
+    return SplitImages(train, val, evaluation, {
+        "source": "eval_dataset", "dataset": eval_name, "samples": len(evaluation.y),
+        "note": EVAL_DATASET_NOTE.format(name=eval_name, samples=len(evaluation.y))})
 
 
-def _input_arch(ctx: JobContext[Any]) -> ArchSpec:
-    return ArchSpec.from_stored(ctx.teacher.arch, ctx.teacher.input_spec)
+def tensors(images: data.ArrayDataset, input_spec: InputSpec) -> TensorPair:
+    """Images as a model with `input_spec` takes them, with their labels."""
+    return data.to_model_input(images.x, input_spec), torch.from_numpy(images.y)
 
 
-def _load_input_model(ctx: JobContext[Any]) -> tuple[ArchSpec, nn.Module]:
-    arch = _input_arch(ctx)
+def _subset(dataset: data.ArrayDataset, indices: Any) -> data.ArrayDataset:
+    return data.ArrayDataset(dataset.x[indices], dataset.y[indices], dataset.class_names)
+
+
+def _dataset(ctx: JobContext[Any], name: str) -> data.ArrayDataset:
+    """The dataset the spec names `name` (the runner found its file; a built-in has none)."""
+    path = ctx.dataset_paths.get(name, _legacy_path(ctx, name))
+    return data.load_canonical(path) if path else data.load_builtin(name)
+
+
+def _legacy_path(ctx: JobContext[Any], name: str) -> Path | None:
+    # Contexts built without dataset_paths (engine-level callers such as bench/quality.py) name only these two.
+    return ctx.dataset_path if name == ctx.spec.dataset else ctx.eval_dataset_path
+
+
+def load_model(source: ModelSource) -> tuple[ArchSpec, nn.Module]:
+    """A stored model, rebuilt from its spec."""
+    arch = ArchSpec.from_stored(source.arch, source.input_spec)
     # Read now, not at upload: a TorchScript model accepted while the setting was on stays unloadable once off.
     allow_code = get_settings().allow_code_checkpoints
-    return arch, models.load_model(ctx.teacher.path, ctx.teacher.format, arch, allow_code=allow_code)
-
-
-def _load_splits(ctx: JobContext[Any], input_spec: InputSpec) -> tuple[TensorPair, TensorPair]:
-    """(train, val) by the job's seed and val_fraction; val is held out from training and calibration."""
-    dataset = _dataset(ctx.dataset_path, ctx.spec.dataset)
-    return data.train_val_tensors(dataset, input_spec, ctx.spec.val_fraction, ctx.spec.seed)
+    return arch, models.load_model(source.path, source.format, arch, allow_code=allow_code)
 
 
 def calibration_subset(train: TensorPair, count: int, seed: int) -> TensorPair:

@@ -49,7 +49,7 @@ class HeldOut:
 
     @property
     def input_accuracy(self) -> float:
-        return _fraction_equal(self.input_predictions, self.y)
+        return fraction_equal(self.input_predictions, self.y)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -60,12 +60,12 @@ class HeldOut:
         return torch.bincount(self.y, minlength=self.num_classes).tolist()
 
     def scores(self, predictions: torch.Tensor) -> dict[str, float]:
-        return {"accuracy": _fraction_equal(predictions, self.y),
-                "agreement_with_input": _fraction_equal(predictions, self.input_predictions),
+        return {"accuracy": fraction_equal(predictions, self.y),
+                "agreement_with_input": fraction_equal(predictions, self.input_predictions),
                 "dominant_class_share": torch.bincount(predictions).max().item() / len(predictions)}
 
 
-def _fraction_equal(a: torch.Tensor, b: torch.Tensor) -> float:
+def fraction_equal(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a == b).sum().item() / len(a)  # exact, like evaluate.accuracy (a float32 mean is not)
 
 
@@ -103,7 +103,7 @@ def measure_artifact(path: Path, runtime: str, held_out: HeldOut, engine_predict
     predictions = evaluate.predict(model, held_out.x)
     result: dict[str, Any] = {"runtime": runtime, "file_bytes": path.stat().st_size, **held_out.scores(predictions)}
     if engine_predictions is not None:
-        result["agreement_with_engine_model"] = _fraction_equal(predictions, engine_predictions)
+        result["agreement_with_engine_model"] = fraction_equal(predictions, engine_predictions)
     on_step()
     return result
 

@@ -347,10 +347,50 @@ class JobPage extends LivePage {
     return [failed.length ? h("p", { class: "error-box", "data-testid": "failed-formats" },
       `Not results: the ${failed.join(" and ")} file(s) failed their acceptance checks and are kept only as `
       + "diagnostics (REJECTED-*). See the notes.") : null,
-    table, this.formats(summary.formats || []),
+    table, this.formats(summary.formats || []), this.tasks(summary.tasks), this.teachers(summary.teachers),
+    this.control(summary.control),
     h("p", { class: "muted small", "data-testid": "evaluation" }, `Accuracy: ${evaluation} Latency of the `
       + `TorchScript files on the worker's CPU${cpu}.`),
     notes.length ? h("ul", { class: "notes" }, notes) : null, this.work(job.metrics.work)];
+  }
+
+  // A multi-task student: each head beside its own task's teachers.
+  tasks(tasks) {
+    if (!tasks || !tasks.length) return null;
+    const rows = tasks.map((task) => {
+      const [changeText, tone] = fmt.change("accuracy", task.teacher_accuracy, task.accuracy);
+      return h("tr", { "data-task": task.name }, h("th", {}, task.name),
+        h("td", { class: "num" }, fmt.percent(task.accuracy, 2)),
+        h("td", { class: "num" }, fmt.percent(task.teacher_accuracy, 2)),
+        h("td", { class: `num ${tone}` }, changeText),
+        h("td", { class: task.passed ? "good" : "bad" }, task.passed ? "passed" : "rejected"));
+    });
+    return h("table", { class: "table compact", "data-testid": "task-table" },
+      h("thead", {}, h("tr", {}, h("th", {}, "task (head)"), h("th", { class: "num" }, "student"),
+        h("th", { class: "num" }, "task's teachers"), h("th", { class: "num" }, "change"), h("th", {}, "verdict"))),
+      h("tbody", {}, rows));
+  }
+
+  // An ensemble's members (the "before" column is all of them together).
+  teachers(teachers) {
+    if (!teachers || !teachers.length) return null;
+    const rows = teachers.map((member) => h("tr", { "data-teacher": member.id }, h("th", {}, member.id),
+      h("td", {}, member.task || "–"), h("td", {}, member.arch), h("td", { class: "num" }, String(member.weight)),
+      h("td", { class: "num" }, fmt.percent(member.accuracy, 2)),
+      h("td", { class: "num" }, fmt.figure("cpu_latency_ms_batch1", member.cpu_latency_ms_batch1))));
+    return h("table", { class: "table compact", "data-testid": "teacher-table" },
+      h("thead", {}, h("tr", {}, h("th", {}, "teacher"), h("th", {}, "task"), h("th", {}, "architecture"),
+        h("th", { class: "num" }, "weight"), h("th", { class: "num" }, "accuracy"),
+        h("th", { class: "num" }, "CPU latency, batch 1"))),
+      h("tbody", {}, rows));
+  }
+
+  control(control) {
+    if (!control) return null;
+    const gain = control.kd_gain_pts;
+    return h("p", { "data-testid": "control-run" }, "Control: the same student trained alone scored ",
+      h("strong", {}, fmt.percent(control.accuracy, 2)), "; distillation gained ",
+      h("strong", { class: gain >= 0 ? "good" : "bad" }, `${gain >= 0 ? "+" : ""}${gain.toFixed(2)} pts`), ".");
   }
 
   // What the job did to the model, and what it did not do that a reader might assume it did.
