@@ -173,6 +173,13 @@ def show_job(job: dict[str, Any]) -> None:
         typer.echo(f"{'evaluated':<10}{summary['evaluation']['note']}")
     for entry in summary.get("formats") or []:
         typer.echo(f"{'format':<10}{format_line(entry)}")
+    for task in summary.get("tasks") or []:
+        typer.echo(f"{'task':<10}{task['name']}: {task['accuracy']:.2%} (its teachers {task['teacher_accuracy']:.2%}), "
+                   f"{'passed' if task['passed'] else 'REJECTED'}")
+    if summary.get("control"):
+        control = summary["control"]
+        typer.echo(f"{'control':<10}the student trained alone {control['accuracy']:.2%}; KD gain "
+                   f"{control['kd_gain_pts']:+.2f} pts")
     metrics = list(flat_metrics(job.get("metrics") or {}))
     if metrics:
         typer.echo("metrics")

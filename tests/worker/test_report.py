@@ -290,3 +290,15 @@ def test_a_distillation_with_teachers_tasks_and_a_control_run_summarizes_and_rep
     assert "scored 94.00%; distillation gained +1.33 points over it" in card
     plain = report.model_card(document("distill", DISTILL_METRICS), [])
     assert "### Tasks" not in plain and "Control run" not in plain and "### Teachers" not in plain
+
+
+def test_the_cli_shows_each_head_and_the_control_run(capsys: pytest.CaptureFixture[str]) -> None:
+    from app.client_cli.jobs import show_job
+
+    show_job({"id": "job_1", "kind": "distill", "status": "succeeded", "attempt": 1, "max_attempts": 3,
+              "model": "mdl_a", "dataset": "digits", "created_at": "2026-11-30T00:00:00Z",
+              "summary": summarize("distill", MANY_TEACHERS_METRICS), "metrics": {}})
+    shown = capsys.readouterr().out
+    assert "task      digits: 95.00% (its teachers 97.00%), passed" in shown
+    assert "task      shapes: 12.00% (its teachers 91.00%), REJECTED" in shown
+    assert "control   the student trained alone 94.00%; KD gain +1.33 pts" in shown
