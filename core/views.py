@@ -52,6 +52,9 @@ class JobProgress(BaseModel):
         default=None, description="The epoch's mean cross-entropy against the labels (the whole loss when "
         "training without a teacher).", examples=[0.35])
     val_accuracy: float | None = Field(default=None, examples=[0.93])
+    val_accuracy_by_task: dict[str, float] | None = Field(
+        default=None, description="A multi-task distillation's last completed epoch's accuracy per task (head); "
+        "val_accuracy is their mean.", examples=[{"digits": 0.95, "shapes": 0.81}])
 
 
 class ModelFigures(BaseModel):

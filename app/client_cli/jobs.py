@@ -113,6 +113,9 @@ def progress_fields(snapshot: dict[str, Any]) -> dict[str, Any]:
     eta = progress.get("eta_seconds")
     metrics = "  ".join(f"{label} {progress[name]:.4f}" for name, label in
                         (("train_loss", "loss"), ("val_accuracy", "val acc")) if progress.get(name) is not None)
+    # A multi-task run: each head's accuracy after the mean.
+    metrics += "".join(f"  {task} {accuracy:.4f}" for task, accuracy in
+                       (progress.get("val_accuracy_by_task") or {}).items())
     return {"description": description, "completed": progress.get("step") or 0,
             "total": progress.get("total_steps"), "eta": f"ETA {_duration(eta)}" if eta is not None else "",
             "metrics": metrics}

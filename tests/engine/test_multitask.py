@@ -87,6 +87,9 @@ def test_one_student_learns_both_tasks_far_above_chance(tasks) -> None:
         assert entry["train_loss"] == pytest.approx(0.9 * 16 * entry["kd_loss"] + 0.1 * entry["ce_loss"], rel=1e-5)
     steps = (len(tasks[0].train.y) + len(tasks[1].train.y)) // 64
     assert events[-1].step == events[-1].total_steps == 4 * steps and {event.stage for event in events} == {"distill"}
+    # Progress carries each head's accuracy from the end of the first epoch on (none before: nothing measured).
+    assert events[0].val_accuracy_by_task is None
+    assert events[-1].val_accuracy_by_task == result.history[-1]["val_accuracy_by_task"]
 
 
 def test_cross_task_soft_targets_add_a_soft_term_and_the_teachers_see_the_students_crops(tasks) -> None:

@@ -302,3 +302,12 @@ def test_the_cli_shows_each_head_and_the_control_run(capsys: pytest.CaptureFixtu
     assert "task      digits: 95.00% (its teachers 97.00%), passed" in shown
     assert "task      shapes: 12.00% (its teachers 91.00%), REJECTED" in shown
     assert "control   the student trained alone 94.00%; KD gain +1.33 pts" in shown
+
+
+def test_cli_progress_shows_each_heads_accuracy() -> None:
+    from app.client_cli.jobs import progress_fields
+
+    fields = progress_fields({"status": "running", "progress": {
+        "stage": "distill", "epoch": 2, "epochs": 5, "step": 10, "total_steps": 50, "train_loss": 0.5,
+        "val_accuracy": 0.8, "val_accuracy_by_task": {"digits": 0.9, "shapes": 0.7}}})
+    assert fields["metrics"] == "loss 0.5000  val acc 0.8000  digits 0.9000  shapes 0.7000"

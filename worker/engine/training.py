@@ -57,6 +57,8 @@ class Progress:
     train_loss: float | None  # the epoch's mean loss so far (on CUDA, as of a recent step)
     val_accuracy: float | None  # the last completed epoch's; None during the first
     eta_seconds: float | None
+    # A multi-task run's last completed epoch's accuracy per task (val_accuracy is their mean); None for one task.
+    val_accuracy_by_task: dict[str, float] | None = None
     # The parts of train_loss that the task has, means over the same steps: Hinton's loss is
     # alpha * T² * kd_loss + (1 - alpha) * ce_loss; plain training has ce_loss alone.
     kd_loss: float | None = None
@@ -216,7 +218,7 @@ def fit(task: Task, model: nn.Module, train: TensorPair, val: TensorPair, config
             validation = run.validate()
             run.history.append({"epoch": epoch + 1, **run.reported(losses), **validation})
             run.completed_epochs = epoch + 1
-            on_progress(run.progress(epoch, run.steps_per_epoch * (epoch + 1), losses, validation["val_accuracy"]))
+            on_progress(run.progress(epoch, run.steps_per_epoch * (epoch + 1), losses, validation))
             checkpointer.in_background()
     accuracies = [entry["val_accuracy"] for entry in run.history]
     return TrainingResult(
@@ -317,14 +319,14 @@ class _Run:
         running_loss = _RunningLoss(self.plan.device, len(self.epoch_loss_sums))
         first_index = self.step_in_epoch
         # Mid-epoch reports carry the last completed epoch's accuracy: the latest known.
-        val_accuracy = self.history[-1]["val_accuracy"] if self.history else None
+        validation = self.history[-1] if self.history else None
         for index in range(first_index, self.steps_per_epoch):
             self.epoch_loss_sums += self._step(order[index * self.batch_size : (index + 1) * self.batch_size])
             self.step_in_epoch = index + 1
             running_loss.update(self.epoch_loss_sums, index + 1, first=index == first_index)
             step = epoch * self.steps_per_epoch + index + 1
             try:
-                on_progress(self.progress(epoch, step, running_loss.value, val_accuracy))
+                on_progress(self.progress(epoch, step, running_loss.value, validation))
             except Interrupted:
                 checkpointer.before_stopping()
                 raise
@@ -359,14 +361,18 @@ class _Run:
         loss, *parts = losses
         return {"train_loss": loss, **(dict(zip(self.task.parts, parts, strict=True)) if self.parts_known else {})}
 
-    def progress(self, epoch: int, step: int, losses: list[float] | None, val_accuracy: float | None) -> Progress:
+    def progress(self, epoch: int, step: int, losses: list[float] | None,
+                 validation: dict[str, Any] | None) -> Progress:
+        """Where the run is; `validation`: the last completed epoch's (None during the first)."""
+        validation = validation or {}
         return Progress(
             stage=self.task.stage,
             epoch=epoch + 1,
             epochs=self.config.epochs,
             step=step,
             total_steps=self.total_steps,
-            val_accuracy=val_accuracy,
+            val_accuracy=validation.get("val_accuracy"),
+            val_accuracy_by_task=validation.get("val_accuracy_by_task"),
             eta_seconds=self._eta(step),
             **self.reported(losses),
         )

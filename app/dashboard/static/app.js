@@ -148,6 +148,10 @@ function progressOf(job) {
     parts.push(`epoch ${progress.epoch}/${progress.epochs}`);
   }
   if (progress.stage_steps) parts.push(`${progress.stage_step ?? 0}/${progress.stage_steps}`);
+  // A multi-task run: each head's accuracy after the last epoch.
+  for (const [task, accuracy] of Object.entries(progress.val_accuracy_by_task || {})) {
+    parts.push(`${task} ${fmt.percent(accuracy, 1)}`);
+  }
   if (progress.eta_seconds != null && job.status === "running" && !FINISHING_STAGES.has(progress.stage)) {
     parts.push(`ETA ${fmt.duration(progress.eta_seconds)}`);
   }
