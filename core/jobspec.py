@@ -114,7 +114,7 @@ class DistillTask(Spec):
                                      "eval_dataset, for this task's accuracy.")
     max_accuracy_drop_pts: float | None = Field(
         default=None, ge=0, le=100, description="Gate for this task's head: at most this many points below the "
-        "task's best teacher; off by default.")
+        "task's teachers as they predict together; by default the job's max_accuracy_drop_pts (off unless set).")
 
 
 class DistillJobSpec(JobSpecBase):

@@ -90,7 +90,8 @@ def _measure(ctx: JobContext[DistillJobSpec], tasks: list[LoadedTask], student_s
     separate single-task students in the same rounds."""
     student = models.load_model(weights, "safetensors", student_spec)
     loaded_files = {fmt: measure.load_artifact(path) for fmt, path in runnable.items()}
-    measured = {task.spec.name: _measure_task(ctx.work_dir, task, student_spec.input, student, loaded_files, on_step)
+    measured = {task.spec.name: _measure_task(ctx.work_dir, task, student_spec.input, student, loaded_files,
+                                              _gate(ctx.spec, task.spec), on_step)
                 for task in tasks}
     members = [member for task in measured.values() for member in task.pop("members")]
     input_shape = (student_spec.input.channels, student_spec.input.image_size, student_spec.input.image_size)
@@ -120,8 +121,14 @@ def _measure(ctx: JobContext[DistillJobSpec], tasks: list[LoadedTask], student_s
     }
 
 
+def _gate(spec: DistillJobSpec, task: DistillTask) -> float | None:
+    """A task's own max_accuracy_drop_pts, or the job's when the task gives none."""
+    return task.max_accuracy_drop_pts if task.max_accuracy_drop_pts is not None else spec.max_accuracy_drop_pts
+
+
 def _measure_task(folder: Path, task: LoadedTask, student_input: InputSpec, student: nn.Module,
-                  loaded_files: dict[str, Any], on_step: Callable[[], None]) -> dict[str, Any]:
+                  loaded_files: dict[str, Any], max_drop_pts: float | None,
+                  on_step: Callable[[], None]) -> dict[str, Any]:
     """One head: the weights file and every downloaded file on the task's evaluation images, judged against the
     task's teachers (who each see the images their own way)."""
     name = task.spec.name
@@ -141,7 +148,7 @@ def _measure_task(folder: Path, task: LoadedTask, student_input: InputSpec, stud
     return {"accuracy": weights_scores["accuracy"], "teacher_accuracy": held_out.input_accuracy,
             "agreement_with_teachers": weights_scores["agreement_with_input"], "validation_samples": len(y),
             "evaluation": task.images.evaluation_source, "artifacts": artifacts, "members": members,
-            "acceptance": measure.judge(held_out, task.spec.max_accuracy_drop_pts, f"{name} teachers", "output",
+            "acceptance": measure.judge(held_out, max_drop_pts, f"{name} teachers", "output",
                                         weights_scores["accuracy"], artifacts, weights=weights_scores)}
 
 
@@ -202,7 +209,7 @@ def _work(spec: DistillJobSpec, tasks: list[LoadedTask], student_spec: ArchSpec)
             "size and latency set against all the teachers together and against one student per task"]
     not_done = ["no pruning and no quantization: float32 weights (multi-head models cannot be pruned or quantized "
                 "by this service yet)"]
-    gates = [task.spec.name for task in tasks if task.spec.max_accuracy_drop_pts is None]
+    gates = [task.spec.name for task in tasks if _gate(spec, task.spec) is None]
     if gates:
         not_done.append(f"no accuracy gate against the teachers of {', '.join(gates)} (the task's "
                         "max_accuracy_drop_pts unset)")
