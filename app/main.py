@@ -55,7 +55,7 @@ latency figure is measured on the file you download, run as you will run it.
 
 1. `POST /v1/models`: upload the model's weights (safetensors or a state_dict) with its architecture spec.
 2. `POST /v1/datasets`: upload labelled images (.npz, or a zip/tar of class folders), or use a built-in
-   (`digits`, `photo-patches`; `GET /v1/datasets/builtin` describes them).
+   (`digits`, `photo-patches`, `shapes`; `GET /v1/datasets/builtin` describes them).
 3. `POST /v1/jobs`: submit a job (`kind`: distill, prune or quantize); poll `GET /v1/jobs/{id}` for progress
    and metrics.
 4. `GET /v1/artifacts/{id}/download`: download the result (resumable with Range; check the sha256).

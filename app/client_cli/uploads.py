@@ -114,7 +114,7 @@ def datasets_upload(
 @datasets_app.command("list")
 def datasets_list(ctx: typer.Context, limit: LimitOption = 20, include_deleted: IncludeDeletedOption = False,
                   as_json: JsonOption = False) -> None:
-    """Your datasets, newest first (the built-ins, `digits` and `photo-patches`, need no upload)."""
+    """Your datasets, newest first (the built-ins, `digits`, `photo-patches` and `shapes`, need no upload)."""
     _list_resource(ctx, "datasets", limit, include_deleted, as_json,
                    ["id", "name", "images", "classes", "shape", "created"],
                    lambda d: [d["id"], d["name"], d["num_samples"], d["num_classes"], d["image_shape"],

@@ -58,6 +58,9 @@ BUILTIN_DESCRIPTIONS = {
     "digits": "1,797 real 8x8 grayscale handwritten digits (0-9) from scikit-learn (UCI optical recognition).",
     "photo-patches": "1,400 32x32 RGB crops of 14 photographs shipped with scikit-image and scikit-learn; the class "
     "is the photograph. Each crop comes from its own part of its photograph, so validation crops are unseen.",
+    "shapes": "2,000 32x32 RGB images of 10 rendered shapes (circle, square, triangle, pentagon, hexagon, star, cross, "
+    "ring, crescent, arrow), 200 each, drawn with a fixed seed: random colour, size, place and rotation over a "
+    "textured background.",
 }
 
 UPLOAD_OPENAPI = multipart_openapi(

@@ -114,7 +114,7 @@ def test_the_model_and_dataset_are_checked_like_a_teacher(client: TestClient, au
                                             "dataset id"),
         (body("prune", five_classes), 422, f"the dataset has 10 classes but the model {five_classes} predicts 5; "
                                            "fine-tuning and evaluating a pruned model needs the same classes"),
-        (body("quantize", model_id, dataset="mnist"), 422, "a built-in name (digits, photo-patches)"),
+        (body("quantize", model_id, dataset="mnist"), 422, "a built-in name (digits, photo-patches, shapes)"),
     ]
     for payload, status, message_part in cases:
         response = client.post("/v1/jobs", headers=auth_headers, json=payload)

@@ -34,7 +34,7 @@ def test_upload_npz_then_read_it_back(client: TestClient, app_env: AppEnv, auth_
     assert client.get(f"/v1/datasets/{dataset['id']}", headers=auth_headers).json() == dataset
     listing = client.get("/v1/datasets", headers=auth_headers).json()
     assert listing["items"] == [dataset]
-    assert listing["builtin"] == ["digits", "photo-patches"]
+    assert listing["builtin"] == ["digits", "photo-patches", "shapes"]
 
 
 def test_upload_image_folder_zip(client: TestClient, auth_headers: dict[str, str]) -> None:
@@ -50,12 +50,15 @@ def test_upload_image_folder_zip(client: TestClient, auth_headers: dict[str, str
 def test_builtin_datasets(client: TestClient, auth_headers: dict[str, str]) -> None:
     response = client.get("/v1/datasets/builtin", headers=auth_headers)
     assert response.status_code == 200
-    digits, patches = response.json()
+    digits, patches, shapes = response.json()
     assert digits["name"] == "digits"
     assert (digits["num_classes"], digits["num_samples"], digits["image_shape"]) == (10, 1797, [8, 8, 1])
     assert patches["name"] == "photo-patches"
     assert (patches["num_classes"], patches["num_samples"], patches["image_shape"]) == (14, 1400, [32, 32, 3])
     assert patches["class_counts"] == [100] * 14 and patches["class_names"][:3] == ["astronaut", "brick", "camera"]
+    assert shapes["name"] == "shapes"
+    assert (shapes["num_classes"], shapes["num_samples"], shapes["image_shape"]) == (10, 2000, [32, 32, 3])
+    assert shapes["class_counts"] == [200] * 10 and shapes["class_names"][:3] == ["circle", "square", "triangle"]
 
 
 def test_idempotent_upload(client: TestClient, auth_headers: dict[str, str], tenant: str) -> None:

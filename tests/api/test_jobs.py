@@ -126,7 +126,7 @@ def test_references_and_compatibility(client: TestClient, auth_headers: dict[str
          f"teacher must be an uploaded model's id (mdl_...); '{dataset_id}' is a dataset id"),
         ({"teacher": "resnet18"}, 422, "teacher must be an uploaded model's id"),
         ({"dataset": teacher_id}, 422, f"'{teacher_id}' is a model id"),
-        ({"dataset": "mnist"}, 422, "a built-in name (digits, photo-patches)"),
+        ({"dataset": "mnist"}, 422, "a built-in name (digits, photo-patches, shapes)"),
         ({"dataset": "photo-patches"}, 422, "the dataset has 14 classes but the teacher"),
         ({"dataset": "dst_000000000000000000000000"}, 404, "dataset dst_000000000000000000000000 not found"),
         ({"student": {"arch": "resnet1000"}}, 422, "invalid student: arch: unknown architecture 'resnet1000'"),
@@ -253,7 +253,7 @@ def test_eval_dataset_must_be_other_images_of_the_same_classes(client: TestClien
         ({"eval_dataset": five}, 422, "an evaluation set needs the same classes in the same order"),
         ({"eval_dataset": rgb.json()["id"]}, 422, "eval_dataset: the dataset has 3-channel images"),
         ({"eval_dataset": teacher_id}, 422, f"eval_dataset must be an uploaded dataset's id (dst_...) or a built-in "
-                                            f"name (digits, photo-patches); '{teacher_id}' is a model id"),
+                                            f"name (digits, photo-patches, shapes); '{teacher_id}' is a model id"),
         ({"eval_dataset": "dst_000000000000000000000000"}, 404, "dataset dst_000000000000000000000000 not found"),
     ]
     for overrides, status, message_part in cases:

@@ -135,11 +135,12 @@ def test_builtin_digits_summary() -> None:
     assert sum(summary.class_counts) == 1797 and summary.class_names == [str(d) for d in range(10)]
 
 
-def test_builtin_photo_patches_pass_the_upload_checks_unchanged(tmp_path: Path, limits: IngestLimits) -> None:
-    x, y, class_names = load_builtin_arrays("photo-patches")
-    upload = _npz(tmp_path / "patches.npz", x=x, y=y, class_names=np.array(class_names))
+@pytest.mark.parametrize("name", ["photo-patches", "shapes"])
+def test_generated_builtins_pass_the_upload_checks_unchanged(tmp_path: Path, limits: IngestLimits, name: str) -> None:
+    x, y, class_names = load_builtin_arrays(name)
+    upload = _npz(tmp_path / f"{name}.npz", x=x, y=y, class_names=np.array(class_names))
     summary, ingested_x, ingested_y = _ingest(upload, limits)
-    assert summary == dataclasses.replace(load_builtin_summary("photo-patches"), format="npz")
+    assert summary == dataclasses.replace(load_builtin_summary(name), format="npz")
     assert np.array_equal(ingested_x, x) and np.array_equal(ingested_y, y)
 
 

@@ -12,7 +12,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, fi
 
 from worker.engine.catalog import SMALL_CNN, TORCHVISION_CLASSIFIERS
 
-BUILTIN_DATASETS = ("digits", "photo-patches")
+BUILTIN_DATASETS = ("digits", "photo-patches", "shapes")
 
 WeightsFormat = Literal["safetensors", "state_dict", "torchscript", "pt2"]
 # Plain tensors: read without running anything from the file (safetensors, torch.load with weights_only).

@@ -37,6 +37,7 @@ from worker.engine.config import BUILTIN_DATASETS
 from worker.engine.errors import DataError
 from worker.engine.fileio import atomic_write
 from worker.engine.photo_patches import photo_patches
+from worker.engine.shapes import shapes
 
 IMAGE_FORMATS = ("PNG", "JPEG")
 # Entries this small cannot be bombs, and small uniform images legitimately compress very far.
@@ -161,6 +162,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
 _BUILTIN_LOADERS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray, list[str]]]] = {
     "digits": _digits,
     "photo-patches": photo_patches,
+    "shapes": shapes,
 }
 
 
