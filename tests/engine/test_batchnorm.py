@@ -105,8 +105,9 @@ def test_mobilenet_v3_student_is_far_above_chance_after_a_short_distillation(dig
     torch.manual_seed(0)
     student = build_model(ArchSpec(arch="mobilenet_v3_small", kwargs={"num_classes": 10}, input=DIGITS_16PX))
 
-    result = distill(teacher, student, train, val, DistillConfig(epochs=2, batch_size=64, lr=6e-3), lambda _: None,
-                     device="cpu")
+    # Without augmentation, as measured: shifted images leave other statistics.
+    result = distill(teacher, student, train, val, DistillConfig(epochs=2, batch_size=64, lr=6e-3, augment="none"),
+                     lambda _: None, device="cpu")
 
     assert result.batchnorm is not None
     assert result.batchnorm["val_accuracy_before"] == result.history[-1]["val_accuracy"] <= 0.2  # chance is 0.1

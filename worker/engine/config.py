@@ -6,6 +6,7 @@ Every model forbids unknown fields and bounds every number, so a typo or an absu
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
@@ -289,13 +290,31 @@ class TrainingConfig(Spec):
     weight_decay: float = Field(default=1e-4, ge=0, le=1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     scheduler: Literal["cosine", "onecycle", "none"] = "cosine"
-    augment: Literal["none", "crop", "crop_flip"] = Field(
-        default="none", description="Random augmentation on the device, per step: crop shifts each image by up to "
+    augment: Literal["auto", "none", "crop", "crop_flip"] = Field(
+        default="auto", description="Random augmentation on the device, per step: crop shifts each image by up to "
         "1/8 of its side (reflect padding), crop_flip also mirrors half of them left-right (not for digits or "
-        "text). With augmentation the teacher runs every step; without it its logits are computed once.")
+        "text). auto: crop_flip on the built-ins whose images mean the same mirrored (photo-patches, shapes), "
+        "crop on any other dataset (digits, and uploads, which may hold text: give crop_flip for photographs); a "
+        "job's stored spec says which ran. With augmentation the teacher runs every step; without it its logits "
+        "are computed once.")
     compile: Literal["auto", "on", "off"] = Field(
         default="auto", description="torch.compile the student. auto: on CUDA for runs of at least 1000 steps "
         "(compiling takes tens of seconds, then each step is faster); never on CPU, where the warm-up dominates.")
+
+
+# Built-ins whose images mean the same mirrored left-right (photographs, drawn shapes): augment "auto" flips them.
+MIRRORABLE_BUILTINS = ("photo-patches", "shapes")
+
+
+def auto_augment(datasets: Iterable[str]) -> Literal["crop", "crop_flip"]:
+    """What augment "auto" means for training on these datasets (built-in names or upload ids): crop_flip when
+    every one is a mirrorable built-in; crop otherwise, since a mirrored digit or letter may change class."""
+    return "crop_flip" if all(name in MIRRORABLE_BUILTINS for name in datasets) else "crop"
+
+
+def resolved_training(training: TrainingConfig, datasets: Iterable[str]) -> TrainingConfig:
+    """`training` with augment "auto" made what it means for these datasets (auto_augment)."""
+    return training.replace(augment=auto_augment(datasets)) if training.augment == "auto" else training
 
 
 class FeatureHint(Spec):
@@ -357,8 +376,10 @@ def check_dataset_fits(image_shape: list[int] | tuple[int, ...], input_spec: Inp
         )
 
 
-RECOVERY_DEFAULTS: dict[str, Any] = {"epochs": 3, "lr": 1e-3}
-QAT_DEFAULTS: dict[str, Any] = {"epochs": 2, "lr": 1e-4}
+# Fine-tuning of a model that starts trained, for a few epochs at a low lr: the images as they are, as before
+# distillation's defaults changed (see README, "Why these defaults"), which were measured on training from scratch.
+RECOVERY_DEFAULTS: dict[str, Any] = {"epochs": 3, "lr": 1e-3, "augment": "none"}
+QAT_DEFAULTS: dict[str, Any] = {"epochs": 2, "lr": 1e-4, "augment": "none"}
 _STRUCTURED_DEFAULTS: dict[str, Any] = {"importance": "magnitude", "iterative_steps": 1, "global_pruning": False}
 
 

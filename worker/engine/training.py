@@ -132,7 +132,8 @@ class DeviceData:
 
     def inputs(self, indices: torch.Tensor, augment: str = "none") -> torch.Tensor:
         """Training images `indices` (on self.home) on the device, augmented as TrainingConfig.augment says, in
-        the run's memory format."""
+        the run's memory format. "auto" not made concrete for a dataset (config.resolved_training) shifts only:
+        the choice that is right for any images."""
         inputs = self.rows(self.x, indices)
         if augment != "none":
             inputs = random_crop(inputs, flip=augment == "crop_flip")
