@@ -21,7 +21,7 @@ JOB_EXAMPLE: dict[str, Any] = {
     "batch_size": 64,
     "lr": 0.05,
     "temperature": 4.0,
-    "alpha": 0.9,
+    "alpha": 0.5,
 }
 
 
