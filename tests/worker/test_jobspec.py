@@ -121,3 +121,17 @@ def test_recovery_and_qat_fine_tune_on_the_images_as_they_are() -> None:
                                           "method": "qat"})
     assert prune.prune.recovery is not None and prune.prune.recovery.training.augment == "none"
     assert qat.quantize.qat is not None and qat.quantize.qat.training.augment == "none"
+
+
+@pytest.mark.parametrize(("given", "lr", "weight_decay"), [
+    ({}, 0.05, 5e-4),
+    ({"optimizer": "adamw"}, 3e-3, 1e-4),  # SGD's lr would make AdamW diverge
+    ({"optimizer": "adamw", "lr": 1e-3}, 1e-3, 1e-4),
+    ({"lr": 0.1, "weight_decay": 0.0}, 0.1, 0.0),
+])
+def test_lr_and_weight_decay_default_by_optimizer(given: dict[str, Any], lr: float, weight_decay: float) -> None:
+    spec = DistillJobSpec.model_validate({"teacher": "mdl_1", "dataset": "digits", "student": {"arch": "small_cnn"},
+                                          **given})
+    training = stored_form(spec)["distill"]["training"]
+    assert (training["lr"], training["weight_decay"]) == (lr, weight_decay)
+    assert load_stored(stored_form(spec)) == spec
