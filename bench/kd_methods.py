@@ -39,7 +39,9 @@ INPUTS = {
 }
 TEACHER_KWARGS = {"width": 64, "depth": 3}
 STUDENT_KWARGS = {"width": 16}
-TEACHER_EPOCHS = 30
+# The teacher of README's "Why these defaults": AdamW (lr 3e-3), cosine, 30 epochs, augment auto. On photo-patches it
+# scored 93.6%; trained with the defaults' SGD loop it scored 92.5% and distilled worse (-1.4 points on seed 0).
+TEACHER_TRAINING = DistillConfig(epochs=30, optimizer="adamw", scheduler="cosine")
 # Module names (model.named_modules()) of the last block's output in both small_cnns (depth 3): what `feature`
 # hints.
 HINT = FeatureHint(teacher_layer="features.10", student_layer="features.10")
@@ -83,7 +85,7 @@ def run(dataset_name: str, seed: int, methods: list[str]) -> list[dict[str, Any]
     teacher_arch = arch_for(dataset_name, classes, TEACHER_KWARGS)
     student_arch = arch_for(dataset_name, classes, STUDENT_KWARGS)
     train, val, test = splits(dataset, student_arch, seed)
-    teacher_config = for_dataset(DistillConfig(epochs=TEACHER_EPOCHS), dataset_name)
+    teacher_config = for_dataset(TEACHER_TRAINING, dataset_name)
     teacher = trained(teacher_arch, None, train, val, teacher_config, seed)
     teacher_accuracy = evaluate.accuracy(teacher, *test)
     lines = []
