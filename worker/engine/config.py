@@ -280,7 +280,6 @@ def student_arch(student: StudentSpec, teacher: ArchSpec, teacher_name: str = "t
                     input=teacher.input)
 
 
-EPOCHS_DEFAULT = 20
 # Each optimizer's lr and weight decay where they are not given: a good lr for one is far off for the other.
 OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
     "sgd": {"lr": 0.05, "weight_decay": 5e-4},
@@ -293,13 +292,13 @@ class TrainingConfig(Spec):
     run, not the recipe: distill() takes them as arguments.) The defaults are those under which distillation
     beat training the student alone on photo-patches (README, "Why these defaults")."""
 
-    epochs: int = Field(default=EPOCHS_DEFAULT, ge=1, le=1000)
+    epochs: int = Field(default=20, ge=1, le=1000)
     batch_size: int = Field(default=64, ge=1, le=4096)
     lr: float = Field(default=OPTIMIZER_DEFAULTS["sgd"]["lr"], gt=0, le=10, description="Peak learning rate; "
                       f"by default {OPTIMIZER_DEFAULTS['sgd']['lr']:g} with sgd, "
                       f"{OPTIMIZER_DEFAULTS['adamw']['lr']:g} with adamw.")
-    weight_decay: float = Field(default=OPTIMIZER_DEFAULTS["sgd"]["weight_decay"], ge=0, le=1, description=""
-                                f"By default {OPTIMIZER_DEFAULTS['sgd']['weight_decay']:g} with sgd, "
+    weight_decay: float = Field(default=OPTIMIZER_DEFAULTS["sgd"]["weight_decay"], ge=0, le=1,
+                                description=f"By default {OPTIMIZER_DEFAULTS['sgd']['weight_decay']:g} with sgd, "
                                 f"{OPTIMIZER_DEFAULTS['adamw']['weight_decay']:g} with adamw.")
     optimizer: Literal["adamw", "sgd"] = Field(default="sgd", description="sgd: Nesterov momentum 0.9.")
     scheduler: Literal["cosine", "onecycle", "none"] = "onecycle"
@@ -353,7 +352,8 @@ class DistillConfig(Spec):
     minimised by a training loop. Training fields may also be given flat (`DistillConfig(epochs=3)`)."""
 
     temperature: float = Field(default=4.0, gt=0, le=100)
-    alpha: Annotated[float, Field(ge=0, le=1, description="Weight of the KD term; 1-alpha weights CE.")] = 0.5
+    alpha: Annotated[float, Field(ge=0, le=1, description="Weight of the KD term; 1-alpha weights CE (half by "
+                                  "default: the student learns from the labels where the teacher is wrong).")] = 0.5
     loss: Literal["kd", "dkd", "kd_ls", "feature"] = Field(
         default="kd", description="kd: Hinton et al. 2015. dkd: decoupled KD (Zhao et al. 2022), target and "
         "non-target terms weighted by dkd_alpha and dkd_beta. kd_ls: KD on z-score standardised logits (Sun et al. "
