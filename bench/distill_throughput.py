@@ -39,7 +39,7 @@ import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
 
 from core.threads import host_cpus  # noqa: E402
-from worker.engine.config import DistillConfig  # noqa: E402
+from worker.engine.config import ADAMW_LOOP, DistillConfig  # noqa: E402
 from worker.engine.distill import distill, kd_loss  # noqa: E402
 from worker.engine.errors import Canceled  # noqa: E402
 from worker.engine.fileio import atomic_write  # noqa: E402
@@ -177,8 +177,9 @@ class JobLikeGuard:
 
 
 def engine(setup: Setup) -> float:
+    # The loop the hand-written ones are: AdamW, teacher logits computed once (no augmentation).
     config = DistillConfig(epochs=setup.epochs + 1, batch_size=setup.batch, lr=LR, temperature=TEMPERATURE,
-                           alpha=ALPHA)
+                           alpha=ALPHA, **ADAMW_LOOP)
     val = (setup.x[: setup.batch], setup.y[: setup.batch])
     with tempfile.TemporaryDirectory() as folder:
         guard = JobLikeGuard(Path(folder) / "checkpoint.pt")

@@ -23,6 +23,7 @@ from worker.engine.config import (
     QuantizeConfig,
     Spec,
     StudentSpec,
+    auto_augment,
     flat_field_names,
     nest_flat_fields,
 )
@@ -83,7 +84,13 @@ class JobSpecBase(Spec):
             return data
         nested = nest_flat_fields(data, name, cls.model_fields[name].annotation)[0]
         # Nothing given: the config validates its defaults, and says what it needs if they are not enough.
-        return {name: {}, **nested}
+        return cls._filled_for_data({name: {}, **nested})
+
+    @classmethod
+    def _filled_for_data(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """The request with its config nested: what depends on the job's datasets made concrete, so that the
+        stored spec says what ran."""
+        return data
 
     @property
     def input_model(self) -> str:
@@ -177,6 +184,23 @@ class DistillJobSpec(JobSpecBase):
                 raise ValueError("with `tasks`, each task names its dataset; leave the top-level `dataset` out")
             filled["dataset"] = first_dataset
         return filled
+
+    @classmethod
+    def _filled_for_data(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """augment "auto" made crop_flip or crop by the datasets trained on (config.auto_augment)."""
+        config = data["distill"]
+        if not isinstance(config, dict):
+            return data  # the field's own validation says what is wrong
+        training = config.get("training")
+        nested = training.model_dump() if isinstance(training, Spec) else training
+        given = config.get("augment", nested.get("augment") if isinstance(nested, dict) else None)
+        if given not in (None, "auto"):
+            return data
+        tasks = data.get("tasks")
+        datasets = ([task.get("dataset") for task in tasks if isinstance(task, dict)] if isinstance(tasks, list)
+                    else [data.get("dataset")])
+        # Given flat, it lands in `training` over what is nested there.
+        return {**data, "distill": {**config, "augment": auto_augment(datasets)}}
 
     @model_validator(mode="after")
     def _distinct_tasks(self) -> DistillJobSpec:

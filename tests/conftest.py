@@ -260,7 +260,7 @@ def small_cnn_files(tmp_path_factory: pytest.TempPathFactory) -> SmallCnnFiles:
     import torch
 
     from worker.engine import data
-    from worker.engine.config import ArchSpec, DistillConfig
+    from worker.engine.config import ADAMW_LOOP, ArchSpec, DistillConfig
     from worker.engine.distill import distill
     from worker.engine.models import build_model
 
@@ -268,7 +268,8 @@ def small_cnn_files(tmp_path_factory: pytest.TempPathFactory) -> SmallCnnFiles:
     arch = ArchSpec.model_validate(SMALL_CNN_SPEC)
     model = build_model(arch)
     train, val = data.train_val_tensors(data.load_builtin("digits"), arch.input, 0.2, 0)
-    distill(None, model, train, val, DistillConfig(epochs=8, batch_size=32, lr=1e-2), on_progress=lambda _: None)
+    distill(None, model, train, val, DistillConfig(epochs=8, batch_size=32, lr=1e-2, **ADAMW_LOOP),
+            on_progress=lambda _: None)
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     folder = tmp_path_factory.mktemp("weights")
     safetensors.torch.save_file(state, folder / "teacher.safetensors")

@@ -19,9 +19,9 @@ JOB_EXAMPLE: dict[str, Any] = {
     "student": {"arch": "small_cnn", "kwargs": {"width": 8, "depth": 2}},
     "epochs": 10,
     "batch_size": 64,
-    "lr": 0.003,
+    "lr": 0.05,
     "temperature": 4.0,
-    "alpha": 0.9,
+    "alpha": 0.5,
 }
 
 

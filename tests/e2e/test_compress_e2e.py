@@ -25,7 +25,7 @@ from torch import nn
 from tests.e2e.test_distill_e2e import check_report, download
 from tests.harness import Service
 from worker.engine import data, evaluate, export, models, prune, quantize
-from worker.engine.config import ArchSpec, DistillConfig
+from worker.engine.config import ADAMW_LOOP, ArchSpec, DistillConfig
 from worker.engine.distill import distill
 from worker.jobs.inputs import calibration_subset
 
@@ -64,7 +64,7 @@ def small_cnn_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train, val = digits_splits(SMALL_CNN_SPEC)
     torch.manual_seed(0)
     model = models.build_model(ArchSpec.model_validate(SMALL_CNN_SPEC))
-    distill(None, model, train, val, DistillConfig(epochs=4, batch_size=64, lr=1e-2), lambda _: None)
+    distill(None, model, train, val, DistillConfig(epochs=4, batch_size=64, lr=1e-2, **ADAMW_LOOP), lambda _: None)
     return save(model, tmp_path_factory.mktemp("small_cnn"), "small_cnn")
 
 

@@ -27,7 +27,7 @@ from tests.e2e.test_distill_e2e import check_report
 from tests.harness import Service
 from tests.support import REPO, wait_for
 from worker.engine import data, export, models
-from worker.engine.config import ArchSpec, DistillConfig
+from worker.engine.config import ADAMW_LOOP, ArchSpec, DistillConfig
 from worker.engine.distill import distill
 
 pytestmark = pytest.mark.slow
@@ -78,7 +78,7 @@ def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train, val = data.train_val_tensors(data.load_builtin("digits"), arch.input, 0.2, 0)
     torch.manual_seed(0)
     teacher = models.build_model(arch)
-    distill(None, teacher, train, val, DistillConfig(epochs=4, batch_size=32, lr=5e-3), lambda _: None)
+    distill(None, teacher, train, val, DistillConfig(epochs=4, batch_size=32, lr=5e-3, **ADAMW_LOOP), lambda _: None)
     path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
     export.save_safetensors(teacher, path)
     return path

@@ -19,7 +19,7 @@ import torch
 from tests.harness import Service
 from tests.support import wait_for
 from worker.engine import data, evaluate, export, models
-from worker.engine.config import ArchSpec, DistillConfig
+from worker.engine.config import ADAMW_LOOP, ArchSpec, DistillConfig
 from worker.engine.distill import distill
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ def trained_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     torch.manual_seed(0)
     teacher = models.build_model(arch)
-    config = DistillConfig(epochs=6, batch_size=32, lr=3e-3)
+    config = DistillConfig(epochs=6, batch_size=32, lr=3e-3, **ADAMW_LOOP)
     distill(None, teacher, part(train_idx), part(val_idx), config, on_progress=lambda _: None)
     path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
     export.save_safetensors(teacher, path)

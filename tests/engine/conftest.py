@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from worker.engine import data
-from worker.engine.config import ArchSpec, InputSpec
+from worker.engine.config import ADAMW_LOOP, ArchSpec, InputSpec
 from worker.engine.ingest import IngestLimits
 
 DIGITS_8X8 = InputSpec(image_size=8, channels=1, mean=(0.5,), std=(0.5,))
@@ -39,6 +39,6 @@ def trained_small_cnn(digits_splits) -> tuple[ArchSpec, torch.nn.Module]:
     arch = small_cnn(16, depth=3)
     torch.manual_seed(0)
     model = build_model(arch)
-    config = DistillConfig(epochs=4, batch_size=64, lr=1e-2)
+    config = DistillConfig(epochs=4, batch_size=64, lr=1e-2, **ADAMW_LOOP)
     distill(None, model, digits_splits[0], digits_splits[1], config, lambda _: None, device="cpu")
     return arch, model.eval()

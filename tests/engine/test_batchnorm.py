@@ -11,7 +11,7 @@ from torch import nn
 from tests.engine.conftest import small_cnn
 from worker.engine import data, evaluate
 from worker.engine.batchnorm import batchnorm_layers, recalibrate_batchnorm_, reestimate_running_statistics_
-from worker.engine.config import ArchSpec, DistillConfig, InputSpec
+from worker.engine.config import ADAMW_LOOP, ArchSpec, DistillConfig, InputSpec
 from worker.engine.distill import distill
 from worker.engine.models import build_model
 
@@ -30,8 +30,8 @@ def test_statistics_left_stale_by_a_small_momentum_are_re_estimated_and_kept(dig
     model = build_model(small_cnn(16))
     for layer in batchnorm_layers(model):
         layer.momentum = 0.001
-    result = distill(None, model, *digits_splits, DistillConfig(epochs=2, batch_size=64, lr=3e-2), lambda _: None,
-                     device="cpu", recalibrate_batchnorm=False)
+    result = distill(None, model, *digits_splits, DistillConfig(epochs=2, batch_size=64, lr=3e-2, **ADAMW_LOOP),
+                     lambda _: None, device="cpu", recalibrate_batchnorm=False)
     assert result.final_val_accuracy <= 0.3  # chance is 0.1
 
     report = recalibrate_batchnorm_(model, train_x, val, seed=0, batch_size=64)
@@ -78,7 +78,7 @@ def test_a_model_without_batchnorm_is_left_alone(digits_splits) -> None:
 def test_distill_leaves_the_statistics_alone_when_asked_to(digits_splits) -> None:
     torch.manual_seed(0)
     model = build_model(small_cnn(4))
-    result = distill(None, model, *digits_splits, DistillConfig(epochs=1, batch_size=64), lambda _: None,
+    result = distill(None, model, *digits_splits, DistillConfig(epochs=1, batch_size=64, **ADAMW_LOOP), lambda _: None,
                      device="cpu", recalibrate_batchnorm=False)
     trained = _statistics(model)
 
@@ -101,12 +101,13 @@ def test_mobilenet_v3_student_is_far_above_chance_after_a_short_distillation(dig
     train, val = digits_16px
     torch.manual_seed(0)
     teacher = build_model(small_cnn(8, input_spec=DIGITS_16PX))
-    distill(None, teacher, train, val, DistillConfig(epochs=3, batch_size=64, lr=1e-2), lambda _: None, device="cpu")
+    distill(None, teacher, train, val, DistillConfig(epochs=3, batch_size=64, lr=1e-2, **ADAMW_LOOP), lambda _: None,
+            device="cpu")
     torch.manual_seed(0)
     student = build_model(ArchSpec(arch="mobilenet_v3_small", kwargs={"num_classes": 10}, input=DIGITS_16PX))
 
-    result = distill(teacher, student, train, val, DistillConfig(epochs=2, batch_size=64, lr=6e-3), lambda _: None,
-                     device="cpu")
+    result = distill(teacher, student, train, val, DistillConfig(epochs=2, batch_size=64, lr=6e-3, **ADAMW_LOOP),
+                     lambda _: None, device="cpu")
 
     assert result.batchnorm is not None
     assert result.batchnorm["val_accuracy_before"] == result.history[-1]["val_accuracy"] <= 0.2  # chance is 0.1

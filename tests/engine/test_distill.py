@@ -10,12 +10,12 @@ import torch
 
 from tests.engine.conftest import small_cnn
 from worker.engine import evaluate, models
-from worker.engine.config import DistillConfig
+from worker.engine.config import ADAMW_LOOP, DistillConfig
 from worker.engine.distill import distill
 from worker.engine.errors import Canceled, Interrupted
 from worker.engine.training import LOSS_REFRESH_STEPS, Progress
 
-QUICK = DistillConfig(epochs=3, batch_size=64, lr=1e-2)
+QUICK = DistillConfig(epochs=3, batch_size=64, lr=1e-2, **ADAMW_LOOP)
 
 
 def _build(width: int, seed: int = 0, **kwargs) -> torch.nn.Module:

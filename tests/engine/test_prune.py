@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 from worker.engine import evaluate, export, models, onnxio, prune
-from worker.engine.config import ArchSpec, DistillConfig, InputSpec, PruneConfig
+from worker.engine.config import ADAMW_LOOP, ArchSpec, DistillConfig, InputSpec, PruneConfig
 from worker.engine.distill import distill
 from worker.engine.errors import SpecError
 from worker.engine.macs import count_macs
@@ -155,7 +155,7 @@ def test_unstructured_reaches_the_sparsity_and_fine_tuning_keeps_the_zeros(train
     assert prune.weight_sparsity(pruned, (), 10)["pruned_weights"] == pytest.approx(0.7, abs=1e-3)
     assert torch.count_nonzero(pruned.classifier.weight) == pruned.classifier.weight.numel()  # kept
 
-    config = DistillConfig(epochs=1, batch_size=64, lr=1e-3)
+    config = DistillConfig(epochs=1, batch_size=64, lr=1e-3, **ADAMW_LOOP)
     distill(model, pruned, digits_splits[0], digits_splits[1], config, lambda _: None, device="cpu")
     prune.make_permanent_(pruned)
     sparsity = prune.weight_sparsity(pruned, (), 10)

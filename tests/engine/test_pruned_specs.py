@@ -15,7 +15,7 @@ from torch import nn
 
 from tests.engine.conftest import small_cnn
 from worker.engine import budget, evaluate, export, models, prune, quantize, validate
-from worker.engine.config import ArchSpec, DistillConfig, PruneConfig, StudentSpec, student_arch
+from worker.engine.config import ADAMW_LOOP, ArchSpec, DistillConfig, PruneConfig, StudentSpec, student_arch
 from worker.engine.distill import distill
 from worker.engine.errors import ModelLoadError, SpecError
 
@@ -148,7 +148,7 @@ def test_a_pruned_model_teaches_and_is_quantized(pruned_model, calibration, digi
     student_spec = student_arch(StudentSpec(arch="small_cnn", kwargs={"width": 4, "depth": 2}), pruned_arch)
     assert student_spec.pruned_shapes is None  # the student is its own architecture
     student = models.build_model(student_spec)
-    config = DistillConfig(epochs=1, batch_size=64, lr=1e-2)
+    config = DistillConfig(epochs=1, batch_size=64, lr=1e-2, **ADAMW_LOOP)
     result = distill(pruned, student, digits_splits[0], digits_splits[1], config, lambda _: None, device="cpu")
     assert len(result.history) == 1
 

@@ -24,7 +24,7 @@ from torch import nn
 from tests import emulated_cpu
 from tests.engine.conftest import small_cnn
 from worker.engine import evaluate, export, models, onnxio, quantize
-from worker.engine.config import DistillConfig
+from worker.engine.config import ADAMW_LOOP, DistillConfig
 from worker.engine.distill import distill
 from worker.engine.errors import SpecError
 
@@ -202,7 +202,7 @@ def test_qat_trains_resumes_and_gives_back_its_float_weights(trained_small_cnn, 
     train, val = digits_splits
     checkpoints: list[dict] = []
     prepared = quantize.prepare_qat(model, "x86", calibration[:1])
-    config = DistillConfig(epochs=1, batch_size=64, lr=1e-4)
+    config = DistillConfig(epochs=1, batch_size=64, lr=1e-4, **ADAMW_LOOP)
     distill(model, prepared, train, val, config, lambda _: None, on_checkpoint=checkpoints.append, device="cpu")
     int8 = quantize.convert_qat(prepared, "x86")
     assert quantize.layer_report(int8)["float_layers"] == []

@@ -32,7 +32,7 @@ from tests import emulated_cpu
 from tests.conftest import DigitsTeacher
 from worker.engine import data, evaluate, export, models, onnxio, quantize
 from worker.engine.batchnorm import reestimate_running_statistics_
-from worker.engine.config import ArchSpec, DistillConfig, InputSpec
+from worker.engine.config import ADAMW_LOOP, ArchSpec, DistillConfig, InputSpec
 from worker.engine.distill import distill
 
 pytestmark = pytest.mark.slow
@@ -92,7 +92,7 @@ def trained(request, digits_32) -> tuple[Recipe, nn.Module]:
         return recipe, request.getfixturevalue("digits_teacher").model
     torch.manual_seed(0)
     model = models.build_model(ArchSpec(arch=request.param, kwargs={"num_classes": 10}, input=DIGITS_32))
-    config = DistillConfig(epochs=recipe.epochs, **TRAINING)
+    config = DistillConfig(epochs=recipe.epochs, **TRAINING, **ADAMW_LOOP)
     distill(None, model, *digits_32, config, lambda _: None, device="cpu")
     # MobileNetV3 and EfficientNet update BatchNorm statistics with momentum 0.01: distill() re-estimated them on
     # 512 images; the thresholds below were measured with them averaged over every training image.

@@ -40,6 +40,6 @@ def test_a_small_model_learns_it_well_above_chance() -> None:
     train, val = data.train_val_tensors(data.ArrayDataset(x, y, class_names), rgb, val_fraction=0.2, seed=0)
     torch.manual_seed(0)
     model = build_model(small_cnn(8, num_classes=len(class_names), input_spec=rgb))
-    result = distill(None, model, train, val, DistillConfig(epochs=6, lr=1e-2, augment="none"),
+    result = distill(None, model, train, val, DistillConfig(epochs=6, augment="none"),
                      on_progress=lambda _: None, device="cpu")
     assert result.final_val_accuracy > 0.4, result.history

@@ -16,13 +16,13 @@ import torch.nn.functional as F
 
 from tests.engine.conftest import small_cnn
 from worker.engine import augment, distill, evaluate, models, training
-from worker.engine.config import DistillConfig, QuantizeConfig
+from worker.engine.config import ADAMW_LOOP, DistillConfig, QuantizeConfig
 from worker.engine.errors import Canceled, Interrupted
 from worker.engine.training import LOSS_REFRESH_STEPS, Progress
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")  # only planned for, never run: these tests pass on machines without a GPU
-QUICK = DistillConfig(epochs=1, batch_size=64, lr=1e-2)
+QUICK = DistillConfig(epochs=1, batch_size=64, lr=1e-2, **ADAMW_LOOP)
 
 
 def _build(width: int, seed: int = 0) -> torch.nn.Module:

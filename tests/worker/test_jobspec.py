@@ -88,3 +88,50 @@ def test_every_spec_kind_has_a_registered_job_function_and_no_other() -> None:
 
     assert registered_kinds() == sorted(KINDS)
     assert job_function("prune").__module__ == "worker.jobs.prune"
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ({"dataset": "photo-patches"}, "crop_flip"),
+    ({"dataset": "shapes", "epochs": 3}, "crop_flip"),
+    ({"dataset": "digits"}, "crop"),  # a mirrored digit may be another digit
+    ({"dataset": "dst_1"}, "crop"),  # an upload may hold text: flipping is the user's call
+    ({"dataset": "dst_1", "augment": "crop_flip"}, "crop_flip"),
+    ({"dataset": "photo-patches", "distill": {"training": {"augment": "none"}}}, "none"),
+    ({"dataset": "photo-patches", "distill": {"training": {"augment": "auto", "epochs": 2}}}, "crop_flip"),
+])
+def test_augment_auto_is_stored_as_what_the_dataset_allows(given: dict[str, Any], expected: str) -> None:
+    spec = DistillJobSpec.model_validate({"teacher": "mdl_1", "student": {"arch": "small_cnn"}, **given})
+    assert spec.distill.training.augment == expected
+    assert stored_form(spec)["distill"]["training"]["augment"] == expected
+    assert load_stored(stored_form(spec)) == spec
+
+
+@pytest.mark.parametrize(("second", "expected"), [("photo-patches", "crop_flip"), ("digits", "crop")])
+def test_augment_auto_with_tasks_flips_only_if_every_dataset_allows_it(second: str, expected: str) -> None:
+    tasks = [{"name": "shapes", "teachers": [{"model": "mdl_1"}], "dataset": "shapes"},
+             {"name": "other", "teachers": [{"model": "mdl_2"}], "dataset": second}]
+    spec = DistillJobSpec.model_validate({"tasks": tasks, "student": {"arch": "small_cnn"}})
+    assert spec.distill.training.augment == expected
+
+
+def test_recovery_and_qat_fine_tune_on_the_images_as_they_are() -> None:
+    prune = PruneJobSpec.model_validate({"kind": "prune", "model": "mdl_1", "dataset": "photo-patches",
+                                         "channel_ratio": 0.5})
+    qat = QuantizeJobSpec.model_validate({"kind": "quantize", "model": "mdl_1", "dataset": "photo-patches",
+                                          "method": "qat"})
+    assert prune.prune.recovery is not None and prune.prune.recovery.training.augment == "none"
+    assert qat.quantize.qat is not None and qat.quantize.qat.training.augment == "none"
+
+
+@pytest.mark.parametrize(("given", "lr", "weight_decay"), [
+    ({}, 0.05, 5e-4),
+    ({"optimizer": "adamw"}, 3e-3, 1e-4),  # SGD's lr would make AdamW diverge
+    ({"optimizer": "adamw", "lr": 1e-3}, 1e-3, 1e-4),
+    ({"lr": 0.1, "weight_decay": 0.0}, 0.1, 0.0),
+])
+def test_lr_and_weight_decay_default_by_optimizer(given: dict[str, Any], lr: float, weight_decay: float) -> None:
+    spec = DistillJobSpec.model_validate({"teacher": "mdl_1", "dataset": "digits", "student": {"arch": "small_cnn"},
+                                          **given})
+    training = stored_form(spec)["distill"]["training"]
+    assert (training["lr"], training["weight_decay"]) == (lr, weight_decay)
+    assert load_stored(stored_form(spec)) == spec

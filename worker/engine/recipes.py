@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from worker.engine.config import ArchSpec, DistillConfig, InputSpec, StudentSpec
+from worker.engine.config import ADAMW_LOOP, ArchSpec, DistillConfig, InputSpec, StudentSpec
 
 if TYPE_CHECKING:
     from torch import nn
@@ -27,9 +27,10 @@ DIGITS_STUDENT = StudentSpec(arch="small_cnn", kwargs={"width": 16, "depth": 3})
 # distill(teacher=None, ...) with this trains the teacher from labels alone. The teacher's split (seed and
 # val_fraction) is the distillation's, so it never sees the images its student is validated on.
 DIGITS_SEED, DIGITS_VAL_FRACTION = 0, 0.2
-DIGITS_TEACHER_TRAINING = DistillConfig(epochs=10, batch_size=64, lr=3e-3)
+DIGITS_TEACHER_TRAINING = DistillConfig(epochs=10, batch_size=64, lr=3e-3, **ADAMW_LOOP)
 
-DIGITS_DISTILLATION = DistillConfig(epochs=30, batch_size=64, lr=1e-2, temperature=4.0, alpha=0.9)
+DIGITS_DISTILLATION = DistillConfig(epochs=30, batch_size=64, lr=1e-2, temperature=4.0, alpha=0.9,
+                                    **ADAMW_LOOP)
 
 
 def train_digits_teacher(on_progress: Callable[[Progress], None] | None = None) -> tuple[nn.Module, float]:

@@ -148,7 +148,8 @@ class DeviceData:
 
     def inputs(self, indices: torch.Tensor, augment: str = "none") -> torch.Tensor:
         """Training images `indices` (on self.home) on the device, augmented as TrainingConfig.augment says, in
-        the run's memory format. The crop drawn is kept for view_inputs()."""
+        the run's memory format ("auto" not made concrete for a dataset shifts only: the choice that is right for
+        any images). The crop drawn is kept for view_inputs()."""
         self.crop = None if augment == "none" else CropDraw.sample(len(indices), augment == "crop_flip", self.device)
         return self.view_inputs(self.x, indices)
 
