@@ -21,7 +21,7 @@ from common import (
 )
 
 from worker.engine import export, models, prune
-from worker.engine.config import DistillConfig, PruneConfig
+from worker.engine.config import ADAMW_LOOP, DistillConfig, PruneConfig
 from worker.engine.distill import distill
 from worker.engine.macs import count_macs
 from worker.jobs.inputs import calibration_subset
@@ -29,7 +29,8 @@ from worker.jobs.inputs import calibration_subset
 CHANNEL_RATIO, SEED = 0.5, 0
 # What a prune job does by default, with more recovery epochs: the pruned model starts near chance level.
 PRUNING = PruneConfig(channel_ratio=CHANNEL_RATIO, importance="magnitude", calibration_samples=128, seed=SEED)
-RECOVERY = DistillConfig(epochs=8, batch_size=64, lr=3e-3, temperature=4.0, alpha=0.9, seed=SEED)
+# A prune job's recovery loop (AdamW, cosine, no augmentation, alpha 0.9), with more epochs; distill() takes the seed.
+RECOVERY = DistillConfig(epochs=8, batch_size=64, lr=3e-3, temperature=4.0, **{**ADAMW_LOOP, "alpha": 0.9})
 
 
 def main() -> None:
@@ -38,7 +39,7 @@ def main() -> None:
     result = prune.prune_structured_(pruned, PRUNING, calibration_subset(train, PRUNING.calibration_samples, SEED),
                                      num_classes=10)
     accuracy_before_recovery = accuracy_pts(pruned, val)
-    history = distill(model, pruned, train, val, RECOVERY, lambda _: None).history
+    history = distill(model, pruned, train, val, RECOVERY, lambda _: None, seed=SEED).history
 
     folder = Path(tempfile.mkdtemp(prefix="bench-prune-"))
     example = val[0][:1]

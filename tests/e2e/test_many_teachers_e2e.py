@@ -48,7 +48,7 @@ TEACHERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 # Depth 4: at 32 px, fewer blocks see too little of the image to tell shapes (or upscaled digits) apart.
 STUDENT = {"arch": "small_cnn", "kwargs": {"width": 16, "depth": 4}, "input": RGB32}
-TRAINING = {"epochs": 5, "batch_size": 32, "lr": 0.01}
+TRAINING = {"epochs": 5, "batch_size": 32}
 ENDED = ("succeeded", "failed", "canceled")
 # How far a fused head may land below the single-task student of its task: a few points, on a few hundred images.
 HEAD_TOLERANCE_PTS = 6.0
