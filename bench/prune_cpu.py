@@ -28,7 +28,7 @@ from worker.jobs.inputs import calibration_subset
 
 CHANNEL_RATIO, SEED = 0.5, 0
 # What a prune job does by default, with more recovery epochs: the pruned model starts near chance level.
-PRUNING = PruneConfig(channel_ratio=CHANNEL_RATIO, importance="magnitude", calibration_samples=128, seed=SEED)
+PRUNING = PruneConfig(channel_ratio=CHANNEL_RATIO, importance="magnitude", calibration_samples=128)
 # A prune job's recovery loop (AdamW, cosine, no augmentation, alpha 0.9), with more epochs; distill() takes the seed.
 RECOVERY = DistillConfig(epochs=8, batch_size=64, lr=3e-3, temperature=4.0, **{**ADAMW_LOOP, "alpha": 0.9})
 
