@@ -91,7 +91,8 @@ def test_distill_over_http_and_load_the_artifact_independently(service_factory: 
     teacher_id = service.upload_teacher(trained_teacher, TEACHER_SPEC)
     job_id = service.submit({
         "kind": "distill", "teacher": teacher_id, "dataset": "digits", "epochs": 8, "batch_size": 32,
-        "lr": 5e-3, "temperature": 4, "alpha": 0.9, "seed": SEED, "val_fraction": VAL_FRACTION,
+        "lr": 5e-3, "optimizer": "adamw", "scheduler": "cosine", "augment": "none", "temperature": 4, "alpha": 0.9,
+        "seed": SEED, "val_fraction": VAL_FRACTION,
         "student": {"arch": "small_cnn", "kwargs": {"width": 8, "depth": 2}},
     })
 
