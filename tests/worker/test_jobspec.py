@@ -135,3 +135,11 @@ def test_lr_and_weight_decay_default_by_optimizer(given: dict[str, Any], lr: flo
     training = stored_form(spec)["distill"]["training"]
     assert (training["lr"], training["weight_decay"]) == (lr, weight_decay)
     assert load_stored(stored_form(spec)) == spec
+
+
+@pytest.mark.parametrize("optimizer", [{}, ["sgd"], 3, None])
+def test_an_optimizer_that_is_not_a_name_is_a_validation_error(optimizer: Any) -> None:
+    """Found by the API fuzzer: {"optimizer": {}} reached the per-optimizer defaults' lookup and was a 500."""
+    with pytest.raises(ValidationError, match="optimizer"):
+        DistillJobSpec.model_validate({"teacher": "mdl_1", "dataset": "digits", "student": {"arch": "small_cnn"},
+                                       "optimizer": optimizer})

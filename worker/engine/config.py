@@ -374,7 +374,9 @@ class TrainingConfig(Spec):
     def _optimizer_defaults(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        defaults = OPTIMIZER_DEFAULTS.get(data.get("optimizer", cls.model_fields["optimizer"].default), {})
+        optimizer = data.get("optimizer", cls.model_fields["optimizer"].default)
+        # Not a name (such as {} or a list): no defaults to add; the field's own validation says what is wrong.
+        defaults = OPTIMIZER_DEFAULTS.get(optimizer, {}) if isinstance(optimizer, str) else {}
         return {**defaults, **data}
 
 
