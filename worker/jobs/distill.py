@@ -111,7 +111,9 @@ def _control_run(ctx: JobContext[DistillJobSpec], loaded: DistillInputs, guard: 
     def on_progress(progress: Any) -> None:
         guard.on_progress(dataclasses.replace(progress, stage="control"))
 
-    distill(None, control, loaded.train, loaded.val, ctx.spec.distill, on_progress=on_progress, seed=ctx.spec.seed,
+    # Without a teacher only the labels' term remains, whatever the loss; a hint would have no teacher to read.
+    alone = ctx.spec.distill.replace(loss="kd", feature=None)
+    distill(None, control, loaded.train, loaded.val, alone, on_progress=on_progress, seed=ctx.spec.seed,
             device=ctx.spec.device)
     return control
 
